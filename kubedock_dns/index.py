@@ -1,0 +1,296 @@
+"""The network index: who asks from which address, and which names each network holds.
+
+A pure data structure (no Twisted, no kubernetes) fed with the change types of
+:mod:`kubedock_dns.contract`.  It keeps three maps, updated in O(names x networks) of the one pod
+that changed, whatever the number of pods:
+
+- asker address -> the pods claiming it (Pending or Running, with an IP, not hostNetwork);
+- (network, name) -> the answering pods (Running, with an IP);
+- (network, address) -> the answering pods.
+
+Membership rules (DESIGN section 3): pods in phase Succeeded, Failed or Unknown are dropped at once,
+because the network plugin hands their IP to new pods; two live pods claiming one address make that
+address *conflicted*, and the index then answers nothing for it.  The index is owned by one thread
+(the reactor's); it does no locking.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+
+
+class Conflict(Exception):
+    """Two live pods claim one address: the index answers nothing involving it."""
+
+    def __init__(self, ip: str, uids: Iterable[str]) -> None:
+        self.ip = ip
+        self.uids = tuple(sorted(uids))
+        super().__init__(f"address {ip} is claimed by several live pods: {', '.join(self.uids)}")
+
+
+@dataclass(frozen=True)
+class Asker:
+    """The pod a query came from: its namespace and its networks in annotation order."""
+
+    uid: str
+    namespace: str
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ForwardAnswer:
+    """The addresses a name has in one network (possibly none of the asked family)."""
+
+    network: str
+    addresses: tuple[str, ...]
+
+
+def family_of(ip: str) -> int:
+    return FAMILY_V6 if ":" in ip else FAMILY_V4
+
+
+def network_labels(network: str) -> tuple[str, ...]:
+    """The DNS labels under which ``name.<network>`` addresses a network.
+
+    Docker network IDs have 64 characters, one more than a DNS label may have, so the 12-character
+    short ID (the form ``docker network ls`` shows) is accepted too.
+    """
+    labels = []
+    lowered = network.lower()
+    if len(lowered) <= 63 and "." not in lowered:
+        labels.append(lowered)
+    if len(lowered) == 64 and all(c in "0123456789abcdef" for c in lowered):
+        labels.append(lowered[:12])
+    return tuple(labels)
+
+
+class NetworkIndex:
+    """Pods by address, names by network; see the module docstring for the rules."""
+
+    def __init__(self, require_ready: bool = False) -> None:
+        self.require_ready = require_ready
+        self.synced = False
+        self.generation = 0
+        self._pods: dict[str, PodRecord] = {}
+        self._askers: dict[str, set[str]] = {}
+        self._names: dict[tuple[str, str], set[str]] = {}
+        self._reverse: dict[tuple[str, str], set[str]] = {}
+        # network label (full ID or short ID) -> networks carrying it, for ``name.<network>``.
+        self._labels: dict[str, set[str]] = {}
+        self._label_refs: dict[str, int] = {}
+        self._awaiting_ip: set[str] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self.conflicts_seen = 0
+
+    # -- updates ----------------------------------------------------------------------------------
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Apply changes in order, then tell every listener once."""
+        for change in changes:
+            if isinstance(change, Upserted):
+                self._upsert(change.record)
+            elif isinstance(change, Deleted):
+                self._remove(change.uid)
+            elif isinstance(change, Relisted):
+                self._replace_all(change.records)
+            else:
+                raise TypeError(f"not an index change: {change!r}")
+        self.generation += 1
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener()
+
+    def when_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` once, after the next :meth:`apply`."""
+        self._listeners.append(listener)
+
+    def forget_listener(self, listener: Callable[[], None]) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def _replace_all(self, records: Iterable[PodRecord]) -> None:
+        fresh = {r.uid: r for r in records}
+        for uid in [uid for uid in self._pods if uid not in fresh]:
+            self._remove(uid)
+        for record in fresh.values():
+            self._upsert(record)
+        self.synced = True
+
+    def _upsert(self, record: PodRecord) -> None:
+        old = self._pods.get(record.uid)
+        if old == record:
+            return
+        if old is not None:
+            self._unindex(old)
+        if record.phase in ("Succeeded", "Failed", "Unknown"):
+            # Finished: its address is about to belong to somebody else.  Forget it entirely.
+            self._pods.pop(record.uid, None)
+            return
+        self._pods[record.uid] = record
+        self._index(record)
+
+    def _remove(self, uid: str) -> None:
+        old = self._pods.pop(uid, None)
+        if old is not None:
+            self._unindex(old)
+
+    def _index(self, record: PodRecord) -> None:
+        if record.awaits_ip:
+            self._awaiting_ip.add(record.uid)
+        if record.is_asker:
+            for ip in record.ips:
+                self._askers.setdefault(ip, set()).add(record.uid)
+                if len(self._askers[ip]) > 1:
+                    self.conflicts_seen += 1
+        if record.is_answer(self.require_ready):
+            for network in record.networks:
+                for name in record.names:
+                    self._names.setdefault((network, name), set()).add(record.uid)
+                for ip in record.ips:
+                    self._reverse.setdefault((network, ip), set()).add(record.uid)
+        for network in record.networks:
+            self._label_refs[network] = self._label_refs.get(network, 0) + 1
+            if self._label_refs[network] == 1:
+                for label in network_labels(network):
+                    self._labels.setdefault(label, set()).add(network)
+
+    def _unindex(self, record: PodRecord) -> None:
+        self._awaiting_ip.discard(record.uid)
+        if record.is_asker:
+            for ip in record.ips:
+                _discard(self._askers, ip, record.uid)
+        if record.is_answer(self.require_ready):
+            for network in record.networks:
+                for name in record.names:
+                    _discard(self._names, (network, name), record.uid)
+                for ip in record.ips:
+                    _discard(self._reverse, (network, ip), record.uid)
+        for network in record.networks:
+            self._label_refs[network] -= 1
+            if not self._label_refs[network]:
+                del self._label_refs[network]
+                for label in network_labels(network):
+                    _discard(self._labels, label, network)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def asker(self, ip: str) -> Asker | None:
+        """The live pod whose address is ``ip``, or None; raises :class:`Conflict` if several."""
+        uids = self._askers.get(ip)
+        if not uids:
+            return None
+        if len(uids) > 1:
+            raise Conflict(ip, uids)
+        pod = self._pods[next(iter(uids))]
+        return Asker(pod.uid, pod.namespace, pod.networks)
+
+    @property
+    def pods_awaiting_ip(self) -> int:
+        """Opted-in pods without an address yet: an unknown asker may be one of them."""
+        return len(self._awaiting_ip)
+
+    def lookup(self, networks: tuple[str, ...], name: str) -> ForwardAnswer | None:
+        """The first of ``networks`` (in order) holding ``name`` (lower case), with its addresses.
+
+        Raises :class:`Conflict` when one of the answering pods shares its address with another
+        live pod.
+        """
+        for network in networks:
+            uids = self._names.get((network, name))
+            if uids:
+                return ForwardAnswer(network, self._addresses(uids))
+        return None
+
+    def lookup_in_network(self, networks: tuple[str, ...], label: str, name: str) -> ForwardAnswer | None:
+        """``name`` in the network that ``label`` designates, if it is one of ``networks``."""
+        for network in self._labels.get(label, ()):
+            if network in networks:
+                return self.lookup((network,), name)
+        return None
+
+    def reverse(self, networks: tuple[str, ...], ip: str) -> str | None:
+        """The primary name of the pod holding ``ip`` in the first of ``networks`` that has it."""
+        for network in networks:
+            uids = self._reverse.get((network, ip))
+            if uids:
+                if len(uids) > 1 or len(self._askers.get(ip, ())) > 1:
+                    raise Conflict(ip, uids | self._askers.get(ip, set()))
+                return self._pods[next(iter(uids))].primary_name
+        return None
+
+    def _addresses(self, uids: set[str]) -> tuple[str, ...]:
+        addresses = []
+        for uid in uids:
+            for ip in self._pods[uid].ips:
+                claims = self._askers.get(ip)
+                if claims is not None and len(claims) > 1:
+                    raise Conflict(ip, claims)
+                addresses.append(ip)
+        return tuple(addresses)
+
+    # -- introspection (debug endpoint, metrics) ---------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def pods(self) -> Iterator[PodRecord]:
+        return iter(self._pods.values())
+
+    def conflicted_addresses(self) -> list[str]:
+        return sorted(ip for ip, uids in self._askers.items() if len(uids) > 1)
+
+    def describe(self) -> dict:
+        """What the server believes, for humans: networks, their members, names and addresses."""
+        networks: dict[str, list[dict]] = {}
+        for pod in self._pods.values():
+            for network in pod.networks:
+                networks.setdefault(network, []).append(
+                    {
+                        "pod": pod.name,
+                        "uid": pod.uid,
+                        "names": list(pod.names),
+                        "ips": list(pod.ips),
+                        "phase": pod.phase,
+                        "answers": pod.is_answer(self.require_ready),
+                        "asks": pod.is_asker,
+                    }
+                )
+        return {
+            "synced": self.synced,
+            "pods": len(self._pods),
+            "pods_awaiting_ip": len(self._awaiting_ip),
+            "conflicted_addresses": self.conflicted_addresses(),
+            "networks": {k: sorted(v, key=lambda m: m["pod"]) for k, v in sorted(networks.items())},
+        }
+
+
+def _discard(mapping: dict, key, uid: str) -> None:
+    members = mapping.get(key)
+    if members is not None:
+        members.discard(uid)
+        if not members:
+            del mapping[key]
+
+
+def reverse_name_to_ip(labels: list[str]) -> str | None:
+    """The address a PTR name (``d.c.b.a.in-addr.arpa`` or nibbles ``.ip6.arpa``) stands for."""
+    if len(labels) == 6 and labels[-2:] == ["in-addr", "arpa"]:
+        octets = labels[:4]
+        if all(o.isdigit() and len(o) <= 3 and int(o) < 256 and (o == "0" or not o.startswith("0")) for o in octets):
+            return ".".join(reversed(octets))
+        return None
+    if len(labels) == 34 and labels[-2:] == ["ip6", "arpa"]:
+        nibbles = labels[:32]
+        if all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
+            packed = "".join(reversed(nibbles))
+            return str(ipaddress.IPv6Address(int(packed, 16)))
+    return None

@@ -1,0 +1,176 @@
+"""Command-line options of ``twistd kubedock-dns``, validated into a frozen :class:`Config`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from twisted.python import usage
+
+from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL
+from kubedock_dns.forwarder import Upstream, parse_upstream
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass(frozen=True)
+class Config:
+    dns_port: int = 5353
+    dns_interface: str = ""
+    resolv_conf: str = "/etc/resolv.conf"
+    upstreams: tuple[Upstream, ...] = ()
+    ttl: int = 5
+    hold_timeout: float = 1.5
+    forward_timeout: float = 2.0
+    max_forwards: int = 1024
+    namespace: str = ""
+    kubeconfig: str | None = None
+    opt_in_label: str = DEFAULT_OPT_IN_LABEL
+    require_ready: bool = False
+    pods_file: str | None = None
+    webhook_port: int = 8443
+    webhook_interface: str = ""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    dns_service_ip: str | None = None
+    dns_service_name: str | None = None
+    cluster_domain: str = "cluster.local"
+    ndots: int = 5
+    ops_port: int = 8080
+    ops_interface: str = ""
+    fast_path: bool = True
+
+    @property
+    def webhook_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise ValueError(f"{text} is not a port number (0-65535)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"{text} must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{text} must be greater than 0")
+    return value
+
+
+_port.coerceDoc = "A port number, 0 to 65535 (0: any free port)."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve Docker-network name resolution to kubedock pods of one namespace: a DNS server that "
+        "answers from the asking pod's networks, an admission webhook that points opted-in pods at "
+        "it, and a watcher that follows the pods."
+    )
+    optParameters = [
+        ["dns-port", None, 5353, "UDP and TCP port of the DNS server.", _port],
+        ["dns-interface", None, "", "Address the DNS server binds ('' = all IPv4, '::' = IPv4 and IPv6)."],
+        ["resolv-conf", None, "/etc/resolv.conf", "resolv.conf whose nameservers are the upstreams."],
+        ["ttl", None, 5, "TTL in seconds of local answers.", int],
+        ["hold-timeout", None, 1.5, "Seconds a question for a not-yet-known name waits for it.", _positive_float],
+        ["forward-timeout", None, 2.0, "Seconds to wait for one upstream before trying the next.", _positive_float],
+        ["max-forwards", None, 1024, "Forwarded queries in flight before REFUSED.", _positive_int],
+        ["namespace", None, "", "Namespace to watch (default: the service account's namespace)."],
+        ["kubeconfig", None, None, "kubeconfig file (default: in-cluster configuration)."],
+        ["opt-in-label", None, DEFAULT_OPT_IN_LABEL, "Label (value \"true\") marking pods to serve."],
+        ["pods-file", None, None, "JSON list of pods to serve instead of watching the API server."],
+        ["webhook-port", None, 8443, "HTTPS port of the admission webhook.", _port],
+        ["webhook-interface", None, "", "Address the webhook binds."],
+        ["tls-cert", None, None, "PEM certificate (chain) of the webhook; with --tls-key enables it."],
+        ["tls-key", None, None, "PEM private key of the webhook."],
+        ["dns-service-ip", None, None, "Address the webhook injects as the pods' nameserver."],
+        ["dns-service-name", None, None, "Service whose cluster IP the webhook injects."],
+        ["cluster-domain", None, "cluster.local", "Cluster DNS domain (search suffixes are stripped)."],
+        ["ndots", None, 5, "ndots option injected into opted-in pods.", int],
+        ["ops-port", None, 8080, "Plain HTTP port for /healthz, /readyz, /metrics, /debug/networks.", _port],
+        ["ops-interface", None, "", "Address the ops endpoint binds."],
+    ]
+    optFlags = [
+        ["require-ready", None, "Answer for pods only once they are Ready (Docker does not wait)."],
+        ["no-fast-path", None, "Answer every query through the full twisted.names path."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["upstream"] = []
+
+    def opt_upstream(self, value: str) -> None:
+        """Upstream nameserver HOST[:PORT]; repeat for several (default: from --resolv-conf)."""
+        try:
+            self["upstream"].append(parse_upstream(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--upstream {value!r}: expected an IP address with an optional port, such as 10.96.0.10 or 10.96.0.10:53 ({e})")
+
+    def postOptions(self) -> None:
+        if self["ttl"] < 0:
+            raise usage.UsageError(f"--ttl {self['ttl']}: must be 0 or more seconds")
+        if self["hold-timeout"] >= 5:
+            raise usage.UsageError(
+                f"--hold-timeout {self['hold-timeout']}: must stay below the resolver's 5 s timeout"
+            )
+        if self["dns-service-ip"]:
+            try:
+                ipaddress.ip_address(self["dns-service-ip"])
+            except ValueError:
+                raise usage.UsageError(f"--dns-service-ip {self['dns-service-ip']!r} is not an IP address")
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together: give both or neither")
+        if self["tls-cert"] and not (self["dns-service-ip"] or self["dns-service-name"]):
+            raise usage.UsageError(
+                "the webhook needs the nameserver address to inject: give --dns-service-ip or --dns-service-name"
+            )
+        for flag in ("pods-file", "tls-cert", "tls-key", "kubeconfig"):
+            if self[flag] and not os.path.exists(self[flag]):
+                raise usage.UsageError(f"--{flag} {self[flag]}: no such file")
+        if not self["upstream"] and not os.path.exists(self["resolv-conf"]):
+            raise usage.UsageError(f"--resolv-conf {self['resolv-conf']}: no such file (or give --upstream)")
+        namespace = self["namespace"]
+        if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
+            with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+                namespace = f.read().strip()
+        if not namespace and not self["pods-file"]:
+            raise usage.UsageError("--namespace is required outside a pod (no service account namespace file)")
+        self["namespace"] = namespace
+
+    def config(self) -> Config:
+        return Config(
+            dns_port=self["dns-port"],
+            dns_interface=self["dns-interface"],
+            resolv_conf=self["resolv-conf"],
+            upstreams=tuple(self["upstream"]),
+            ttl=self["ttl"],
+            hold_timeout=self["hold-timeout"],
+            forward_timeout=self["forward-timeout"],
+            max_forwards=self["max-forwards"],
+            namespace=self["namespace"],
+            kubeconfig=self["kubeconfig"],
+            opt_in_label=self["opt-in-label"],
+            require_ready=bool(self["require-ready"]),
+            pods_file=self["pods-file"],
+            webhook_port=self["webhook-port"],
+            webhook_interface=self["webhook-interface"],
+            tls_cert=self["tls-cert"],
+            tls_key=self["tls-key"],
+            dns_service_ip=self["dns-service-ip"],
+            dns_service_name=self["dns-service-name"],
+            cluster_domain=self["cluster-domain"],
+            ndots=self["ndots"],
+            ops_port=self["ops-port"],
+            ops_interface=self["ops-interface"],
+            fast_path=not self["no-fast-path"],
+        )

@@ -1,0 +1,167 @@
+"""What to do with one question from one asker: answer, hold, forward or fail.
+
+Pure decisions (no I/O, no Twisted) over a :class:`~kubedock_dns.index.NetworkIndex`; the DNS
+semantics table of DESIGN section 4 lives here.  The server turns a :data:`Decision` into bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Union
+
+from kubedock_dns.index import (
+    FAMILY_V4,
+    FAMILY_V6,
+    Conflict,
+    NetworkIndex,
+    family_of,
+    reverse_name_to_ip,
+)
+
+TYPE_A = 1
+TYPE_PTR = 12
+TYPE_AAAA = 28
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    cluster_domain: str = "cluster.local"
+    ttl: int = 5
+    hold_seconds: float = 1.5
+    miss_memory_seconds: float = 30.0
+    miss_memory_size: int = 65536
+
+
+@dataclass(frozen=True)
+class Answer:
+    """NOERROR with these record values (addresses for A/AAAA, a name for PTR); none is NODATA."""
+
+    qtype: int
+    values: tuple[str, ...]
+    network: str = ""
+
+
+@dataclass(frozen=True)
+class ServFail:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Not ours: relay to the upstream resolvers."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Maybe ours soon: wait for the index to change (bounded), then decide again."""
+
+    reason: str
+    miss_key: tuple[str, str] | None = None
+
+
+Decision = Union[Answer, ServFail, Forward, Hold]
+
+NOT_SYNCED = ServFail("the pod index is not synced with the API server yet")
+
+
+class MissMemory:
+    """Remembers (asker address, name) pairs that were held and never appeared, for a while.
+
+    glibc tries every search suffix of a name it cannot resolve; without this memory each suffix
+    would wait out the hold again.
+    """
+
+    def __init__(self, seconds: float, size: int) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def remember(self, key: tuple[str, str], now: float) -> None:
+        self._expiry[key] = now + self.seconds
+        self._expiry.move_to_end(key)
+        while len(self._expiry) > self.size:
+            self._expiry.popitem(last=False)
+
+    def recently_missed(self, key: tuple[str, str], now: float) -> bool:
+        expiry = self._expiry.get(key)
+        if expiry is None:
+            return False
+        if expiry < now:
+            del self._expiry[key]
+            return False
+        return True
+
+
+class Resolver:
+    """Decides for (source address, question name, type), per DESIGN section 4."""
+
+    def __init__(self, index: NetworkIndex, config: ResolverConfig, shuffle=random.shuffle) -> None:
+        self.index = index
+        self.config = config
+        self.misses = MissMemory(config.miss_memory_seconds, config.miss_memory_size)
+        self._shuffle = shuffle
+        domain = config.cluster_domain.strip(".").lower()
+        self._svc_suffix = ".svc." + domain
+        self._domain_suffix = "." + domain
+
+    def strip_search_suffix(self, name: str, namespace: str) -> str:
+        """``db.<ns>.svc.<domain>``, ``db.svc.<domain>`` and ``db.<domain>`` all mean ``db``."""
+        for suffix in (
+            "." + namespace + self._svc_suffix if namespace else None,
+            self._svc_suffix,
+            self._domain_suffix,
+        ):
+            if suffix and name.endswith(suffix) and len(name) > len(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    def decide(self, source_ip: str, name: str, qtype: int, held: bool = False, now: float = 0.0) -> Decision:
+        """``name`` is the question name in lower case without the trailing dot."""
+        index = self.index
+        if not index.synced:
+            return NOT_SYNCED if held else Hold("index not synced")
+        try:
+            asker = index.asker(source_ip)
+        except Conflict as conflict:
+            return ServFail(str(conflict))
+        if asker is None:
+            if index.pods_awaiting_ip and not held:
+                return Hold("unknown asker while opted-in pods wait for their address")
+            return Forward("asker is not a known pod")
+        if qtype == TYPE_PTR:
+            address = reverse_name_to_ip(name.split("."))
+            if address is None:
+                return Forward("not a reverse name")
+            try:
+                owner = index.reverse(asker.networks, address)
+            except Conflict as conflict:
+                return ServFail(str(conflict))
+            if owner is None:
+                return Forward("address not in the asker's networks")
+            return Answer(TYPE_PTR, (owner,))
+        base = self.strip_search_suffix(name, asker.namespace)
+        try:
+            found = index.lookup(asker.networks, base)
+            if found is None and "." in base:
+                head, _, label = base.rpartition(".")
+                found = index.lookup_in_network(asker.networks, label, head)
+        except Conflict as conflict:
+            return ServFail(str(conflict))
+        if found is not None:
+            if qtype == TYPE_A or qtype == TYPE_AAAA:
+                family = FAMILY_V4 if qtype == TYPE_A else FAMILY_V6
+                values = [ip for ip in found.addresses if family_of(ip) == family]
+                if len(values) > 1:
+                    self._shuffle(values)
+                return Answer(qtype, tuple(values), found.network)
+            return Answer(qtype, (), found.network)
+        miss_key = (source_ip, base)
+        if held or "." in base or self.misses.recently_missed(miss_key, now):
+            # Multi-label names are almost always outside names (example.com, a Service): holding
+            # them would delay every outside lookup of every test container.
+            return Forward("name not in the asker's networks")
+        return Hold("name not known yet", miss_key)

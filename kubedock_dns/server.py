@@ -1,0 +1,293 @@
+"""The DNS server: twisted.names protocols and factory that know who is asking.
+
+Stock twisted.names hands resolvers the question only; here the factory keeps the asker's address
+(UDP: the datagram's source; TCP: the connection's peer), asks :class:`~kubedock_dns.resolver.Resolver`
+what to do, holds questions whose answer may be about to appear, relays the rest through the
+:class:`~kubedock_dns.forwarder.Forwarder`, and owns the mapping from every outcome to an rcode.
+
+Malformed input never raises out of a protocol: a datagram too short for a header, or a response
+(QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import server as names_server
+
+from kubedock_dns.contract import canonical_ip
+from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed
+from kubedock_dns.resolver import (
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_PTR,
+    Answer,
+    Decision,
+    Forward,
+    Hold,
+    Resolver,
+    ServFail,
+)
+
+log = Logger()
+
+CLASS_IN = 1
+RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 4, 5
+UDP_PLAIN_LIMIT = 512
+SERVER_UDP_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation on common paths
+TCP_LIMIT = 65535
+_HEADER = struct.Struct("!6H")
+
+
+@dataclass
+class Counters:
+    """Monotonic counters, exported by the ops endpoint."""
+
+    queries_udp: int = 0
+    queries_tcp: int = 0
+    answered_local: int = 0
+    answered_nodata: int = 0
+    forwarded: int = 0
+    servfail: int = 0
+    refused: int = 0
+    formerr: int = 0
+    notimp: int = 0
+    dropped: int = 0
+    held: int = 0
+    hold_expired: int = 0
+    truncated: int = 0
+    fast_path: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def error_reply(data: bytes, rcode: int) -> bytes:
+    """A header-only reply to a query we cannot or will not read: same ID, opcode and RD."""
+    qid, flags = struct.unpack("!HH", data[:4])
+    return _HEADER.pack(qid, 0x8000 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
+
+
+def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, decision: Answer | None,
+                  ttl: int, limit: int) -> tuple[bytes, bool]:
+    """The wire form of our own answer to ``query``, truncated (TC, no answers) past ``limit``.
+
+    Returns the bytes and whether they were truncated.  The fast path in :mod:`kubedock_dns.wire`
+    must produce the same bytes; a differential test holds the two together.
+    """
+    question = query.queries[0]
+    response = dns.Message(
+        id=query.id, answer=1, opCode=dns.OP_QUERY, auth=int(decision is not None),
+        recDes=query.recDes, recAv=1, rCode=rcode, maxSize=0,
+    )
+    response.queries = [question]
+    if decision is not None:
+        owner = question.name.name
+        for value in decision.values:
+            if decision.qtype == TYPE_A:
+                payload = dns.Record_A(value, ttl)
+            elif decision.qtype == TYPE_AAAA:
+                payload = dns.Record_AAAA(value, ttl)
+            else:
+                payload = dns.Record_PTR(value.encode("ascii"), ttl)
+            response.answers.append(dns.RRHeader(owner, decision.qtype, CLASS_IN, ttl, payload, auth=True))
+    if edns_payload is not None:
+        response.additional.append(dns._OPTHeader(udpPayloadSize=SERVER_UDP_PAYLOAD, version=0))
+    wire = response.toStr()
+    if len(wire) <= limit:
+        return wire, False
+    response.answers = []
+    response.trunc = 1
+    return response.toStr(), True
+
+
+def edns_payload_size(message: dns.Message) -> int | None:
+    """The client's advertised UDP payload size, or None when the query has no OPT record."""
+    for record in message.additional:
+        if record.type == dns.OPT:
+            return max(UDP_PLAIN_LIMIT, record.cls)
+    return None
+
+
+class QueryDatagramProtocol(dns.DNSDatagramProtocol):
+    """UDP: every datagram is a query from ``addr``; none is a response to us."""
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.controller.query_received(data, self, addr, addr[0])
+
+
+class QueryStreamProtocol(dns.DNSProtocol):
+    """TCP: queries are attributed to the connection's peer address."""
+
+    def stringReceived(self, data: bytes) -> None:
+        self.controller.query_received(data, self, None, self.transport.getPeer().host)
+
+
+class KubedockDNSServerFactory(names_server.DNSServerFactory):
+    """Answers from the asker's networks; holds, forwards or fails per DESIGN section 4."""
+
+    protocol = QueryStreamProtocol
+
+    def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder, ttl: int = 5,
+                 fast_path=None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.resolver = resolver
+        self.forwarder = forwarder
+        self.ttl = ttl
+        self.counters = Counters()
+        self.fast_path = fast_path
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self, self.reactor)
+        p.factory = self
+        return p
+
+    # -- reception ---------------------------------------------------------------------------------
+
+    def query_received(self, data: bytes, proto, address, host: str) -> None:
+        counters = self.counters
+        if address is None:
+            counters.queries_tcp += 1
+        else:
+            counters.queries_udp += 1
+        if len(data) < 12:
+            counters.dropped += 1
+            return
+        qid, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
+        if flags & 0x8000:
+            counters.dropped += 1  # a response: answering it could start a loop
+            return
+        try:
+            source_ip = canonical_ip(host)
+        except ValueError:
+            counters.dropped += 1
+            return
+        if (flags >> 11) & 0xF != dns.OP_QUERY:
+            counters.notimp += 1
+            return self._write(proto, address, error_reply(data, RCODE_NOTIMP))
+        if qdcount != 1:
+            counters.formerr += 1
+            return self._write(proto, address, error_reply(data, RCODE_FORMERR))
+        if self.fast_path is not None:
+            reply = self.fast_path.answer(data, source_ip, address is None)
+            if reply is not None:
+                counters.fast_path += 1
+                counters.answered_local += 1
+                return self._write(proto, address, reply)
+        message = dns.Message()
+        try:
+            message.fromStr(data)
+        except Exception:  # twisted.names raises EOFError, ValueError, struct.error, IndexError...
+            counters.formerr += 1
+            return self._write(proto, address, error_reply(data, RCODE_FORMERR))
+        self._handle(message, data, proto, address, source_ip)
+
+    def _handle(self, message: dns.Message, data: bytes, proto, address, source_ip: str) -> None:
+        question = message.queries[0]
+        name = question.name.name.lower().decode("latin-1")
+        if question.cls != CLASS_IN:
+            return self._forward(message, data, proto, address)
+        decision = self.resolver.decide(source_ip, name, question.type, now=self.reactor.seconds())
+        if isinstance(decision, Hold):
+            self.counters.held += 1
+            self._hold(source_ip, name, question.type, decision).addCallback(
+                self._respond, message, data, proto, address
+            )
+        else:
+            self._respond(decision, message, data, proto, address)
+
+    # -- holding -----------------------------------------------------------------------------------
+
+    def _hold(self, source_ip: str, name: str, qtype: int, first: Hold) -> defer.Deferred:
+        """Fires with a final decision: on the first index change that settles the question, or,
+        after the hold bound, with whatever the index says then."""
+        resolver, index = self.resolver, self.resolver.index
+        result: defer.Deferred = defer.Deferred()
+
+        def on_change() -> None:
+            decision = resolver.decide(source_ip, name, qtype, now=self.reactor.seconds())
+            if isinstance(decision, Hold):
+                index.when_changed(on_change)
+                return
+            timer.cancel()
+            result.callback(decision)
+
+        def on_timeout() -> None:
+            index.forget_listener(on_change)
+            now = self.reactor.seconds()
+            if first.miss_key is not None:
+                resolver.misses.remember(first.miss_key, now)
+            self.counters.hold_expired += 1
+            result.callback(resolver.decide(source_ip, name, qtype, held=True, now=now))
+
+        index.when_changed(on_change)
+        timer = self.reactor.callLater(resolver.config.hold_seconds, on_timeout)
+        return result
+
+    # -- answering ---------------------------------------------------------------------------------
+
+    def _respond(self, decision: Decision, message: dns.Message, data: bytes, proto, address) -> None:
+        if isinstance(decision, Answer):
+            counters = self.counters
+            if decision.values:
+                counters.answered_local += 1
+            else:
+                counters.answered_nodata += 1
+            self._write_answer(message, proto, address, RCODE_OK, decision)
+        elif isinstance(decision, Forward):
+            self._forward(message, data, proto, address)
+        else:
+            assert isinstance(decision, ServFail)
+            log.debug("SERVFAIL: {reason}", reason=decision.reason)
+            self.counters.servfail += 1
+            self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
+
+    def _write_answer(self, message, proto, address, rcode: int, decision: Answer | None) -> None:
+        edns = edns_payload_size(message)
+        if address is None:
+            limit = TCP_LIMIT
+        else:
+            limit = edns if edns is not None else UDP_PLAIN_LIMIT
+        wire, truncated = encode_answer(message, edns, rcode, decision, self.ttl, limit)
+        if truncated:
+            self.counters.truncated += 1
+        self._write(proto, address, wire)
+
+    def _forward(self, message, data: bytes, proto, address) -> None:
+        self.counters.forwarded += 1
+        d = self.forwarder.forward(data, over_tcp=address is None)
+
+        def relay(answer: bytes) -> None:
+            self._write(proto, address, answer)
+
+        def failed(failure) -> None:
+            if failure.check(Overloaded):
+                self.counters.refused += 1
+                self._write_answer(message, proto, address, RCODE_REFUSED, None)
+            elif failure.check(UpstreamsFailed):
+                log.debug("upstreams failed: {why}", why=failure.value)
+                self.counters.servfail += 1
+                self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
+            else:
+                log.failure("forwarding failed", failure)
+                self.counters.servfail += 1
+                self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
+
+        d.addCallbacks(relay, failed)
+
+    @staticmethod
+    def _write(proto, address, wire: bytes) -> None:
+        transport = proto.transport
+        if transport is None:
+            return  # the client went away while we held or forwarded its question
+        if address is None:
+            if transport.connected:
+                proto.sendString(wire)
+        else:
+            transport.write(wire, address)

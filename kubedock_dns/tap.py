@@ -1,0 +1,125 @@
+"""``twistd kubedock-dns``: one MultiService of DNS server, webhook, watcher and ops endpoint.
+
+Only the reactor thread touches the index: the watcher thread hands its changes over with
+``reactor.callFromThread(index.apply, changes)``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from kubedock_dns.contract import Relisted, pod_record_from_dict
+from kubedock_dns.forwarder import Forwarder, upstreams_from_resolv_conf
+from kubedock_dns.index import NetworkIndex
+from kubedock_dns.options import Config, Options
+from kubedock_dns.resolver import Resolver, ResolverConfig
+from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
+
+log = Logger()
+
+__all__ = ["Options", "makeService", "build_service"]
+
+
+class ForwarderService(service.Service):
+    """Opens the upstream sockets on start and closes them on stop."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    def startService(self) -> None:
+        super().startService()
+        self.forwarder.start()
+
+    def stopService(self):
+        super().stopService()
+        return self.forwarder.stop()
+
+
+class PodsFileService(service.Service):
+    """Feeds the index from a JSON list of pods once, instead of watching an API server."""
+
+    def __init__(self, path: str, index: NetworkIndex) -> None:
+        self.path = path
+        self.index = index
+
+    def startService(self) -> None:
+        super().startService()
+        with open(self.path) as f:
+            pods = json.load(f)
+        if isinstance(pods, dict):
+            pods = pods.get("items", [])
+        self.index.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
+        log.info("loaded {count} pods from {path}", count=len(pods), path=self.path)
+
+
+def build_service(config: Config, reactor) -> service.MultiService:
+    top = service.MultiService()
+    index = NetworkIndex(require_ready=config.require_ready)
+    top.index = index  # type: ignore[attr-defined]
+
+    upstreams = list(config.upstreams)
+    if not upstreams:
+        with open(config.resolv_conf) as f:
+            upstreams = upstreams_from_resolv_conf(f.read())
+    forwarder = Forwarder(reactor, upstreams, config.forward_timeout, config.max_forwards)
+    ForwarderService(forwarder).setServiceParent(top)
+
+    resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
+                                              hold_seconds=config.hold_timeout))
+    fast_path = None
+    if config.fast_path:
+        try:
+            from kubedock_dns.wire import FastPath
+        except ImportError:
+            FastPath = None
+        if FastPath is not None:
+            fast_path = FastPath(resolver, config.ttl)
+    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, ttl=config.ttl, fast_path=fast_path)
+    top.dns_factory = factory  # type: ignore[attr-defined]
+    dns_service = service.MultiService()
+    dns_service.setName("dns")
+    dns_service.setServiceParent(top)
+    internet.UDPServer(config.dns_port, QueryDatagramProtocol(factory, reactor),
+                       interface=config.dns_interface).setServiceParent(dns_service)
+    internet.TCPServer(config.dns_port, factory, interface=config.dns_interface).setServiceParent(dns_service)
+
+    if config.pods_file:
+        PodsFileService(config.pods_file, index).setServiceParent(top)
+    else:
+        from kubedock_dns.watcher import watcher_service
+
+        watcher_service(config, reactor, index.apply).setServiceParent(top)
+
+    if config.webhook_enabled:
+        from kubedock_dns.webhook import webhook_service_from_config
+
+        webhook_service_from_config(config, reactor, lambda: index.synced).setServiceParent(top)
+
+    def metrics() -> dict[str, float]:
+        values: dict[str, float] = dict(factory.counters.as_dict())
+        values.update(
+            pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
+            conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
+            ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
+            forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
+        )
+        return values
+
+    from kubedock_dns.ops import OpsApp
+
+    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, metrics).app.resource()),
+                             interface=config.ops_interface)
+    ops.setName("ops")
+    ops.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    return build_service(options.config(), reactor)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Builds the Go tools the tests and benchmarks need (kube-apiserver, and on request etcd, coredns,
+# helm) from the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path
+# of each binary.  Nothing is built inside the repository and nothing built is ever committed.
+#
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm]
+#
+# A binary already in the cache is reused, so reruns take no time.  Versions are pinned here and
+# can be overridden by environment variables of the same name (KUBE_VERSION=v1.36.3 ...).
+set -euo pipefail
+
+KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.6}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.13.1}
+HELM_VERSION=${HELM_VERSION:-v3.19.0}
+CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
+
+export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+
+say() { printf 'build-tools: %s\n' "$*" >&2; }
+
+# A scratch module that requires $1@$2 and builds package $3 into $4.  Extra go.mod lines on stdin.
+build_in_scratch_module() {
+    local module=$1 version=$2 package=$3 out=$4 ldflags=${5:-}
+    local work
+    work=$(mktemp -d "${TMPDIR:-/tmp}/kubedock-dns-build.XXXXXX")
+    trap 'rm -rf "$work"' RETURN
+    {
+        printf 'module kubedock-dns.local/build\n\ngo 1.24\n\nrequire %s %s\n' "$module" "$version"
+        cat
+    } > "$work/go.mod"
+    say "resolving $module@$version (first run downloads modules: a few minutes)"
+    (cd "$work" && go get "$package@$version" >&2 && go mod download >&2)
+    say "compiling $package (a cold build of kube-apiserver takes 10-15 minutes on 2 cores)"
+    mkdir -p "$(dirname "$out")"
+    (cd "$work" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$package" >&2)
+    mv "$out.tmp" "$out"
+}
+
+# k8s.io/kubernetes points its staging modules at ./staging/src; outside its repo they must be
+# replaced by the published v0.x.y twins.  Take the list from the published go.mod, not by hand.
+staging_replacements() {
+    local version=$1 gomod
+    gomod=$(cd "$(mktemp -d)" && go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    local minor=${version#v1.}
+    sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => ./staging/src/.*#\1#p' "$gomod" |
+        while read -r m; do printf 'replace %s => %s v0.%s\n' "$m" "$m" "$minor"; done
+}
+
+build_kube_apiserver() {
+    local out=$CACHE/kube-apiserver-$KUBE_VERSION/kube-apiserver
+    if [ ! -x "$out" ]; then
+        local v=k8s.io/component-base/version
+        local flags="-X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
+        staging_replacements "$KUBE_VERSION" |
+            build_in_scratch_module k8s.io/kubernetes "$KUBE_VERSION" k8s.io/kubernetes/cmd/kube-apiserver "$out" "$flags"
+    fi
+    echo "$out"
+}
+
+build_etcd() {
+    local out=$CACHE/etcd-$ETCD_VERSION/etcd
+    if [ ! -x "$out" ]; then
+        build_in_scratch_module go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$out" </dev/null
+    fi
+    echo "$out"
+}
+
+build_coredns() {
+    local out=$CACHE/coredns-$COREDNS_VERSION/coredns
+    if [ ! -x "$out" ]; then
+        build_in_scratch_module github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns "$out" </dev/null
+    fi
+    echo "$out"
+}
+
+build_helm() {
+    local out=$CACHE/helm-$HELM_VERSION/helm
+    if [ ! -x "$out" ]; then
+        build_in_scratch_module helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$out" \
+            "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" </dev/null
+    fi
+    echo "$out"
+}
+
+[ $# -gt 0 ] || set -- kube-apiserver
+for tool in "$@"; do
+    case $tool in
+        kube-apiserver) build_kube_apiserver ;;
+        etcd) build_etcd ;;
+        coredns) build_coredns ;;
+        helm) build_helm ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns or helm)"; exit 2 ;;
+    esac
+done
