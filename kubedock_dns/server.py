@@ -21,6 +21,7 @@ from twisted.names import dns
 from twisted.names import server as names_server
 
 from kubedock_dns.contract import canonical_ip
+from kubedock_dns.wire import WireError, parse_question
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed
 from kubedock_dns.resolver import (
     TYPE_A,
@@ -182,8 +183,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 return self._write(proto, address, reply)
         message = dns.Message()
         try:
+            parse_question(data)  # strict and bounded; twisted.names' parser is lenient
             message.fromStr(data)
-        except Exception:  # twisted.names raises EOFError, ValueError, struct.error, IndexError...
+            if len(message.queries) != 1:
+                raise WireError("no question")
+        except Exception:  # WireError, or twisted.names' EOFError, ValueError, struct.error...
             counters.formerr += 1
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
         self._handle(message, data, proto, address, source_ip)

@@ -57,7 +57,9 @@ class PodsFileService(service.Service):
         log.info("loaded {count} pods from {path}", count=len(pods), path=self.path)
 
 
-def build_service(config: Config, reactor) -> service.MultiService:
+def build_service(config: Config, reactor, pod_source=None) -> service.MultiService:
+    """The whole server.  ``pod_source(index)`` may supply the service feeding the index
+    (tests); by default it is the pods file or the API watcher, as configured."""
     top = service.MultiService()
     index = NetworkIndex(require_ready=config.require_ready)
     top.index = index  # type: ignore[attr-defined]
@@ -88,7 +90,9 @@ def build_service(config: Config, reactor) -> service.MultiService:
                        interface=config.dns_interface).setServiceParent(dns_service)
     internet.TCPServer(config.dns_port, factory, interface=config.dns_interface).setServiceParent(dns_service)
 
-    if config.pods_file:
+    if pod_source is not None:
+        pod_source(index).setServiceParent(top)
+    elif config.pods_file:
         PodsFileService(config.pods_file, index).setServiceParent(top)
     else:
         from kubedock_dns.watcher import watcher_service

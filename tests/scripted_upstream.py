@@ -1,0 +1,54 @@
+"""Upstreams that misbehave on purpose: real UDP/TCP sockets on loopback, scripted replies."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class ScriptedUpstream:
+    """Answers every query with ``rcode`` (e.g. SERVFAIL), or never answers when ``silent``."""
+
+    def __init__(self, rcode: int = 2, silent: bool = False, host: str = "127.0.0.1") -> None:
+        self.rcode = rcode
+        self.silent = silent
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def upstream_arg(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (socket.timeout, OSError):
+                continue
+            self.received += 1
+            if self.silent or len(data) < 12:
+                continue
+            qid, flags = struct.unpack("!HH", data[:4])
+            reply_flags = 0x8000 | (flags & 0x0100) | 0x0080 | self.rcode
+            self.sock.sendto(struct.pack("!HHHHHH", qid, reply_flags, 1, 0, 0, 0) + data[12:], peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def closed_port(host: str = "127.0.0.1") -> str:
+    """An address where nothing listens (ICMP port unreachable, or silence)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"{host}:{port}"

@@ -1,0 +1,400 @@
+"""The DNS server on real sockets: every row of DESIGN section 4, asked with dnspython from
+source addresses in 127.0.0.0/8 that stand for pod IPs, with a real dnsmasq as the upstream.
+
+Tests run on the real reactor (trial's TestCase spins it); blocking dnspython calls run in a
+thread so the server keeps serving.  The index is changed in the reactor thread, as the watcher's
+``callFromThread`` hand-over does in production.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.reversename
+from twisted.application import service
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from kubedock_dns.contract import Deleted, Relisted, Upserted
+from kubedock_dns.forwarder import parse_upstream
+from kubedock_dns.options import Config
+from kubedock_dns.tap import build_service
+from testbed.upstream import Dnsmasq, free_port
+from tests.podfactory import network_id, record
+from tests.scripted_upstream import ScriptedUpstream, closed_port
+
+NS = "ci"
+NET_A, NET_B, NET_C = network_id("run-a"), network_id("run-b"), network_id("run-c")
+A_DB, A_SVC, B_DB, B_SVC = "127.10.1.1", "127.10.1.2", "127.10.2.1", "127.10.2.2"
+MULTI = "127.10.3.3"  # a pod in networks C then A
+OUTSIDER = "127.10.9.9"  # not a pod
+
+
+def base_pods():
+    return [
+        record("db", [NET_A], ip=A_DB, namespace=NS, uid="a-db"),
+        record("service", [NET_A], ip=A_SVC, namespace=NS, uid="a-svc"),
+        record("db", [NET_B], ip=B_DB, namespace=NS, uid="b-db", container_name="/test_db_b",
+               container_id="0123456789ab"),
+        record("service", [NET_B], ip=B_SVC, namespace=NS, uid="b-svc"),
+        record("multi", [NET_C, NET_A], ip=MULTI, namespace=NS, uid="multi"),
+    ]
+
+
+class DNSServerTestCase(TestCase):
+    timeout = 60
+    upstream_extra: list[str] = []
+    hold_timeout = 1.0
+    max_forwards = 1024
+
+    def setUp(self):
+        self.dnsmasq = Dnsmasq("127.0.0.1", free_port("127.0.0.1"), namespace=NS,
+                               ptr_records={"127.10.8.8": "outside.example"})
+        self.dnsmasq.start()
+        self.addCleanup(self.dnsmasq.close)
+        self.port = free_port("127.0.0.1")
+        upstreams = tuple(parse_upstream(u) for u in self.upstream_extra + [self.dnsmasq.upstream_arg])
+        config = Config(dns_port=self.port, dns_interface="::", upstreams=upstreams,
+                        hold_timeout=self.hold_timeout, forward_timeout=0.5,
+                        max_forwards=self.max_forwards, namespace=NS, ops_port=0,
+                        ops_interface="127.0.0.1", fast_path=self.fast_path)
+        self.top = build_service(config, reactor, pod_source=lambda index: service.Service())
+        self.index = self.top.index
+        self.index.apply([Relisted(tuple(base_pods()))])
+        self.top.startService()
+        self.addCleanup(self.top.stopService)
+
+    fast_path = True
+
+    def ask(self, source, name, rdtype="A", tcp=False, **make):
+        """A real query from ``source`` (a pod address), in a thread."""
+        query = dns.message.make_query(name, rdtype, **make)
+        send = dns.query.tcp if tcp else dns.query.udp
+        return deferToThread(send, query, "127.0.0.1", timeout=5, port=self.port, source=source,
+                             ignore_trailing=True)
+
+    def raw(self, source, payload, tcp=False):
+        """Send raw bytes; the reply's bytes, or None after a second of silence."""
+        def exchange():
+            family = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+            with socket.socket(socket.AF_INET, family) as s:
+                s.bind((source, 0))
+                s.settimeout(1.0)
+                if tcp:
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(struct.pack("!H", len(payload)) + payload)
+                    try:
+                        length = struct.unpack("!H", s.recv(2))[0]
+                        return s.recv(length)
+                    except (socket.timeout, struct.error):
+                        return None
+                s.sendto(payload, ("127.0.0.1", self.port))
+                try:
+                    return s.recv(65535)
+                except socket.timeout:
+                    return None
+        return deferToThread(exchange)
+
+
+def addresses(response):
+    return sorted(r.address for rrset in response.answer for r in rrset)
+
+
+class LocalAnswersTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_each_network_resolves_its_own_db_over_udp_and_tcp(self):
+        """Two test runs with the same names: each service gets its own db, over UDP and TCP;
+        TCP queries are attributed to the connection's peer."""
+        for source, expected in ((A_SVC, A_DB), (B_SVC, B_DB)):
+            for tcp in (False, True):
+                r = yield self.ask(source, "db", tcp=tcp)
+                self.assertEqual(r.rcode(), dns.rcode.NOERROR)
+                self.assertEqual(addresses(r), [expected])
+                self.assertEqual(r.answer[0].ttl, 5)
+                self.assertTrue(r.flags & dns.flags.QR)
+
+    @defer.inlineCallbacks
+    def test_search_suffixed_name_is_answered_under_the_name_as_asked(self):
+        """glibc's first try, db.<ns>.svc.cluster.local, is answered locally (never the
+        cluster's Service called db), with the question's case echoed."""
+        r = yield self.ask(B_SVC, "Db.CI.svc.Cluster.Local")
+        self.assertEqual(addresses(r), [B_DB])
+        self.assertEqual(r.answer[0].name.to_text(), "Db.CI.svc.Cluster.Local.")
+        self.assertNotIn(self.dnsmasq.service_ip, addresses(r))
+
+    @defer.inlineCallbacks
+    def test_missing_family_and_other_types_are_nodata_not_nxdomain(self):
+        """AAAA of an IPv4-only pod, and MX, answer NOERROR with no records."""
+        for rdtype in ("AAAA", "MX", "TXT"):
+            r = yield self.ask(A_SVC, "db", rdtype)
+            self.assertEqual(r.rcode(), dns.rcode.NOERROR, rdtype)
+            self.assertEqual(r.answer, [], rdtype)
+
+    @defer.inlineCallbacks
+    def test_asker_in_several_networks_gets_the_first_network_that_has_the_name(self):
+        """multi is in C then A; C has no db, so A's db answers; nothing of B ever does."""
+        r = yield self.ask(MULTI, "db")
+        self.assertEqual(addresses(r), [A_DB])
+        self.index.apply([Upserted(record("db", [NET_C], ip="127.10.3.1", namespace=NS, uid="c-db"))])
+        r = yield self.ask(MULTI, "db")
+        self.assertEqual(addresses(r), ["127.10.3.1"])
+
+    @defer.inlineCallbacks
+    def test_name_dot_network_short_id(self):
+        """``db.<short network id>`` resolves inside that network only for its members."""
+        r = yield self.ask(MULTI, f"db.{NET_A[:12]}")
+        self.assertEqual(addresses(r), [A_DB])
+        r = yield self.ask(A_SVC, f"db.{NET_B[:12]}")
+        self.assertNotIn(B_DB, addresses(r))
+
+    @defer.inlineCallbacks
+    def test_container_name_and_short_id_resolve(self):
+        """Docker resolves the container name and short ID as well as aliases."""
+        for name in ("test_db_b", "0123456789ab"):
+            r = yield self.ask(B_SVC, name)
+            self.assertEqual(addresses(r), [B_DB])
+        r = yield self.ask(A_SVC, "test_db_b")
+        self.assertNotIn(B_DB, addresses(r))
+
+    @defer.inlineCallbacks
+    def test_reverse_lookup_inside_and_outside_the_askers_networks(self):
+        """PTR of a peer gives its primary name; PTR of another network's pod is forwarded
+        (the upstream knows nothing of it) and never reveals the name."""
+        r = yield self.ask(A_SVC, dns.reversename.from_address(A_DB), "PTR")
+        self.assertEqual([x.target.to_text() for x in r.answer[0]], ["db."])
+        r = yield self.ask(A_SVC, dns.reversename.from_address(B_DB), "PTR")
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        r = yield self.ask(A_SVC, dns.reversename.from_address("127.10.8.8"), "PTR")
+        self.assertEqual([x.target.to_text() for x in r.answer[0]], ["outside.example."])
+
+    @defer.inlineCallbacks
+    def test_unknown_asker_gets_a_plain_forwarder(self):
+        """An address that is no pod of ours never sees a network's names."""
+        r = yield self.ask(OUTSIDER, "db")
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        r = yield self.ask(OUTSIDER, f"db.{NS}.svc.cluster.local")
+        self.assertEqual(addresses(r), [self.dnsmasq.service_ip])
+        r = yield self.ask(OUTSIDER, dns.reversename.from_address(A_DB), "PTR")
+        self.assertEqual(r.answer, [])
+
+    @defer.inlineCallbacks
+    def test_several_pods_with_one_alias_all_answer_shuffled(self):
+        """Every pod carrying an alias is returned, in varying order."""
+        pods = [record(f"w{i}", [NET_A], aliases=["web"], ip=f"127.10.4.{i}", namespace=NS, uid=f"w{i}")
+                for i in range(1, 7)]
+        self.index.apply([Upserted(p) for p in pods])
+        orders = set()
+        for _ in range(8):
+            r = yield self.ask(A_SVC, "web")
+            orders.add(tuple(x.address for x in r.answer[0]))
+        self.assertEqual({tuple(sorted(o)) for o in orders}, {tuple(sorted(p.ips[0] for p in pods))})
+        self.assertGreater(len(orders), 1)
+
+    @defer.inlineCallbacks
+    def test_deleted_and_finished_pods_stop_answering(self):
+        """Deletion and phase Succeeded remove a pod's names at once."""
+        self.index.apply([Deleted("a-db")])
+        r = yield self.ask(A_SVC, "db", **{})
+        self.assertNotIn(A_DB, addresses(r))
+        import dataclasses
+        finished = dataclasses.replace(base_pods()[2], phase="Succeeded")
+        self.index.apply([Upserted(finished)])
+        r = yield self.ask(B_SVC, "db")
+        self.assertNotIn(B_DB, addresses(r))
+
+
+class TruncationTests(DNSServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.index.apply([Upserted(record(f"m{i}", [NET_A], aliases=["many"], ip=f"127.10.5.{i}",
+                                          namespace=NS, uid=f"m{i}")) for i in range(1, 61)])
+
+    @defer.inlineCallbacks
+    def test_large_answers_truncate_over_udp_and_travel_whole_over_tcp(self):
+        """60 addresses exceed 512 bytes: plain UDP gets TC and no partial records, EDNS with a
+        large buffer and TCP get all 60."""
+        r = yield self.ask(A_SVC, "many")
+        self.assertTrue(r.flags & dns.flags.TC)
+        self.assertEqual(r.answer, [])
+        r = yield self.ask(A_SVC, "many", use_edns=0, payload=4096)
+        self.assertFalse(r.flags & dns.flags.TC)
+        self.assertEqual(len(addresses(r)), 60)
+        self.assertEqual(r.edns, 0)
+        r = yield self.ask(A_SVC, "many", tcp=True)
+        self.assertEqual(len(addresses(r)), 60)
+
+    @defer.inlineCallbacks
+    def test_small_edns_buffer_is_respected(self):
+        """An EDNS buffer below the answer size truncates too (512 is the floor)."""
+        r = yield self.ask(A_SVC, "many", use_edns=0, payload=600)
+        self.assertTrue(r.flags & dns.flags.TC)
+
+
+class HoldTests(DNSServerTestCase):
+    hold_timeout = 1.5
+
+    @defer.inlineCallbacks
+    def test_peer_created_a_moment_later_is_resolved_by_the_held_question(self):
+        """A container that looks up a peer before the peer's pod is Running gets its address
+        as soon as the index learns it, not an error."""
+        started = time.monotonic()
+        pending = self.ask(A_SVC, f"cache.{NS}.svc.cluster.local")
+        yield task.deferLater(reactor, 0.4, lambda: None)
+        self.index.apply([Upserted(record("cache", [NET_A], ip="127.10.1.7", namespace=NS, uid="a-cache"))])
+        r = yield pending
+        self.assertEqual(addresses(r), ["127.10.1.7"])
+        self.assertLess(time.monotonic() - started, 1.4)
+
+    @defer.inlineCallbacks
+    def test_a_name_that_never_appears_costs_one_hold_not_one_per_suffix(self):
+        """After one bounded hold the name is forwarded (NXDOMAIN from the upstream); the next
+        search suffixes glibc tries are forwarded at once."""
+        started = time.monotonic()
+        r = yield self.ask(A_SVC, f"ghost.{NS}.svc.cluster.local")
+        first = time.monotonic() - started
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        self.assertGreaterEqual(first, 1.4)
+        started = time.monotonic()
+        for name in ("ghost.svc.cluster.local", "ghost.cluster.local", "ghost"):
+            r = yield self.ask(A_SVC, name)
+            self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        self.assertLess(time.monotonic() - started, 1.4)
+
+    @defer.inlineCallbacks
+    def test_a_peer_in_another_network_does_not_end_the_hold(self):
+        """The name appearing in someone else's network is no answer for this asker."""
+        pending = self.ask(A_SVC, "late")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.index.apply([Upserted(record("late", [NET_B], ip="127.10.2.9", namespace=NS, uid="b-late"))])
+        r = yield pending
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+
+    @defer.inlineCallbacks
+    def test_unknown_asker_waits_for_its_own_pod_to_get_its_address(self):
+        """A pod asking before the index knows its IP is answered from its networks once the
+        index does."""
+        waiting = record("newbie", [NET_B], phase="Pending", namespace=NS, uid="newbie")
+        self.index.apply([Upserted(waiting)])
+        pending = self.ask("127.10.2.50", "db")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.index.apply([Upserted(record("newbie", [NET_B], ip="127.10.2.50", namespace=NS, uid="newbie"))])
+        r = yield pending
+        self.assertEqual(addresses(r), [B_DB])
+
+    @defer.inlineCallbacks
+    def test_not_synced_index_answers_servfail_after_the_hold(self):
+        """Until the first complete list arrives, local answers are unknown: SERVFAIL."""
+        self.index.synced = False
+        r = yield self.ask(A_SVC, "db")
+        self.assertEqual(r.rcode(), dns.rcode.SERVFAIL)
+
+
+class ForwardingTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_outside_names_are_relayed_whole(self):
+        """The upstream's answer reaches the client unchanged except for nothing at all: same
+        rcode, sections and flags as asking the upstream directly."""
+        for name in ("kubernetes.default.svc.cluster.local", "nowhere.example"):
+            via = yield self.ask(A_SVC, name)
+            direct = yield deferToThread(dns.query.udp, dns.message.make_query(name, "A"),
+                                         *self.dnsmasq.address[:1], timeout=5, port=self.dnsmasq.port)
+            self.assertEqual(via.rcode(), direct.rcode())
+            self.assertEqual(via.answer, direct.answer)
+            self.assertEqual(via.authority, direct.authority)
+            self.assertEqual(via.flags, direct.flags)
+
+    @defer.inlineCallbacks
+    def test_forwarding_over_tcp(self):
+        """TCP questions are forwarded over TCP."""
+        r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local", tcp=True)
+        self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+
+
+class FailoverTests(DNSServerTestCase):
+    def setUp(self):
+        self.servfail = ScriptedUpstream(rcode=2)
+        self.refused = ScriptedUpstream(rcode=5)
+        self.silent = ScriptedUpstream(silent=True)
+        for u in (self.servfail, self.refused, self.silent):
+            self.addCleanup(u.close)
+        self.upstream_extra = [self.servfail.upstream_arg, self.refused.upstream_arg,
+                               closed_port(), self.silent.upstream_arg]
+        super().setUp()
+
+    @defer.inlineCallbacks
+    def test_servfail_refused_down_and_slow_upstreams_are_skipped(self):
+        """Each upstream of the resolv.conf is tried in turn; the working one answers."""
+        r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local")
+        self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+        self.assertEqual((self.servfail.received, self.refused.received, self.silent.received), (1, 1, 1))
+
+
+class AllUpstreamsFailTests(DNSServerTestCase):
+    def setUp(self):
+        self.bad = ScriptedUpstream(rcode=2)
+        self.addCleanup(self.bad.close)
+        super().setUp()
+        self.top.dns_factory.forwarder.upstreams = (parse_upstream(self.bad.upstream_arg),
+                                                    parse_upstream(closed_port()))
+
+    @defer.inlineCallbacks
+    def test_servfail_when_every_upstream_fails_never_nxdomain(self):
+        """Failure is SERVFAIL (retryable), not a cacheable NXDOMAIN."""
+        r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local")
+        self.assertEqual(r.rcode(), dns.rcode.SERVFAIL)
+
+
+class OverloadTests(DNSServerTestCase):
+    max_forwards = 2
+
+    def setUp(self):
+        self.silent = ScriptedUpstream(silent=True)
+        self.addCleanup(self.silent.close)
+        super().setUp()
+        self.top.dns_factory.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+
+    @defer.inlineCallbacks
+    def test_too_many_forwards_in_flight_are_refused(self):
+        """Past the bound on forwarded queries in flight, new ones get REFUSED at once."""
+        results = yield defer.gatherResults([self.ask(A_SVC, f"x{i}.example") for i in range(6)])
+        rcodes = sorted(r.rcode() for r in results)
+        self.assertEqual(rcodes.count(dns.rcode.REFUSED), 4)
+        self.assertEqual(rcodes.count(dns.rcode.SERVFAIL), 2)
+        self.assertEqual(self.top.dns_factory.forwarder.refused_overload, 4)
+
+
+class MalformedInputTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_malformed_packets_get_rfc_answers_or_silence_and_never_crash(self):
+        """Short garbage and responses are dropped; other opcodes get NOTIMP; two questions or
+        a broken question get FORMERR; the server keeps answering afterwards."""
+        good = dns.message.make_query("db", "A")
+        good.id = 0x1234
+        wire = good.to_wire()
+        self.assertIsNone((yield self.raw(A_SVC, b"\x01\x02\x03")))
+        self.assertIsNone((yield self.raw(A_SVC, wire[:2] + bytes([wire[2] | 0x80]) + wire[3:])))
+        status = wire[:2] + bytes([(wire[2] & 0x87) | (2 << 3)]) + wire[3:]
+        reply = yield self.raw(A_SVC, status)
+        self.assertEqual((reply[:2], reply[3] & 0xF, reply[2] & 0x80), (b"\x12\x34", 4, 0x80))
+        two = wire[:4] + b"\x00\x02" + wire[6:]
+        reply = yield self.raw(A_SVC, two)
+        self.assertEqual(reply[3] & 0xF, 1)
+        cut = wire[:-3]
+        reply = yield self.raw(A_SVC, cut)
+        self.assertEqual(reply[3] & 0xF, 1)
+        loop = wire[:12] + b"\xc0\x0c" + b"\x00\x01\x00\x01"
+        reply = yield self.raw(A_SVC, loop)
+        self.assertEqual(reply[3] & 0xF, 1)
+        reply = yield self.raw(A_SVC, b"\x00\x07" + b"\xff" * 30, tcp=True)
+        self.assertIn(reply[3] & 0xF if reply else 1, (1,))
+        r = yield self.ask(A_SVC, "db")
+        self.assertEqual(addresses(r), [A_DB])

@@ -1,0 +1,213 @@
+"""The network index: membership rules of DESIGN section 3, table by table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kubedock_dns.contract import Deleted, Relisted, Upserted
+from kubedock_dns.index import Asker, Conflict, NetworkIndex, reverse_name_to_ip
+from tests.podfactory import network_id, record
+
+NET_A, NET_B = network_id("a"), network_id("b")
+
+
+def index_with(*records) -> NetworkIndex:
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(records))])
+    return index
+
+
+@pytest.mark.parametrize(
+    "phase, ip, host_network, asks, answers",
+    [
+        ("Running", "10.0.0.1", False, True, True),
+        ("Pending", "10.0.0.1", False, True, False),
+        ("Pending", None, False, False, False),
+        ("Succeeded", "10.0.0.1", False, False, False),
+        ("Failed", "10.0.0.1", False, False, False),
+        ("Unknown", "10.0.0.1", False, False, False),
+        ("Running", "10.0.0.1", True, False, False),
+    ],
+)
+def test_membership_by_phase(phase, ip, host_network, asks, answers):
+    """A pod asks from Pending-with-IP on and answers only once Running; finished and
+    hostNetwork pods do neither."""
+    index = index_with(record("db", [NET_A], ip=ip, phase=phase, host_network=host_network))
+    assert (index.asker("10.0.0.1") is not None) == asks
+    assert (index.lookup((NET_A,), "db") is not None) == answers
+
+
+def test_pending_pod_without_ip_is_counted_as_awaiting():
+    """An opted-in pod still waiting for its address is known to be coming."""
+    index = index_with(record("db", [NET_A], phase="Pending"))
+    assert index.pods_awaiting_ip == 1
+    index.apply([Relisted(())])
+    assert index.pods_awaiting_ip == 0
+
+
+def test_terminating_running_pod_still_answers():
+    """A pod being deleted keeps answering until it is gone (Docker answers until removal)."""
+    index = index_with(record("db", [NET_A], ip="10.0.0.1", deleting=True))
+    assert index.lookup((NET_A,), "db").addresses == ("10.0.0.1",)
+
+
+def test_finished_pod_ip_reused_in_other_network_never_leaks_old_name():
+    """The IP of a Succeeded pod handed to a new pod in another network resolves only the new
+    pod's names, and the new pod asks from its own networks."""
+    old = record("db", [NET_A], ip="10.0.0.7")
+    asker_a = record("client", [NET_A], ip="10.0.0.8")
+    index = index_with(old, asker_a)
+    index.apply([Upserted(dataclasses.replace(old, phase="Succeeded"))])
+    new = record("cache", [NET_B], ip="10.0.0.7")
+    index.apply([Upserted(new)])
+    assert index.lookup((NET_A,), "db") is None
+    assert index.reverse((NET_A,), "10.0.0.7") is None
+    assert index.asker("10.0.0.7").networks == (NET_B,)
+    assert index.reverse((NET_B,), "10.0.0.7") == "cache"
+
+
+def test_two_live_pods_claiming_one_ip_conflict():
+    """Two live pods on one address: neither is answered nor served, until one goes."""
+    first = record("db", [NET_A], ip="10.0.0.9")
+    second = record("db", [NET_B], ip="10.0.0.9", phase="Pending")
+    index = index_with(first, second)
+    with pytest.raises(Conflict):
+        index.asker("10.0.0.9")
+    with pytest.raises(Conflict):
+        index.lookup((NET_A,), "db")
+    with pytest.raises(Conflict):
+        index.reverse((NET_A,), "10.0.0.9")
+    assert index.conflicted_addresses() == ["10.0.0.9"]
+    index.apply([Deleted(second.uid)])
+    assert index.asker("10.0.0.9").networks == (NET_A,)
+    assert index.lookup((NET_A,), "db").addresses == ("10.0.0.9",)
+
+
+def test_dual_stack_pod_asks_and_answers_on_both_families():
+    """Every address in status.podIPs counts, IPv4-mapped IPv6 included as IPv4."""
+    pod = record("db", [NET_A], ips=["10.0.0.1", "fd00::1"])
+    index = index_with(pod)
+    assert index.asker("fd00::1").uid == pod.uid
+    assert index.asker("10.0.0.1").uid == pod.uid
+    assert sorted(index.lookup((NET_A,), "db").addresses) == ["10.0.0.1", "fd00::1"]
+    mapped = record("cache", [NET_B], ip="::ffff:10.0.0.2")
+    assert mapped.ips == ("10.0.0.2",)
+
+
+def test_pod_in_two_networks_is_found_from_both():
+    """A pod in two networks answers askers of either network."""
+    index = index_with(record("db", [NET_A, NET_B], ip="10.0.0.1"))
+    assert index.lookup((NET_A,), "db").addresses == ("10.0.0.1",)
+    assert index.lookup((NET_B,), "db").addresses == ("10.0.0.1",)
+
+
+def test_first_network_of_asker_wins_without_merging():
+    """An asker in several networks gets the name from the first network (annotation order)
+    that has it, not a merge."""
+    index = index_with(record("db", [NET_A], ip="10.0.0.1"), record("db", [NET_B], ip="10.0.0.2"))
+    assert index.lookup((NET_B, NET_A), "db").addresses == ("10.0.0.2",)
+    assert index.lookup((NET_A, NET_B), "db").addresses == ("10.0.0.1",)
+
+
+def test_two_pods_sharing_an_alias_both_answer():
+    """Docker returns every container carrying an alias."""
+    index = index_with(
+        record("web1", [NET_A], aliases=["web"], ip="10.0.0.1"),
+        record("web2", [NET_A], aliases=["web"], ip="10.0.0.2"),
+    )
+    assert sorted(index.lookup((NET_A,), "web").addresses) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_container_name_and_short_id_resolve_like_aliases():
+    """The container name (leading '/' dropped) and the short ID are names too; names are
+    case-insensitive."""
+    index = index_with(record("pod-x", [NET_A], hostname="Db", container_name="/My_DB",
+                              container_id="0123456789ab", ip="10.0.0.1"))
+    for name in ("db", "my_db", "0123456789ab"):
+        assert index.lookup((NET_A,), name).addresses == ("10.0.0.1",)
+    assert index.reverse((NET_A,), "10.0.0.1") == "db"
+
+
+def test_network_reachable_by_full_and_short_id():
+    """``name.<network>`` works with the 12-character short ID of a 64-hex network ID."""
+    index = index_with(record("db", [NET_A], ip="10.0.0.1"))
+    assert index.lookup_in_network((NET_A,), NET_A[:12], "db").addresses == ("10.0.0.1",)
+    assert index.lookup_in_network((NET_B,), NET_A[:12], "db") is None
+
+
+def test_relist_removes_pods_missing_from_the_list_and_marks_synced():
+    """A relist after an outage replaces the whole state."""
+    gone = record("db", [NET_A], ip="10.0.0.1")
+    kept = record("svc", [NET_A], ip="10.0.0.2")
+    index = NetworkIndex()
+    assert not index.synced
+    index.apply([Relisted((gone, kept))])
+    index.apply([Relisted((kept,))])
+    assert index.synced
+    assert index.lookup((NET_A,), "db") is None
+    assert index.asker("10.0.0.1") is None
+    assert index.lookup((NET_A,), "svc").addresses == ("10.0.0.2",)
+
+
+def test_update_moving_a_pod_between_networks_leaves_nothing_behind():
+    """A changed record replaces the old one entirely."""
+    pod = record("db", [NET_A], ip="10.0.0.1")
+    index = index_with(pod)
+    index.apply([Upserted(dataclasses.replace(pod, networks=(NET_B,)))])
+    assert index.lookup((NET_A,), "db") is None
+    assert index.lookup((NET_B,), "db").addresses == ("10.0.0.1",)
+    assert index.describe()["networks"].keys() == {NET_B}
+
+
+def test_require_ready_option_waits_for_readiness():
+    """With --require-ready a Running but unready pod does not answer yet."""
+    index = NetworkIndex(require_ready=True)
+    index.apply([Relisted((record("db", [NET_A], ip="10.0.0.1", ready=False),))])
+    assert index.lookup((NET_A,), "db") is None
+
+
+def test_listeners_fire_once_after_a_change():
+    """when_changed listeners run once, after the next apply."""
+    index = NetworkIndex()
+    calls = []
+    index.when_changed(lambda: calls.append(index.generation))
+    index.apply([Relisted(())])
+    index.apply([Relisted(())])
+    assert calls == [1]
+
+
+def test_ten_thousand_pods_in_five_thousand_networks():
+    """At scale, every asker sees exactly its own network's db, and one update touches only
+    its own entries."""
+    records = []
+    for n in range(5000):
+        net = network_id(f"net{n}")
+        records.append(record("db", [net], ip=f"10.{n // 250}.{n % 250}.1", uid=f"db{n}"))
+        records.append(record("svc", [net], ip=f"10.{n // 250}.{n % 250}.2", uid=f"svc{n}"))
+    index = index_with(*records)
+    assert len(index) == 10000
+    for n in (0, 1234, 4999):
+        asker = index.asker(f"10.{n // 250}.{n % 250}.2")
+        assert index.lookup(asker.networks, "db").addresses == (f"10.{n // 250}.{n % 250}.1",)
+    before = dict(index._names)
+    index.apply([Deleted("db7")])
+    changed = {k for k in before if index._names.get(k) != before[k]}
+    assert changed == {(network_id("net7"), "db")}
+
+
+@pytest.mark.parametrize(
+    "name, ip",
+    [
+        ("1.0.0.10.in-addr.arpa", "10.0.0.1"),
+        ("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa", "fd00::1"),
+        ("0.10.in-addr.arpa", None),
+        ("01.0.0.10.in-addr.arpa", None),
+        ("256.0.0.10.in-addr.arpa", None),
+        ("x.0.0.10.in-addr.arpa", None),
+    ],
+)
+def test_reverse_names(name, ip):
+    """PTR names map to the address they stand for; anything else is not a reverse name."""
+    assert reverse_name_to_ip(name.split(".")) == ip

@@ -1,0 +1,173 @@
+"""Resolver decisions (DESIGN section 4), from the asker's address and the question alone."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubedock_dns.contract import Relisted
+from kubedock_dns.index import NetworkIndex
+from kubedock_dns.resolver import (
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_PTR,
+    Answer,
+    Forward,
+    Hold,
+    Resolver,
+    ResolverConfig,
+    ServFail,
+)
+from tests.podfactory import network_id, record
+
+TYPE_MX = 15
+NET_A, NET_B = network_id("a"), network_id("b")
+
+
+def resolver_with(*records, synced=True, **config) -> Resolver:
+    index = NetworkIndex()
+    if synced:
+        index.apply([Relisted(tuple(records))])
+    return Resolver(index, ResolverConfig(**config))
+
+
+def two_runs() -> Resolver:
+    return resolver_with(
+        record("db", [NET_A], ip="10.0.1.1", namespace="ci"),
+        record("service", [NET_A], ip="10.0.1.2", namespace="ci"),
+        record("db", [NET_B], ip="10.0.2.1", namespace="ci"),
+        record("service", [NET_B], ip="10.0.2.2", namespace="ci"),
+    )
+
+
+def test_each_run_resolves_its_own_db():
+    """Same hostnames in two networks: each asker gets its own network's pod."""
+    r = two_runs()
+    assert r.decide("10.0.1.2", "db", TYPE_A) == Answer(TYPE_A, ("10.0.1.1",), NET_A)
+    assert r.decide("10.0.2.2", "db", TYPE_A) == Answer(TYPE_A, ("10.0.2.1",), NET_B)
+
+
+def test_cluster_search_suffixes_are_stripped():
+    """glibc's search-suffixed forms resolve locally and never fall through to a Service."""
+    r = two_runs()
+    for name in ("db.ci.svc.cluster.local", "db.svc.cluster.local", "db.cluster.local"):
+        assert r.decide("10.0.2.2", name, TYPE_A).values == ("10.0.2.1",)
+    assert isinstance(r.decide("10.0.2.2", "db.other.svc.cluster.local", TYPE_A), Forward)
+
+
+def test_name_dot_network_selects_that_network_only_if_asker_is_in_it():
+    """``db.<short network id>`` resolves in that network, and only for its members."""
+    r = two_runs()
+    assert r.decide("10.0.1.2", f"db.{NET_A[:12]}", TYPE_A).values == ("10.0.1.1",)
+    assert isinstance(r.decide("10.0.1.2", f"db.{NET_B[:12]}", TYPE_A), Forward)
+
+
+def test_nodata_for_missing_family_and_other_types():
+    """A known name without an address of the asked family, or any other type, is NODATA."""
+    r = two_runs()
+    assert r.decide("10.0.1.2", "db", TYPE_AAAA) == Answer(TYPE_AAAA, (), NET_A)
+    assert r.decide("10.0.1.2", "db", TYPE_MX) == Answer(TYPE_MX, (), NET_A)
+
+
+def test_ptr_only_within_the_askers_networks():
+    """Reverse lookups answer the primary name for members, and are forwarded otherwise."""
+    r = two_runs()
+    assert r.decide("10.0.1.2", "1.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("db",))
+    assert isinstance(r.decide("10.0.1.2", "1.2.0.10.in-addr.arpa", TYPE_PTR), Forward)
+
+
+def test_unknown_asker_is_plainly_forwarded():
+    """A pod that is not ours gets the upstream's answers, never a network's names."""
+    r = two_runs()
+    assert isinstance(r.decide("10.9.9.9", "db", TYPE_A), Forward)
+
+
+def test_unknown_asker_is_held_while_an_opted_in_pod_awaits_its_ip():
+    """The asker may be a pod whose address the index has not seen yet."""
+    r = resolver_with(record("db", [NET_A], phase="Pending"))
+    assert isinstance(r.decide("10.9.9.9", "db", TYPE_A), Hold)
+    assert isinstance(r.decide("10.9.9.9", "db", TYPE_A, held=True), Forward)
+
+
+def test_not_synced_is_not_not_found():
+    """Before the first complete list, questions wait, then get SERVFAIL."""
+    r = resolver_with(synced=False)
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Hold)
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A, held=True), ServFail)
+
+
+def test_unknown_short_name_is_held_once_then_remembered():
+    """A name that never appears costs one hold per asker, not one per search suffix."""
+    r = two_runs()
+    first = r.decide("10.0.1.2", "cache.ci.svc.cluster.local", TYPE_A, now=100.0)
+    assert isinstance(first, Hold)
+    r.misses.remember(first.miss_key, 101.5)
+    assert isinstance(r.decide("10.0.1.2", "cache.svc.cluster.local", TYPE_A, now=101.6), Forward)
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=101.7), Forward)
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=200.0), Hold)
+
+
+def test_outside_names_are_forwarded_without_holding():
+    """Multi-label names (example.com, Services) are not held: outside lookups stay fast."""
+    r = two_runs()
+    assert isinstance(r.decide("10.0.1.2", "example.com", TYPE_A), Forward)
+    assert isinstance(r.decide("10.0.1.2", "kubernetes.default.svc.cluster.local", TYPE_A), Forward)
+
+
+def test_conflicting_asker_gets_servfail():
+    """Two live pods on the asker's address: nobody's networks are revealed."""
+    r = resolver_with(record("a", [NET_A], ip="10.0.0.5"), record("b", [NET_B], ip="10.0.0.5"))
+    assert isinstance(r.decide("10.0.0.5", "a", TYPE_A), ServFail)
+
+
+def test_multiple_addresses_are_shuffled():
+    """Several pods carrying one name come back in varying order (Docker shuffles)."""
+    pods = [record(f"w{i}", [NET_A], aliases=["web"], ip=f"10.0.0.{i}") for i in range(1, 9)]
+    r = resolver_with(record("client", [NET_A], ip="10.0.0.100"), *pods)
+    orders = {r.decide("10.0.0.100", "web", TYPE_A).values for _ in range(20)}
+    assert len(orders) > 1
+    assert all(sorted(o) == sorted(p.ips[0] for p in pods) for o in orders)
+
+
+names = st.sampled_from(["db", "service", "cache", "web", "api"])
+nets = st.sampled_from([network_id(f"n{i}") for i in range(4)])
+
+
+@st.composite
+def topologies(draw):
+    pods = []
+    for i in range(draw(st.integers(1, 12))):
+        pod_nets = draw(st.lists(nets, min_size=0, max_size=3, unique=True))
+        pods.append(record(
+            draw(names), pod_nets, aliases=draw(st.lists(names, max_size=2)),
+            ip=f"10.0.0.{i + 1}", phase=draw(st.sampled_from(["Running", "Running", "Pending", "Succeeded"])),
+            uid=f"p{i}",
+        ))
+    return pods
+
+
+@settings(max_examples=300, deadline=None)
+@given(topologies(), st.sampled_from([TYPE_A, TYPE_PTR]), names)
+def test_no_answer_ever_crosses_networks(pods, qtype, name):
+    """For random pods, networks and aliases, no asker ever receives an address or a name of a
+    pod that shares none of its networks, or one that does not carry the name asked."""
+    r = resolver_with(*pods)
+    live = {p.uid: p for p in pods if p.phase in ("Running", "Pending")}
+    for asker in live.values():
+        if not asker.ips:
+            continue
+        for target in pods:
+            qname = name if qtype == TYPE_A else ".".join(reversed(target.ips[0].split("."))) + ".in-addr.arpa"
+            decision = r.decide(asker.ips[0], qname, qtype, held=True)
+            if not isinstance(decision, Answer) or not decision.values:
+                continue
+            for value in decision.values:
+                owners = [p for p in live.values() if p.phase == "Running"
+                          and (value in p.ips if qtype == TYPE_A else p.ips[0] == target.ips[0])]
+                assert owners, (asker, qname, decision)
+                for owner in owners:
+                    assert set(owner.networks) & set(asker.networks), (asker, owner, qname)
+                    if qtype == TYPE_A:
+                        assert name in owner.names
+                    else:
+                        assert value == owner.names[0]

@@ -1,0 +1,91 @@
+"""The real process: ``twistd -n kubedock-dns`` starts, answers, reports health and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dns.message
+import dns.query
+import pytest
+
+from testbed.upstream import Dnsmasq, free_port
+from tests.podfactory import kubedock_pod, network_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twistd_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_twistd_serves_and_stops_on_sigterm(tmp_path):
+    """The plugin composes the server from the command line: it answers from the pods file,
+    forwards to its upstream, serves /readyz, /metrics and /debug/networks, and shuts down
+    cleanly on SIGTERM."""
+    net = network_id("one")
+    pods = [kubedock_pod("db", [net], ip="127.20.0.1", uid="db"),
+            kubedock_pod("app", [net], ip="127.20.0.2", uid="app")]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    with Dnsmasq("127.0.0.1", free_port()) as upstream:
+        dns_port, ops_port = free_port(), free_port()
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+                "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
+                "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+                "--ops-interface", "127.0.0.1"]
+        proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=str(tmp_path))
+        try:
+            ops = f"http://127.0.0.1:{ops_port}"
+            wait_for(lambda: urllib.request.urlopen(ops + "/readyz", timeout=1).status == 200,
+                     what="/readyz")
+            query = dns.message.make_query("db", "A")
+            r = dns.query.udp(query, "127.0.0.1", port=dns_port, source="127.20.0.2", timeout=5)
+            assert [x.address for x in r.answer[0]] == ["127.20.0.1"]
+            r = dns.query.udp(dns.message.make_query(upstream.kubernetes_name, "A"), "127.0.0.1",
+                              port=dns_port, source="127.20.0.2", timeout=5)
+            assert [x.address for x in r.answer[0]] == [upstream.kubernetes_ip]
+            metrics = urllib.request.urlopen(ops + "/metrics", timeout=5).read().decode()
+            assert "kubedock_dns_answered_local 1" in metrics
+            assert "kubedock_dns_forwarded 1" in metrics
+            networks = json.load(urllib.request.urlopen(ops + "/debug/networks", timeout=5))
+            assert sorted(m["pod"] for m in networks["networks"][net]) == ["app", "db"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+        # twistd re-raises the signal after a complete shutdown, as a process killed by it would.
+        assert proc.returncode in (0, -signal.SIGTERM), out
+        assert "Main loop terminated" in out and "Server Shut Down" in out
+        assert "Traceback" not in out and "Unhandled" not in out
+
+
+def test_twistd_rejects_bad_options_with_the_expected_form(tmp_path):
+    """A wrong option value stops start-up with a message naming the option and the fix."""
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "kubedock-dns", "--pods-file", "/nonexistent.json", "--upstream", "127.0.0.1"]
+    proc = subprocess.run(argv, env=twistd_env(), capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    assert proc.returncode != 0
+    assert "--pods-file /nonexistent.json: no such file" in proc.stdout + proc.stderr
+    argv[-1] = "dns.example"
+    proc = subprocess.run(argv, env=twistd_env(), capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    assert "--upstream 'dns.example': expected an IP address" in proc.stdout + proc.stderr
