@@ -1,0 +1,62 @@
+"""Who may import whom (STYLE: module rules), checked on the source so a violation fails CI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kubedock_dns"
+
+# module -> top-level names it must never import, directly or inside a function.
+FORBIDDEN = {
+    "contract": {"twisted", "kubernetes", "klein", "treq"},
+    "index": {"twisted", "kubernetes", "klein", "treq"},
+    "resolver": {"twisted", "kubernetes", "klein", "treq"},
+    "wire": {"kubernetes", "klein"},
+    "server": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
+    "forwarder": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
+    "webhook": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server"},
+    "tls": {"kubernetes", "kubedock_dns.index"},
+    "ops": {"kubernetes"},
+}
+
+
+def imported_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def violates(name: str, forbidden: str) -> bool:
+    return name == forbidden or name.startswith(forbidden + ".")
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_imports_follow_the_layering(module):
+    """The DNS side never imports the Kubernetes client; only the watcher does; the webhook never
+    touches the index; the pure core imports no Twisted."""
+    path = PACKAGE / f"{module}.py"
+    if not path.exists():
+        pytest.skip(f"{path.name} does not exist")
+    bad = sorted(n for n in imported_names(path) for f in FORBIDDEN[module] if violates(n, f))
+    assert not bad, f"kubedock_dns/{module}.py imports {bad}"
+
+
+def test_only_the_watcher_imports_kubernetes():
+    """The kubernetes client stays behind one module."""
+    users = sorted(p.stem for p in PACKAGE.glob("*.py")
+                   if any(violates(n, "kubernetes") for n in imported_names(p)))
+    assert users in ([], ["watcher"])
+
+
+def test_plugin_is_thin():
+    """The twistd plugin names its tap module as a string: importing it imports no klein and no
+    kubedock_dns module, so `twistd --reactor` still chooses the reactor."""
+    plugin = PACKAGE.parent / "twisted" / "plugins" / "kubedock_dns.py"
+    assert imported_names(plugin) == {"twisted.application.service"}
