@@ -50,9 +50,11 @@ class ServFail:
 
 @dataclass(frozen=True)
 class Forward:
-    """Not ours: relay to the upstream resolvers."""
+    """Not ours: relay to the upstream resolvers.  ``cacheable``: the decision follows from the
+    index alone (not from the time-bound memory of held names)."""
 
     reason: str
+    cacheable: bool = True
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,10 @@ class Resolver:
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
         miss_key = (source_ip, base)
-        if held or "." in base or self.misses.recently_missed(miss_key, now):
+        if "." in base:
             # Multi-label names are almost always outside names (example.com, a Service): holding
             # them would delay every outside lookup of every test container.
             return Forward("name not in the asker's networks")
+        if held or self.misses.recently_missed(miss_key, now):
+            return Forward("name did not appear while held", cacheable=False)
         return Hold("name not known yet", miss_key)

@@ -21,7 +21,15 @@ from twisted.names import dns
 from twisted.names import server as names_server
 
 from kubedock_dns.contract import canonical_ip
-from kubedock_dns.wire import WireError, parse_question
+# SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
+from kubedock_dns.wire import (
+    FORWARD,
+    SERVER_UDP_PAYLOAD,
+    TCP_LIMIT,
+    UDP_PLAIN_LIMIT,
+    WireError,
+    parse_question,
+)
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed
 from kubedock_dns.resolver import (
     TYPE_A,
@@ -39,9 +47,6 @@ log = Logger()
 
 CLASS_IN = 1
 RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 4, 5
-UDP_PLAIN_LIMIT = 512
-SERVER_UDP_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation on common paths
-TCP_LIMIT = 65535
 _HEADER = struct.Struct("!6H")
 
 
@@ -177,6 +182,9 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
         if self.fast_path is not None:
             reply = self.fast_path.answer(data, source_ip, address is None)
+            if reply is FORWARD:
+                counters.fast_path += 1
+                return self._forward(None, data, proto, address)
             if reply is not None:
                 counters.fast_path += 1
                 counters.answered_local += 1
@@ -263,7 +271,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self.counters.truncated += 1
         self._write(proto, address, wire)
 
-    def _forward(self, message, data: bytes, proto, address) -> None:
+    def _forward(self, message: dns.Message | None, data: bytes, proto, address) -> None:
+        """Relay ``data``; ``message`` (its parsed form) is needed only to answer a failure."""
         self.counters.forwarded += 1
         d = self.forwarder.forward(data, over_tcp=address is None)
 
@@ -271,6 +280,10 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self._write(proto, address, answer)
 
         def failed(failure) -> None:
+            nonlocal message
+            if message is None:
+                message = dns.Message()
+                message.fromStr(data)  # the fast path vetted it already
             if failure.check(Overloaded):
                 self.counters.refused += 1
                 self._write_answer(message, proto, address, RCODE_REFUSED, None)

@@ -19,6 +19,7 @@ from kubedock_dns.index import NetworkIndex
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
+from kubedock_dns.wire import FastPath
 
 log = Logger()
 
@@ -73,14 +74,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
 
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout))
-    fast_path = None
-    if config.fast_path:
-        try:
-            from kubedock_dns.wire import FastPath
-        except ImportError:
-            FastPath = None
-        if FastPath is not None:
-            fast_path = FastPath(resolver, config.ttl)
+    fast_path = FastPath(resolver, config.ttl) if config.fast_path else None
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, ttl=config.ttl, fast_path=fast_path)
     top.dns_factory = factory  # type: ignore[attr-defined]
     dns_service = service.MultiService()
@@ -95,14 +89,18 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     elif config.pods_file:
         PodsFileService(config.pods_file, index).setServiceParent(top)
     else:
-        from kubedock_dns.watcher import watcher_service
+        from kubedock_dns.watcher import WatcherConfig, WatcherService
 
-        watcher_service(config, reactor, index.apply).setServiceParent(top)
+        watcher = WatcherService.for_cluster(
+            reactor, WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
+            index.apply, kubeconfig=config.kubeconfig,
+        )
+        watcher.setServiceParent(top)
 
     if config.webhook_enabled:
-        from kubedock_dns.webhook import webhook_service_from_config
+        webhook_child(config, reactor, lambda: index.synced).setServiceParent(top)
 
-        webhook_service_from_config(config, reactor, lambda: index.synced).setServiceParent(top)
+    watcher_service = top.namedServices.get("watcher")
 
     def metrics() -> dict[str, float]:
         values: dict[str, float] = dict(factory.counters.as_dict())
@@ -112,6 +110,9 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
             ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
             forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
         )
+        if watcher_service is not None:
+            for name, value in watcher_service.metrics().__dict__.items():
+                values["watcher_" + name] = value
         return values
 
     from kubedock_dns.ops import OpsApp
@@ -123,7 +124,30 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     return top
 
 
+def webhook_child(config: Config, reactor, ready) -> service.Service:
+    """The TLS admission webhook, injecting --dns-service-ip (or the named Service's IP)."""
+    from kubedock_dns.webhook import WebhookApp, WebhookConfig, webhook_service
+
+    nameserver = config.dns_service_ip
+    if not nameserver:
+        from kubedock_dns.watcher import service_cluster_ip
+
+        nameserver = service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
+    app = WebhookApp(
+        WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
+                      ndots=config.ndots, opt_in_label=config.opt_in_label),
+        ready=ready,
+    )
+    child = webhook_service(app.resource(), config.webhook_port, config.webhook_interface,
+                            config.tls_cert, config.tls_key, reactor)
+    child.setName("webhook")
+    return child
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    return build_service(options.config(), reactor)
+    try:
+        return build_service(options.config(), reactor)
+    except (OSError, ValueError) as error:  # bad certificate, unreadable kubeconfig, no upstream...
+        raise SystemExit(f"kubedock-dns: cannot start: {error}")

@@ -398,3 +398,10 @@ class MalformedInputTests(DNSServerTestCase):
         self.assertIn(reply[3] & 0xF if reply else 1, (1,))
         r = yield self.ask(A_SVC, "db")
         self.assertEqual(addresses(r), [A_DB])
+
+
+# The same behaviour through the full twisted.names path alone (no wire fast path).
+for _case in (LocalAnswersTests, TruncationTests, MalformedInputTests, ForwardingTests):
+    _name = _case.__name__.replace("Tests", "FullPathTests")
+    globals()[_name] = type(_name, (_case,), {"fast_path": False, "__doc__": "Full path only."})
+del _case, _name
