@@ -10,6 +10,7 @@ admission webhook.  It is pure: no Twisted, no kubernetes client.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class Deleted:
 Change = Relisted | Upserted | Deleted
 
 
+@functools.lru_cache(maxsize=65536)
 def canonical_ip(text: str) -> str:
     """The canonical text of an IP address; IPv4-mapped IPv6 addresses become IPv4."""
     address = ipaddress.ip_address(text.split("%", 1)[0])

@@ -102,6 +102,8 @@ class _PendingQuery:
 class _UDPRelay(protocol.DatagramProtocol):
     """One socket per address family, shared by every forwarded UDP query."""
 
+    noisy = False
+
     def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
         self.pending: dict[int, _PendingQuery] = {}

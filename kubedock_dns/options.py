@@ -40,6 +40,7 @@ class Config:
     ops_port: int = 8080
     ops_interface: str = ""
     fast_path: bool = True
+    verbose: bool = False
 
     @property
     def webhook_enabled(self) -> bool:
@@ -103,6 +104,7 @@ class Options(usage.Options):
     optFlags = [
         ["require-ready", None, "Answer for pods only once they are Ready (Docker does not wait)."],
         ["no-fast-path", None, "Answer every query through the full twisted.names path."],
+        ["verbose", "v", "Log why each SERVFAIL happened (one line per failed query)."],
     ]
 
     def __init__(self) -> None:
@@ -173,4 +175,5 @@ class Options(usage.Options):
             ops_port=self["ops-port"],
             ops_interface=self["ops-interface"],
             fast_path=not self["no-fast-path"],
+            verbose=bool(self["verbose"]),
         )

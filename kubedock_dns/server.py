@@ -123,6 +123,8 @@ def edns_payload_size(message: dns.Message) -> int | None:
 class QueryDatagramProtocol(dns.DNSDatagramProtocol):
     """UDP: every datagram is a query from ``addr``; none is a response to us."""
 
+    noisy = False
+
     def datagramReceived(self, data: bytes, addr) -> None:
         self.controller.query_received(data, self, addr, addr[0])
 
@@ -256,7 +258,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self._forward(message, data, proto, address)
         else:
             assert isinstance(decision, ServFail)
-            log.debug("SERVFAIL: {reason}", reason=decision.reason)
+            if self.verbose:
+                log.debug("SERVFAIL: {reason}", reason=decision.reason)
             self.counters.servfail += 1
             self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
 
@@ -288,7 +291,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 self.counters.refused += 1
                 self._write_answer(message, proto, address, RCODE_REFUSED, None)
             elif failure.check(UpstreamsFailed):
-                log.debug("upstreams failed: {why}", why=failure.value)
+                if self.verbose:
+                    log.debug("upstreams failed: {why}", why=failure.value)
                 self.counters.servfail += 1
                 self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
             else:

@@ -76,6 +76,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
                                               hold_seconds=config.hold_timeout))
     fast_path = FastPath(resolver, config.ttl) if config.fast_path else None
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, ttl=config.ttl, fast_path=fast_path)
+    factory.verbose = int(config.verbose)
     top.dns_factory = factory  # type: ignore[attr-defined]
     dns_service = service.MultiService()
     dns_service.setName("dns")
