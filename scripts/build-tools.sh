@@ -77,13 +77,28 @@ build_coredns() {
 build_helm() {
     local out=$CACHE/helm-$HELM_VERSION/helm
     if [ ! -x "$out" ]; then
-        build_in_scratch_module helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$out" \
-            "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" </dev/null
+        # Like helm's Makefile: the Kubernetes version `helm template`/`helm lint` assume (and check
+        # a chart's kubeVersion against) is client-go's minor + 1.x; unset it would be v1.20.0.
+        local gomod client_go major minor
+        gomod=$(cd "$(mktemp -d)" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+        client_go=$(sed -n 's#^\s*k8s\.io/client-go v\([0-9]*\)\.\([0-9]*\)\..*#\1 \2#p' "$gomod")
+        read -r major minor <<<"$client_go"
+        major=$((major + 1))
+        local flags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+        local pkg
+        for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+            flags="$flags -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+        done
+        build_in_scratch_module helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$out" "$flags" </dev/null
     fi
     echo "$out"
 }
 
 [ $# -gt 0 ] || set -- kube-apiserver
+# One build at a time per cache: parallel test sessions would otherwise compile twice.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build-tools.lock"
+flock 9
 for tool in "$@"; do
     case $tool in
         kube-apiserver) build_kube_apiserver ;;
