@@ -116,6 +116,7 @@ class _UDPRelay(protocol.DatagramProtocol):
         d: defer.Deferred = defer.Deferred()
         timer = self.reactor.callLater(timeout, self._timed_out, qid)
         self.pending[qid] = _PendingQuery(d, timer, question_section(query), upstream)
+        assert self.transport is not None
         self.transport.write(struct.pack("!H", qid) + query[2:], (upstream.host, upstream.port))
         return d
 
@@ -152,6 +153,7 @@ class _TCPQuery(Int16StringReceiver):
     def stringReceived(self, data: bytes) -> None:
         if not self.deferred.called:
             self.deferred.callback(data)
+        assert self.transport is not None
         self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
@@ -233,8 +235,13 @@ class Forwarder:
         d: defer.Deferred = defer.Deferred()
         creator = protocol.ClientCreator(self.reactor, _TCPQuery, query, d)
         connecting = creator.connectTCP(upstream.host, upstream.port, timeout=self.timeout)
-        connecting.addErrback(lambda f: d.called or d.errback(f))
-        timer = self.reactor.callLater(self.timeout, lambda: d.called or d.errback(error.TimeoutError(str(upstream))))
+
+        def fail(reason) -> None:
+            if not d.called:
+                d.errback(reason)
+
+        connecting.addErrback(fail)
+        timer = self.reactor.callLater(self.timeout, fail, error.TimeoutError(str(upstream)))
 
         def finish(result):
             if timer.active():

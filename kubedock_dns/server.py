@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -88,13 +89,14 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
     """
     question = query.queries[0]
     response = dns.Message(
-        id=query.id, answer=1, opCode=dns.OP_QUERY, auth=int(decision is not None),
+        id=query.id, answer=True, opCode=dns.OP_QUERY, auth=decision is not None,
         recDes=query.recDes, recAv=1, rCode=rcode, maxSize=0,
     )
     response.queries = [question]
     if decision is not None:
         owner = question.name.name
         for value in decision.values:
+            payload: dns.IEncodableRecord
             if decision.qtype == TYPE_A:
                 payload = dns.Record_A(value, ttl)
             elif decision.qtype == TYPE_AAAA:
@@ -103,7 +105,8 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
                 payload = dns.Record_PTR(value.encode("ascii"), ttl)
             response.answers.append(dns.RRHeader(owner, decision.qtype, CLASS_IN, ttl, payload, auth=True))
     if edns_payload is not None:
-        response.additional.append(dns._OPTHeader(udpPayloadSize=SERVER_UDP_PAYLOAD, version=0))
+        opt = dns._OPTHeader(udpPayloadSize=SERVER_UDP_PAYLOAD, version=0)
+        response.additional.append(opt)  # type: ignore[arg-type]  # encodes like an RRHeader
     wire = response.toStr()
     if len(wire) <= limit:
         return wire, False
@@ -133,7 +136,9 @@ class QueryStreamProtocol(dns.DNSProtocol):
     """TCP: queries are attributed to the connection's peer address."""
 
     def stringReceived(self, data: bytes) -> None:
-        self.controller.query_received(data, self, None, self.transport.getPeer().host)
+        assert self.transport is not None
+        peer: Any = self.transport.getPeer()
+        self.controller.query_received(data, self, None, peer.host)
 
 
 class KubedockDNSServerFactory(names_server.DNSServerFactory):

@@ -129,8 +129,10 @@ def webhook_child(config: Config, reactor, ready) -> service.Service:
     """The TLS admission webhook, injecting --dns-service-ip (or the named Service's IP)."""
     from kubedock_dns.webhook import WebhookApp, WebhookConfig, webhook_service
 
+    assert config.tls_cert and config.tls_key  # webhook_enabled
     nameserver = config.dns_service_ip
     if not nameserver:
+        assert config.dns_service_name  # options require one of the two
         from kubedock_dns.watcher import service_cluster_ip
 
         nameserver = service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)

@@ -678,7 +678,7 @@ def service_cluster_ip(kubeconfig: str | None, namespace: str, name: str, timeou
     try:
         response = api.read_namespaced_service(name, namespace, _preload_content=False,
                                                _request_timeout=timeout)
-        service = json.loads(response.data)
+        service = json.loads(response.data)  # type: ignore[attr-defined]  # raw urllib3 response
     except Exception as error:
         raise ValueError(
             f"cannot read Service {namespace}/{name} for --dns-service-name ({_describe(error)}); "

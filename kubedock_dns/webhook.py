@@ -438,7 +438,7 @@ class _TrackedProtocol(ProtocolWrapper):
         self.closed: Deferred[None] = Deferred()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
         self.closed.callback(None)
 
 

@@ -6,7 +6,12 @@ that a pointer could refer to), each label at most 63 octets, the name at most 2
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import struct
+from typing import Any, Callable
+
+from kubedock_dns.resolver import Answer, Forward, Resolver
 
 _HEADER = struct.Struct("!6H")
 _TYPE_CLASS = struct.Struct("!HH")
@@ -107,18 +112,19 @@ class FastPath:
     holds its bytes equal to the full path's.
     """
 
-    def __init__(self, resolver, ttl: int, shuffle=None, max_entries: int = 200_000) -> None:
-        import random
-
+    def __init__(self, resolver: Resolver, ttl: int, shuffle: Callable[[list], Any] = random.shuffle,
+                 max_entries: int = 200_000) -> None:
         self.resolver = resolver
         self.index = resolver.index
         self.ttl = ttl
         self.max_entries = max_entries
-        self._shuffle = shuffle or random.shuffle
+        self._shuffle = shuffle
         self._generation = -1
-        self._cache: dict[tuple[str, bytes, int], tuple[bytes, ...] | object] = {}
+        # (asker, question, type) -> answer records, or FORWARD, or _UNCACHEABLE (full path).
+        self._cache: dict[tuple[str, bytes, int], object] = {}
 
-    def answer(self, data: bytes, source_ip: str, tcp: bool):
+    def answer(self, data: bytes, source_ip: str, tcp: bool) -> bytes | object | None:
+        """The reply's bytes, :data:`FORWARD`, or None (let the full path decide)."""
         qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
             return None
@@ -146,10 +152,8 @@ class FastPath:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
             self._cache[key] = records
-        if records is FORWARD:
-            return FORWARD
-        if records is None or records is _UNCACHEABLE:
-            return None
+        if not isinstance(records, tuple):
+            return records if records is FORWARD else None
         if len(records) > 1:
             records = list(records)
             self._shuffle(records)
@@ -164,9 +168,7 @@ class FastPath:
             return None
         return reply
 
-    def _prepare(self, source_ip: str, qname: bytes, qtype: int, raw_name_wire: bytes):
-        from kubedock_dns.resolver import Answer, Forward
-
+    def _prepare(self, source_ip: str, qname: bytes, qtype: int, raw_name_wire: bytes) -> object:
         decision = self.resolver.decide(source_ip, qname.decode("latin-1"), qtype, now=0.0)
         if isinstance(decision, Forward) and decision.cacheable:
             return FORWARD
@@ -179,8 +181,6 @@ class FastPath:
             offset = 12 + len(raw_name_wire) + 4 + 12
             target = encode_name(decision.values[0].encode("ascii"), compression, offset)
             return (head.pack(0xC00C, qtype, CLASS_IN, self.ttl, len(target)) + target,)
-        import ipaddress
-
         return tuple(
             head.pack(0xC00C, qtype, CLASS_IN, self.ttl, 4 if qtype == TYPE_A else 16)
             + ipaddress.ip_address(value).packed
