@@ -24,7 +24,7 @@ build_in_scratch_module() {
     local module=$1 version=$2 package=$3 out=$4 ldflags=${5:-}
     local work
     work=$(mktemp -d "${TMPDIR:-/tmp}/kubedock-dns-build.XXXXXX")
-    trap 'rm -rf "$work"' RETURN
+    trap 'rm -rf "$work"; trap - RETURN' RETURN
     {
         printf 'module kubedock-dns.local/build\n\ngo 1.24\n\nrequire %s %s\n' "$module" "$version"
         cat

@@ -1,0 +1,122 @@
+{{/*
+Names and labels shared by every template.
+*/}}
+
+{{- define "kubedock-dns.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the namespaced objects: <release>-kubedock-dns, or the release name alone when it
+already contains the chart name.  Truncated to 63 characters (a DNS label: it names the Service).
+*/}}
+{{- define "kubedock-dns.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the cluster-scoped MutatingWebhookConfiguration: it carries release AND namespace, so two
+installs (in different namespaces, or under different release names) never overwrite each other.
+*/}}
+{{- define "kubedock-dns.webhookName" -}}
+{{- printf "%s-%s" (include "kubedock-dns.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubedock-dns.tlsSecretName" -}}
+{{- printf "%s-tls" (include "kubedock-dns.fullname" .) }}
+{{- end }}
+
+{{- define "kubedock-dns.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubedock-dns.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubedock-dns.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kubedock-dns.labels" -}}
+helm.sh/chart: {{ include "kubedock-dns.chart" . }}
+{{ include "kubedock-dns.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "kubedock-dns.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Hostnames the API server uses to reach the webhook through its Service.
+*/}}
+{{- define "kubedock-dns.serviceHosts" -}}
+{{- $svc := include "kubedock-dns.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.dns.clusterDomain) | toJson }}
+{{- end }}
+
+{{/*
+Upstream resolvers: the values, else the cluster DNS Service's ClusterIP found at install time,
+else none (the server then reads its /etc/resolv.conf).
+*/}}
+{{- define "kubedock-dns.upstreams" -}}
+{{- $upstreams := .Values.dns.upstreams }}
+{{- if not $upstreams }}
+{{- $clusterDNS := lookup "v1" "Service" "kube-system" "kube-dns" }}
+{{- if and $clusterDNS $clusterDNS.spec $clusterDNS.spec.clusterIP (ne $clusterDNS.spec.clusterIP "None") }}
+{{- $upstreams = list $clusterDNS.spec.clusterIP }}
+{{- end }}
+{{- end }}
+{{- $upstreams | default list | toJson }}
+{{- end }}
+
+{{/*
+The webhook's TLS material as a dict {caCert, cert, key}, decided once per render:
+  1. tls.caCert/tls.cert/tls.key given: used verbatim;
+  2. cert-manager enabled: nothing here (cert-manager writes the Secret and injects the CA);
+  3. the Secret already exists in the cluster (upgrade): its contents are reused unchanged;
+  4. otherwise a new CA and serving certificate.
+The result is memoised on the root context, so the Secret and the webhook configuration always
+carry the same CA even though genCA is random.
+*/}}
+{{- define "kubedock-dns.tls" -}}
+{{- if not (hasKey $ "kubedockDnsTLS") }}
+{{- $tls := dict }}
+{{- $v := .Values.tls }}
+{{- $given := list $v.caCert $v.cert $v.key | compact }}
+{{- if $given }}
+{{- if ne (len $given) 3 }}
+{{- fail "tls.caCert, tls.cert and tls.key must be given together (or all left empty to generate them)" }}
+{{- end }}
+{{- $_ := set $tls "caCert" $v.caCert }}
+{{- $_ := set $tls "cert" $v.cert }}
+{{- $_ := set $tls "key" $v.key }}
+{{- else if not .Values.certManager.enabled }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kubedock-dns.tlsSecretName" .) }}
+{{- if and $existing $existing.data (index $existing.data "ca.crt") (index $existing.data "tls.crt") (index $existing.data "tls.key") }}
+{{- $_ := set $tls "caCert" (index $existing.data "ca.crt" | b64dec) }}
+{{- $_ := set $tls "cert" (index $existing.data "tls.crt" | b64dec) }}
+{{- $_ := set $tls "key" (index $existing.data "tls.key" | b64dec) }}
+{{- else }}
+{{- $days := int .Values.tls.validityDays }}
+{{- $ca := genCA (printf "%s-ca" (include "kubedock-dns.fullname" .)) $days }}
+{{- $hosts := include "kubedock-dns.serviceHosts" . | fromJsonArray }}
+{{- $cert := genSignedCert (index $hosts 2) nil $hosts $days $ca }}
+{{- $_ := set $tls "caCert" $ca.Cert }}
+{{- $_ := set $tls "cert" $cert.Cert }}
+{{- $_ := set $tls "key" $cert.Key }}
+{{- end }}
+{{- end }}
+{{- $_ := set $ "kubedockDnsTLS" $tls }}
+{{- end }}
+{{- index $ "kubedockDnsTLS" | toJson }}
+{{- end }}

@@ -1,0 +1,631 @@
+"""The Helm chart ``helm/kubedock-dns``: what a cluster admin relies on when installing it.
+
+Every documented option is linted and rendered with the real ``helm`` (built by
+``scripts/build-tools.sh helm`` into the cache), and the rendered objects are checked for the
+properties the chart promises: a restricted security context, least-privilege namespaced RBAC, a
+webhook that only ever sees kubedock's pods in its own namespace and never collides with another
+install, a Service mapping 53 and 443 to the unprivileged ports, and a webhook certificate that
+stays the same across upgrades.  The ``controlplane`` tests hand every rendered object to the real
+test API server (server-side dry-run apply) and run ``helm install`` + ``helm upgrade`` against it,
+where ``lookup`` is live, and start kubedock-dns with the chart's arguments and certificate
+behind the chart's webhook configuration to see kubedock's pods mutated for real.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "kubedock-dns"
+BUILD_TOOLS = REPO / "scripts" / "build-tools.sh"
+
+# Every option the twistd plugin accepts (kubedock_dns/options.py); the chart may pass no other.
+PLUGIN_OPTIONS = {
+    "--dns-port", "--dns-interface", "--resolv-conf", "--upstream", "--ttl", "--hold-timeout",
+    "--forward-timeout", "--max-forwards", "--namespace", "--kubeconfig", "--opt-in-label",
+    "--require-ready", "--pods-file", "--webhook-port", "--webhook-interface", "--tls-cert",
+    "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
+    "--ops-port", "--ops-interface",
+}
+
+# The documented options (values.yaml / docs/install.md), each rendered and linted.
+OPTIONS: dict[str, list[str]] = {
+    "default": [],
+    "cert-manager": ["--set", "certManager.enabled=true"],
+    "cert-manager-issuer": [
+        "--set", "certManager.enabled=true",
+        "--set", "certManager.issuerRef.name=corp-ca", "--set", "certManager.issuerRef.kind=ClusterIssuer",
+    ],
+    "failure-policy-ignore": ["--set", "webhook.failurePolicy=Ignore"],
+    "fixed-cluster-ip": ["--set", "service.clusterIP=10.96.0.53"],
+    "one-replica": ["--set", "replicaCount=1"],
+    "three-replicas": ["--set", "replicaCount=3"],
+    "upstreams": ["--set", "dns.upstreams={10.96.0.10,9.9.9.9:53}", "--set", "dns.requireReady=true"],
+    "custom-opt-in-label": ["--set", "optInLabel=example.com/kubedock"],
+}
+
+CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
+
+
+# --- helm --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary: $HELM, else the cached build (built on first use).  Skips only when no
+    Go toolchain and no cached binary exist."""
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
+    result = subprocess.run(
+        ["bash", str(BUILD_TOOLS), "helm"], capture_output=True, text=True, timeout=1800
+    )
+    lines = result.stdout.strip().splitlines()
+    path = lines[-1] if lines else ""
+    if path and os.access(path, os.X_OK):
+        return path
+    if not _have_go():
+        pytest.skip(f"helm cannot be built: no Go toolchain and no cached binary ({result.stderr[-300:]})")
+    raise AssertionError(f"scripts/build-tools.sh helm failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def _have_go() -> bool:
+    from shutil import which
+
+    return which("go") is not None
+
+
+def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    result = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, env=env)
+    if check:
+        assert result.returncode == 0, f"helm {' '.join(args)} failed:\n{result.stderr}"
+    return result
+
+
+def render(
+    helm: str, *args: str, release: str = "kd", namespace: str = "kubedock"
+) -> list[dict[str, Any]]:
+    """``helm template`` output as a list of objects."""
+    out = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def args_of(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The container's ``--option=value`` arguments as option -> values."""
+    parsed: dict[str, list[str]] = {}
+    for arg in container(objects)["args"]:
+        option, _, value = arg.partition("=")
+        parsed.setdefault(option, []).append(value)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def default(helm: str) -> list[dict[str, Any]]:
+    return render(helm)
+
+
+# --- lint and render every option ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_lint_and_template_every_documented_option(helm: str, option: str) -> None:
+    """``helm lint --strict`` passes and ``helm template`` renders for the defaults and for every
+    documented option; the chart passes the DNS server only options it knows."""
+    lint = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", "kubedock", *OPTIONS[option])
+    assert "0 chart(s) failed" in lint.stdout
+    objects = render(helm, *OPTIONS[option])
+    assert set(args_of(objects)) <= PLUGIN_OPTIONS
+    for obj in objects:
+        if obj["kind"] != "MutatingWebhookConfiguration":
+            assert obj["metadata"]["namespace"] == "kubedock"
+
+
+def test_default_objects_are_namespaced_except_the_webhook(default: list[dict[str, Any]]) -> None:
+    """The default install creates exactly these objects; the only cluster-scoped one is the
+    webhook configuration (no ClusterRole, no CRD)."""
+    assert sorted(o["kind"] for o in default) == sorted([
+        "Deployment", "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding",
+        "Secret", "Service", "ServiceAccount",
+    ])
+
+
+# --- the Deployment ------------------------------------------------------------------------------
+
+
+def test_restricted_security_context(default: list[dict[str, Any]]) -> None:
+    """Pod and container meet the "restricted" Pod Security Standard: non-root, read-only root
+    filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp."""
+    pod = one(default, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's USER
+    sc = container(default)["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork")
+    for port in container(default)["ports"]:
+        assert port["containerPort"] >= 1024, "an unprivileged user cannot bind below 1024"
+
+
+def test_deployment_stays_available(default: list[dict[str, Any]]) -> None:
+    """Two replicas that prefer different nodes, a rolling update that never removes a replica
+    before its successor is ready, a PDB keeping one, readiness on /readyz and liveness on /healthz
+    on the ops port."""
+    deployment = one(default, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    term = spec["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    pdb = one(default, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == spec["selector"]
+    c = container(default)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert ports[c[probe]["httpGet"]["port"]] == 8080
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert spec["template"]["spec"]["dnsPolicy"] == "Default"
+
+
+def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -> None:
+    """The server listens where the Service and probes point, reads the certificate from the
+    mounted Secret, serves the release namespace and finds its address through its own Service."""
+    args = args_of(default)
+    assert args["--dns-port"] == ["5353"] and args["--webhook-port"] == ["8443"] and args["--ops-port"] == ["8080"]
+    assert args["--namespace"] == ["kubedock"]
+    assert args["--opt-in-label"] == ["kubedock"]
+    assert args["--dns-service-name"] == [one(default, "Service")["metadata"]["name"]]
+    assert "--dns-service-ip" not in args
+    assert "--upstream" not in args  # helm template has no cluster: resolv.conf is used
+    pod = one(default, "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in container(default)["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == one(default, "Secret")["metadata"]["name"]
+    assert args["--tls-cert"] == [mount["mountPath"] + "/tls.crt"]
+    assert args["--tls-key"] == [mount["mountPath"] + "/tls.key"]
+    assert pod["serviceAccountName"] == one(default, "ServiceAccount")["metadata"]["name"]
+
+
+def test_service_maps_dns_and_webhook_ports(default: list[dict[str, Any]]) -> None:
+    """Port 53 over UDP and TCP reaches the DNS server's port 5353, port 443 the webhook's 8443,
+    and the Service selects exactly the Deployment's pods."""
+    service = one(default, "Service")
+    deployment = one(default, "Deployment")
+    named = {p["name"]: p["containerPort"] for p in container(default)["ports"]}
+    ports = {(p["port"], p["protocol"]): named[p["targetPort"]] for p in service["spec"]["ports"]}
+    assert ports == {(53, "UDP"): 5353, (53, "TCP"): 5353, (443, "TCP"): 8443}
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert "clusterIP" not in service["spec"]
+
+
+# --- RBAC --------------------------------------------------------------------------------------
+
+
+def test_rbac_is_least_privilege(default: list[dict[str, Any]]) -> None:
+    """The Role allows exactly get/list/watch on pods and get on its own Service by name, bound to
+    its own ServiceAccount in its namespace; nothing cluster-scoped."""
+    role = one(default, "Role")
+    service_name = one(default, "Service")["metadata"]["name"]
+    rules = sorted(
+        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])), tuple(r.get("resourceNames", ())))
+        for r in role["rules"]
+    )
+    assert rules == [
+        (("",), ("pods",), ("get", "list", "watch"), ()),
+        (("",), ("services",), ("get",), (service_name,)),
+    ]
+    binding = one(default, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": one(default, "ServiceAccount")["metadata"]["name"], "namespace": "kubedock"}
+    ]
+    assert not [o for o in default if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+
+
+def test_fixed_cluster_ip_needs_no_access_to_services(helm: str) -> None:
+    """With ``service.clusterIP`` the Service gets that address, the server is told it directly,
+    and the Role loses its one rule on Services."""
+    objects = render(helm, *OPTIONS["fixed-cluster-ip"])
+    assert one(objects, "Service")["spec"]["clusterIP"] == "10.96.0.53"
+    args = args_of(objects)
+    assert args["--dns-service-ip"] == ["10.96.0.53"] and "--dns-service-name" not in args
+    assert [r["resources"] for r in one(objects, "Role")["rules"]] == [["pods"]]
+
+
+# --- the webhook configuration ------------------------------------------------------------------
+
+
+def test_webhook_sees_only_kubedock_pods_of_its_namespace(default: list[dict[str, Any]]) -> None:
+    """The webhook matches CREATE and UPDATE of pods, in its own namespace only, labelled with the
+    opt-in label = "true"; it is side-effect free, short, fails closed by default and calls the
+    Service on 443 at /mutate."""
+    config = one(default, "MutatingWebhookConfiguration")
+    (webhook,) = config["webhooks"]
+    assert webhook["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubedock"}}
+    assert webhook["objectSelector"] == {"matchLabels": {"kubedock": "true"}}
+    assert webhook["rules"] == [{
+        "operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+        "resources": ["pods"], "scope": "Namespaced",
+    }]
+    assert webhook["sideEffects"] == "None"
+    assert webhook["admissionReviewVersions"] == ["v1"]
+    assert 1 <= webhook["timeoutSeconds"] <= 10
+    assert webhook["failurePolicy"] == "Fail"
+    assert webhook["clientConfig"]["service"] == {
+        "namespace": "kubedock", "name": one(default, "Service")["metadata"]["name"], "path": "/mutate", "port": 443,
+    }
+
+
+def test_webhook_never_matches_its_own_pods(default: list[dict[str, Any]]) -> None:
+    """kubedock-dns' own pods lack the opt-in label, so the API server never asks the webhook
+    about them: a failing webhook cannot keep its own replacement from starting."""
+    (webhook,) = one(default, "MutatingWebhookConfiguration")["webhooks"]
+    labels = one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = webhook["objectSelector"]["matchLabels"]
+    assert not all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_custom_opt_in_label_reaches_selector_and_server(helm: str) -> None:
+    """A different opt-in label is used by both the webhook's objectSelector and the server."""
+    objects = render(helm, *OPTIONS["custom-opt-in-label"])
+    (webhook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
+    assert webhook["objectSelector"] == {"matchLabels": {"example.com/kubedock": "true"}}
+    assert args_of(objects)["--opt-in-label"] == ["example.com/kubedock"]
+
+
+def test_webhook_failure_policy_ignore(helm: str) -> None:
+    """``webhook.failurePolicy=Ignore`` is passed through (pods start unmodified in an outage)."""
+    (webhook,) = one(render(helm, *OPTIONS["failure-policy-ignore"]), "MutatingWebhookConfiguration")["webhooks"]
+    assert webhook["failurePolicy"] == "Ignore"
+
+
+def test_installs_never_collide(helm: str) -> None:
+    """The cluster-scoped webhook configuration (and its webhook) carries release and namespace:
+    a second release in the same namespace, or the same release name in another namespace, gets
+    a different name and so never overwrites the first install's."""
+    names = {}
+    for release, namespace in [("kd", "team-a"), ("kd", "team-b"), ("other", "team-a")]:
+        config = one(render(helm, release=release, namespace=namespace), "MutatingWebhookConfiguration")
+        name = config["metadata"]["name"]
+        assert release in name and namespace in name
+        names[(release, namespace)] = (name, config["webhooks"][0]["name"])
+    assert len({n for n, _ in names.values()}) == 3
+
+
+# --- replicas ----------------------------------------------------------------------------------
+
+
+def test_replica_count(helm: str) -> None:
+    """``replicaCount`` sets the replicas; a single replica gets no PDB (minAvailable 1 would block
+    every node drain), more replicas keep the PDB."""
+    single = render(helm, *OPTIONS["one-replica"])
+    assert one(single, "Deployment")["spec"]["replicas"] == 1
+    assert not [o for o in single if o["kind"] == "PodDisruptionBudget"]
+    three = render(helm, *OPTIONS["three-replicas"])
+    assert one(three, "Deployment")["spec"]["replicas"] == 3
+    assert one(three, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+def test_upstreams_and_require_ready(helm: str) -> None:
+    """Configured upstreams become repeated ``--upstream`` options; ``dns.requireReady`` the flag."""
+    args = args_of(render(helm, *OPTIONS["upstreams"]))
+    assert args["--upstream"] == ["10.96.0.10", "9.9.9.9:53"]
+    assert args["--require-ready"] == [""]
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def _decode(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+def test_generated_certificate_is_trusted_for_the_service(default: list[dict[str, Any]]) -> None:
+    """The caBundle given to the API server is the CA in the mounted Secret, and the serving
+    certificate is signed by it, valid now, for the Service's in-cluster DNS name."""
+    from cryptography import x509
+
+    secret = one(default, "Secret")
+    (webhook,) = one(default, "MutatingWebhookConfiguration")["webhooks"]
+    assert webhook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(_decode(secret["data"]["ca.crt"]))
+    cert = x509.load_pem_x509_certificate(_decode(secret["data"]["tls.crt"]))
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    service = one(default, "Service")["metadata"]["name"]
+    assert f"{service}.kubedock.svc" in sans
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
+    assert secret["type"] == "kubernetes.io/tls"
+
+
+def test_explicit_tls_values_are_kept_across_upgrades(helm: str, default: list[dict[str, Any]], tmp_path: Path) -> None:
+    """A second render of an upgrade that is given the existing CA, certificate and key (as a
+    values file) keeps exactly them: the caBundle and the Secret do not change, so the API server
+    keeps trusting the running replicas while the Deployment rolls.  Without them every render
+    would mint a new CA, which is what makes this check meaningful."""
+    first = one(default, "Secret")["data"]
+    values = tmp_path / "tls.yaml"
+    values.write_text(yaml.safe_dump({"tls": {
+        "caCert": _decode(first["ca.crt"]).decode(),
+        "cert": _decode(first["tls.crt"]).decode(),
+        "key": _decode(first["tls.key"]).decode(),
+    }}))
+    upgrades = [render(helm, "-f", str(values)) for _ in range(2)]
+    for upgrade in upgrades:
+        assert one(upgrade, "Secret")["data"] == first
+        (webhook,) = one(upgrade, "MutatingWebhookConfiguration")["webhooks"]
+        assert webhook["clientConfig"]["caBundle"] == first["ca.crt"]
+    fresh = render(helm)
+    assert one(fresh, "Secret")["data"]["ca.crt"] != first["ca.crt"]
+
+
+def test_partial_tls_values_are_refused(helm: str) -> None:
+    """Giving only some of tls.caCert/cert/key fails with a message naming all three."""
+    result = run_helm(helm, "template", "kd", str(CHART), "--set", "tls.cert=abc", check=False)
+    assert result.returncode != 0
+    assert "tls.caCert, tls.cert and tls.key" in result.stderr
+
+
+def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
+    """With cert-manager the chart renders no Secret and no caBundle; a Certificate writes the
+    Secret the Deployment mounts, and the webhook's inject-ca-from annotation names it."""
+    objects = render(helm, *OPTIONS["cert-manager"])
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    config = one(objects, "MutatingWebhookConfiguration")
+    assert "caBundle" not in config["webhooks"][0]["clientConfig"]
+    certificates = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Certificate"}
+    namespace, _, name = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].partition("/")
+    assert namespace == "kubedock"
+    serving = certificates[name]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert serving["spec"]["secretName"] == next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+    service = one(objects, "Service")["metadata"]["name"]
+    assert f"{service}.kubedock.svc" in serving["spec"]["dnsNames"]
+    issuers = {o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"}
+    assert serving["spec"]["issuerRef"]["name"] in issuers
+
+    external = render(helm, *OPTIONS["cert-manager-issuer"])
+    assert not [o for o in external if o["kind"] == "Issuer"]
+    (serving,) = [o for o in external if o["kind"] == "Certificate"]
+    assert serving["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+
+
+@pytest.mark.parametrize("bad", [
+    "webhook.failurePolicy=Sometimes",
+    "webhook.timeoutSeconds=60",
+    "replicaCount=0",
+    "service.clusterIP=not-an-ip",
+    "no.such.value=1",
+])
+def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
+    """values.schema.json catches misspelt or out-of-range values before anything is applied."""
+    result = run_helm(helm, "template", "kd", str(CHART), "--set", bad, check=False)
+    assert result.returncode != 0 and "schema" in result.stderr.lower(), result.stderr
+
+
+# --- against the real API server ------------------------------------------------------------------
+
+
+def _apply_dry_run(dynamic: Any, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    kwargs = {"namespace": namespace} if resource.namespaced else {}
+    return resource.server_side_apply(
+        body=obj, name=obj["metadata"]["name"], field_manager="kubedock-dns-chart-test",
+        dry_run="All", **kwargs,
+    ).to_dict()
+
+
+@pytest.fixture
+def dynamic(control_plane: Any) -> Iterator[Any]:
+    from kubernetes.dynamic import DynamicClient
+
+    api_client = control_plane.api_client()
+    try:
+        yield DynamicClient(api_client)
+    finally:
+        api_client.close()
+
+
+@pytest.mark.controlplane
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_rendered_object_is_accepted_by_the_api_server(
+    helm: str, control_plane: Any, dynamic: Any, namespace: str, option: str
+) -> None:
+    """Every object the chart renders, for every documented option, passes the real API server's
+    validation and admission (server-side dry-run apply).  cert-manager's Certificate and Issuer
+    are skipped: their CRDs are not installed on the test control plane."""
+    set_args = list(OPTIONS[option])
+    if option == "fixed-cluster-ip":  # an address inside this control plane's service range
+        net = ipaddress.ip_network(control_plane.service_cidr)
+        set_args = ["--set", f"service.clusterIP={net.network_address + 53}"]
+    objects = render(helm, *set_args, namespace=namespace)
+    applied = []
+    for obj in objects:
+        if obj["kind"] in CERT_MANAGER_KINDS:
+            assert obj["apiVersion"].startswith("cert-manager.io/")
+            continue
+        result = _apply_dry_run(dynamic, obj, namespace)
+        assert result["metadata"]["name"] == obj["metadata"]["name"]
+        applied.append(obj["kind"])
+    assert "Deployment" in applied and "MutatingWebhookConfiguration" in applied
+
+
+@pytest.mark.controlplane
+def test_helm_upgrade_keeps_the_certificate_in_the_cluster(
+    helm: str, control_plane: Any, core_api: Any, namespace: str
+) -> None:
+    """``helm install`` then ``helm upgrade`` against the real API server: the upgrade finds the
+    existing Secret through ``lookup`` and keeps its CA, certificate and key, so the webhook's
+    caBundle never changes under the running replicas.  The install's notes name the next step
+    (kubedock with --disable-services in this namespace) and the safe uninstall order."""
+    from kubernetes import client
+
+    admission: Any = client.AdmissionregistrationV1Api(core_api.api_client)
+    release = "kd"
+    common = ["--kubeconfig", str(control_plane.kubeconfig_path), "--namespace", namespace]
+    installed = run_helm(helm, "install", release, str(CHART), *common)
+    webhook_name = f"{release}-kubedock-dns-{namespace}"
+    try:
+        # NOTES.txt tells the kubedock user the exact next step, and how to uninstall safely.
+        assert f"kubedock server --namespace {namespace} --port-forward --disable-services" in installed.stdout
+        assert f"kubectl delete mutatingwebhookconfiguration {webhook_name}" in installed.stdout
+        secret = core_api.read_namespaced_secret(f"{release}-kubedock-dns-tls", namespace)
+        before = admission.read_mutating_webhook_configuration(webhook_name)
+        bundle = before.webhooks[0].client_config.ca_bundle
+        assert base64.b64decode(bundle) == base64.b64decode(secret.data["ca.crt"])
+
+        run_helm(helm, "upgrade", release, str(CHART), *common, "--set", "dns.ttl=7")
+        after_secret = core_api.read_namespaced_secret(f"{release}-kubedock-dns-tls", namespace)
+        assert after_secret.data == secret.data
+        after = admission.read_mutating_webhook_configuration(webhook_name)
+        assert after.webhooks[0].client_config.ca_bundle == bundle
+        deployment: Any = client.AppsV1Api(core_api.api_client).read_namespaced_deployment(f"{release}-kubedock-dns", namespace)
+        assert "--ttl=7" in deployment.spec.template.spec.containers[0].args
+    finally:
+        admission.delete_mutating_webhook_configuration(webhook_name)
+        run_helm(helm, "uninstall", release, *common)
+
+
+@pytest.mark.controlplane
+def test_rendered_webhook_mutates_pods_for_real(
+    helm: str, control_plane: Any, core_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's own MutatingWebhookConfiguration, pointed at a kubedock-dns started locally
+    with the chart's own container arguments and its rendered Secret, makes the real API server
+    rewrite kubedock's pods (the ready-made examples/two-networks.yaml): each is stored with
+    ``dnsPolicy: None`` and the chart's Service IP as its only nameserver, while a pod without the
+    opt-in label is left alone.  Only the transport differs from a cluster: the API server calls
+    ``https://127.0.0.1:<port>/mutate`` instead of the Service, and the server listens on free
+    local ports."""
+    from kubernetes import client
+
+    from kubedock_dns.tls import generate_ca_and_cert
+
+    release = "kd"
+    service = f"{release}-kubedock-dns"
+    service_ip = str(ipaddress.ip_network(control_plane.service_cidr).network_address + 53)
+    tls = generate_ca_and_cert(["127.0.0.1", f"{service}.{namespace}.svc"], tmp_path / "generated")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "service": {"clusterIP": service_ip},
+        "tls": {"caCert": tls.ca_pem.decode(), "cert": Path(tls.cert_path).read_text(),
+                "key": Path(tls.key_path).read_text()},
+    }))
+    objects = render(helm, "-f", str(values), release=release, namespace=namespace)
+
+    # The Secret as the pod would see it mounted, and the container's arguments.
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for key, data in one(objects, "Secret")["data"].items():
+        (mounted / key).write_bytes(base64.b64decode(data))
+    ports = {}
+    for name in ("dns", "webhook", "ops"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[name] = s.getsockname()[1]
+    local = {
+        "--dns-port": str(ports["dns"]), "--webhook-port": str(ports["webhook"]),
+        "--ops-port": str(ports["ops"]), "--tls-cert": str(mounted / "tls.crt"),
+        "--tls-key": str(mounted / "tls.key"),
+    }
+    argv = []
+    for arg in container(objects)["args"]:
+        option, _, value = arg.partition("=")
+        argv.append(f"{option}={local.get(option, value)}" if value else option)
+    argv += ["--dns-interface=127.0.0.1", "--webhook-interface=127.0.0.1", "--ops-interface=127.0.0.1",
+             f"--kubeconfig={control_plane.kubeconfig_path}", "--upstream=127.0.0.1:9"]
+    log = (tmp_path / "kubedock-dns.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "kubedock-dns", *argv],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    admission: Any = client.AdmissionregistrationV1Api(core_api.api_client)
+    webhook = one(objects, "MutatingWebhookConfiguration")
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "kubedock-dns.log").read_text()
+            try:
+                with opener.open(f"http://127.0.0.1:{ports['ops']}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "kubedock-dns.log").read_text()
+            time.sleep(0.2)
+
+        config = webhook["webhooks"][0]["clientConfig"]
+        del config["service"]
+        config["url"] = f"https://127.0.0.1:{ports['webhook']}/mutate"
+        admission.create_mutating_webhook_configuration(body=webhook)
+
+        examples = [d for d in yaml.safe_load_all((REPO / "examples" / "two-networks.yaml").read_text()) if d]
+        probe = json.loads(json.dumps(examples[0]))
+        probe["metadata"]["name"] = "webhook-probe"
+        deadline = time.monotonic() + 30
+        while True:  # the API server picks the configuration up through an informer
+            stored = core_api.create_namespaced_pod(namespace, body=probe, dry_run="All")
+            if stored.spec.dns_policy == "None":
+                break
+            assert time.monotonic() < deadline, "the rendered webhook configuration never took effect"
+            time.sleep(0.2)
+
+        for pod in examples:
+            stored = core_api.create_namespaced_pod(namespace, body=pod)
+            assert stored.spec.dns_policy == "None", pod["metadata"]["name"]
+            assert stored.spec.dns_config.nameservers == [service_ip]
+            assert stored.spec.restart_policy == "Never"
+        plain = json.loads(json.dumps(examples[0]))
+        plain["metadata"]["name"] = "not-opted-in"
+        del plain["metadata"]["labels"]["kubedock"]
+        stored = core_api.create_namespaced_pod(namespace, body=plain)
+        assert stored.spec.dns_policy == "ClusterFirst" and stored.spec.dns_config is None
+    finally:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            admission.delete_mutating_webhook_configuration(webhook["metadata"]["name"])
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
