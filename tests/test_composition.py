@@ -1,0 +1,164 @@
+"""The whole composition against the real API server (issue: Kubernetes side).
+
+``twistd -n kubedock-dns --kubeconfig ... --namespace ...`` runs as a subprocess; the API server
+itself calls its webhook over TLS (a MutatingWebhookConfiguration with a caBundle and a url); the
+kubelet stand-in gives pods their IP and phase through the status subresource; DNS questions
+are asked with dnspython from each pod's address (the loopback data plane: 127.0.0.0/8 source
+addresses), so this runs without network namespaces.  The end-to-end tests repeat the scenarios
+from inside real pod network namespaces with glibc.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dns.message
+import dns.query
+import dns.rcode
+import dns.reversename
+import pytest
+
+pytestmark = pytest.mark.controlplane
+
+
+@pytest.fixture(scope="module")
+def bed(control_plane):
+    from testbed.bed import EndToEndBed
+
+    with EndToEndBed(control_plane=control_plane, dataplane="loopback",
+                     namespace_prefix="composition", server_args=["--hold-timeout", "1.0"]) as bed:
+        yield bed
+
+
+def ask(bed, pod, name, rdtype="A"):
+    query = dns.message.make_query(name, rdtype)
+    return dns.query.udp(query, "127.0.0.1", port=bed.dns_port, source=pod.ip, timeout=5)
+
+
+def addresses(response):
+    return sorted(r.address for rrset in response.answer for r in rrset)
+
+
+def eventually(check, timeout=10.0):
+    """Poll ``check`` (a DNS observation) until it holds: the watcher delivers asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def raw_pod(bed, name, annotations, labels=None, host_network=False):
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"kubedock": "true", **(labels or {})},
+                     "annotations": annotations},
+        "spec": {"hostNetwork": host_network, "restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "busybox"}]},
+    }
+
+
+def api_error(bed, body):
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as caught:
+        bed.core.create_namespaced_pod(bed.namespace, body=body)
+    return caught.value
+
+
+def test_api_server_stores_opted_in_pods_mutated_by_the_webhook(bed):
+    """Pods created through the API carry dnsPolicy None and our nameserver, the namespace's
+    search list and ndots; pods without the label are left alone."""
+    from testbed.bed import new_network_id
+
+    pod = bed.create_kubedock_pod("mutated", [new_network_id()])
+    spec = bed.stored_pod(pod)["spec"]
+    assert spec["dnsPolicy"] == "None"
+    assert spec["dnsConfig"]["nameservers"] == [bed.service_ip]
+    assert spec["dnsConfig"]["searches"] == [f"{bed.namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+    assert {"name": "ndots", "value": "5"} in spec["dnsConfig"]["options"]
+    plain = bed.create_kubedock_pod("plain", [new_network_id()], opt_in=False)
+    assert bed.stored_pod(plain)["spec"].get("dnsPolicy") == "ClusterFirst"
+
+
+def test_bad_annotations_and_host_network_are_refused_with_our_message(bed):
+    """The client gets an API error naming the bad annotation and value, or hostNetwork."""
+    error = api_error(bed, raw_pod(bed, "bad-key", {"kubedock.hostalias/0": "db", "kubedock.network/first": "n1"}))
+    assert "kubedock.network/first" in error.body
+    error = api_error(bed, raw_pod(bed, "bad-name", {"kubedock.hostalias/0": "no spaces", "kubedock.network/0": "n1"}))
+    assert "no spaces" in error.body and "kubedock.hostalias/0" in error.body
+    error = api_error(bed, raw_pod(bed, "hostnet", {"kubedock.hostalias/0": "db", "kubedock.network/0": "n1"},
+                                   host_network=True))
+    assert "hostNetwork" in error.body
+
+
+def test_network_annotations_are_immutable_while_other_updates_pass(bed):
+    """Changing a network annotation is refused; an unrelated label change on the same pod works."""
+    from kubernetes.client.exceptions import ApiException
+
+    from testbed.bed import new_network_id
+
+    pod = bed.create_kubedock_pod("immutable", [new_network_id()])
+    with pytest.raises(ApiException) as caught:
+        bed.core.patch_namespaced_pod(pod.name, bed.namespace,
+                                      {"metadata": {"annotations": {"kubedock.network/0": new_network_id()}}})
+    assert "kubedock.network/0" in caught.value.body
+    patched = bed.core.patch_namespaced_pod(pod.name, bed.namespace, {"metadata": {"labels": {"team": "blue"}}})
+    assert patched.metadata.labels["team"] == "blue"
+
+
+def test_watched_pods_resolve_by_network_and_disappear_when_deleted_or_finished(bed):
+    """Pods set Running with an IP resolve each other within their network only; deletion and
+    phase Succeeded remove them."""
+    from testbed.bed import new_network_id
+
+    net_a, net_b = new_network_id(), new_network_id()
+    db_a = bed.create_kubedock_pod("db", [net_a])
+    svc_a = bed.create_kubedock_pod("service", [net_a])
+    db_b = bed.create_kubedock_pod("db", [net_b])
+    svc_b = bed.create_kubedock_pod("service", [net_b])
+
+    def resolves():
+        assert addresses(ask(bed, svc_a, "db")) == [db_a.ip]
+        assert addresses(ask(bed, svc_b, f"db.{bed.namespace}.svc.cluster.local")) == [db_b.ip]
+        ptr = ask(bed, svc_a, dns.reversename.from_address(db_a.ip), "PTR")
+        assert [r.target.to_text() for r in ptr.answer[0]] == ["db."]
+    eventually(resolves)
+    bed.delete_pod(db_a)
+    eventually(lambda: _not_resolved(bed, svc_a, db_a.ip))
+    bed.finish(db_b)
+    eventually(lambda: _not_resolved(bed, svc_b, db_b.ip))
+
+
+def _not_resolved(bed, asker, ip):
+    assert ip not in addresses(ask(bed, asker, "db"))
+
+
+def test_api_server_restart_and_expired_resource_version_leave_no_stale_answers(bed):
+    """After an API server restart (with etcd compacted, so the old resourceVersion is gone), the
+    watcher relists: a pod deleted right after the restart disappears, a new one appears."""
+    from testbed.bed import new_network_id
+
+    net = new_network_id()
+    old = bed.create_kubedock_pod("old", [net])
+    asker = bed.create_kubedock_pod("asker", [net])
+    eventually(lambda: _resolved(bed, asker, "old", old.ip))
+    relists_before = bed.metrics().get("kubedock_dns_watcher_relists", 0)
+    bed.control_plane.compact_etcd()
+    bed.control_plane.restart_apiserver()
+    bed.delete_pod(old)
+    new = bed.create_kubedock_pod("new", [net])
+    eventually(lambda: _resolved(bed, asker, "new", new.ip), timeout=30)
+    eventually(lambda: _not_resolved_name(bed, asker, "old", old.ip), timeout=30)
+    assert bed.metrics()["kubedock_dns_watcher_relists"] > relists_before
+
+
+def _resolved(bed, asker, name, ip):
+    assert addresses(ask(bed, asker, name)) == [ip]
+
+
+def _not_resolved_name(bed, asker, name, ip):
+    assert ip not in addresses(ask(bed, asker, name))
