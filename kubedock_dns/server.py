@@ -169,6 +169,14 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             counters.queries_tcp += 1
         else:
             counters.queries_udp += 1
+        if self.fast_path is not None:
+            reply = self.fast_path.answer(data, host, address is None)
+            if reply is not None:
+                counters.fast_path += 1
+                if reply is FORWARD:
+                    return self._forward(None, data, proto, address)
+                counters.answered_local += 1
+                return self._write(proto, address, reply)
         if len(data) < 12:
             counters.dropped += 1
             return
@@ -187,15 +195,6 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if qdcount != 1:
             counters.formerr += 1
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
-        if self.fast_path is not None:
-            reply = self.fast_path.answer(data, source_ip, address is None)
-            if reply is FORWARD:
-                counters.fast_path += 1
-                return self._forward(None, data, proto, address)
-            if reply is not None:
-                counters.fast_path += 1
-                counters.answered_local += 1
-                return self._write(proto, address, reply)
         message = dns.Message()
         try:
             parse_question(data)  # strict and bounded; twisted.names' parser is lenient

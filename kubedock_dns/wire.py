@@ -11,6 +11,7 @@ import random
 import struct
 from typing import Any, Callable
 
+from kubedock_dns.contract import canonical_ip
 from kubedock_dns.resolver import Answer, Forward, Resolver
 
 _HEADER = struct.Struct("!6H")
@@ -104,33 +105,57 @@ class FastPath:
     """Answers the common query from prepared wire bytes, without twisted.names' objects.
 
     Common: one question, class IN, type A, AAAA or PTR, no answer or authority records, at most
-    an OPT record, from a known asker, with a name the index answers.  The records are cached per
-    (asker address, question, type) until the index changes; each hit only patches the ID,
-    echoes the question byte for byte and shuffles multi-address answers.  Questions the index
-    does not answer are reported as :data:`FORWARD` when they are plainly not ours, else None:
-    the full path decides (holds, SERVFAIL, truncation, anything unusual).  A differential test
+    an OPT record, from a known asker, with a name the index answers.  The reply is prepared once
+    per (asker address, transport, query bytes after the ID) and kept until the index changes, so
+    a hit is a dictionary look-up and a concatenation with the client's ID; multi-address answers
+    are shuffled per reply.  Questions the index plainly does not answer are reported as
+    :data:`FORWARD` (relayed without a parse); anything else returns None and the full path
+    decides (holds, SERVFAIL, truncation, malformed or unusual queries).  A differential test
     holds its bytes equal to the full path's.
     """
 
     def __init__(self, resolver: Resolver, ttl: int, shuffle: Callable[[list], Any] = random.shuffle,
-                 max_entries: int = 200_000) -> None:
+                 max_entries: int = 100_000) -> None:
         self.resolver = resolver
         self.index = resolver.index
         self.ttl = ttl
         self.max_entries = max_entries
         self._shuffle = shuffle
         self._generation = -1
-        # (asker, question, type) -> answer records, or FORWARD, or _UNCACHEABLE (full path).
-        self._cache: dict[tuple[str, bytes, int], object] = {}
+        # (asker, tcp, query after its ID) -> the reply after its ID (bytes), a _Shuffled reply,
+        # FORWARD, or None (the full path answers).
+        self._cache: dict[tuple[str, bool, bytes], object] = {}
 
-    def answer(self, data: bytes, source_ip: str, tcp: bool) -> bytes | object | None:
+    def answer(self, data: bytes, host: str, tcp: bool) -> bytes | object | None:
         """The reply's bytes, :data:`FORWARD`, or None (let the full path decide)."""
-        qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+        generation = self.index.generation
+        if generation != self._generation:
+            self._cache.clear()
+            self._generation = generation
+        key = (host, tcp, data[2:])
+        entry = self._cache.get(key, _MISSING)
+        if entry is _MISSING:
+            entry = self._prepare(data, host, tcp)
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            self._cache[key] = entry
+        if entry.__class__ is bytes:
+            return data[:2] + entry
+        if entry.__class__ is _Shuffled:
+            return data[:2] + entry.build(self._shuffle)
+        return entry
+
+    def _prepare(self, data: bytes, host: str, tcp: bool) -> object:
+        """Read the query strictly and decide; what to cache for it (see ``_cache``)."""
+        if len(data) < 12:
+            return None
+        _qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
             return None
         try:
             end, qname, qtype, qclass = parse_question(data)
-        except WireError:
+            source_ip = canonical_ip(host)
+        except ValueError:  # WireError included
             return None
         if qclass != CLASS_IN or qtype not in (TYPE_A, TYPE_AAAA, TYPE_PTR):
             return None
@@ -141,43 +166,26 @@ class FastPath:
                 return None
         elif end != len(data):
             return None
-        index = self.index
-        if index.generation != self._generation:
-            self._cache.clear()
-            self._generation = index.generation
-        key = (source_ip, data[12:end].lower(), qtype)
-        records = self._cache.get(key)
-        if records is None:
-            records = self._prepare(source_ip, qname, qtype, data[12:end - 4])
-            if len(self._cache) >= self.max_entries:
-                self._cache.clear()
-            self._cache[key] = records
-        if not isinstance(records, tuple):
-            return records if records is FORWARD else None
-        if len(records) > 1:
-            records = list(records)
-            self._shuffle(records)
-        reply = b"".join((
-            _HEADER.pack(qid, 0x8480 | (flags & 0x0100), 1, len(records), 0, 1 if edns is not None else 0),
-            data[12:end],
-            *records,
-            OPT_RECORD if edns is not None else b"",
-        ))
-        limit = TCP_LIMIT if tcp else (edns or UDP_PLAIN_LIMIT)
-        if len(reply) > limit:
-            return None
-        return reply
-
-    def _prepare(self, source_ip: str, qname: bytes, qtype: int, raw_name_wire: bytes) -> object:
         decision = self.resolver.decide(source_ip, qname.decode("latin-1"), qtype, now=0.0)
-        if isinstance(decision, Forward) and decision.cacheable:
-            return FORWARD
+        if isinstance(decision, Forward):
+            return FORWARD if decision.cacheable else None
         if not isinstance(decision, Answer):
-            return _UNCACHEABLE
+            return None
+        records = self._records(decision, qtype, data[12 : end - 4])
+        head = _HEADER.pack(0, 0x8480 | (flags & 0x0100), 1, len(records), 0, 1 if edns is not None else 0)
+        prefix = head[2:] + data[12:end]
+        suffix = OPT_RECORD if edns is not None else b""
+        size = 12 + len(data[12:end]) + sum(map(len, records)) + len(suffix)
+        if size > (TCP_LIMIT if tcp else (edns or UDP_PLAIN_LIMIT)):
+            return None
+        if len(records) > 1:
+            return _Shuffled(prefix, records, suffix)
+        return prefix + b"".join(records) + suffix
+
+    def _records(self, decision: Answer, qtype: int, raw_name_wire: bytes) -> tuple[bytes, ...]:
         head = _RECORD_HEAD
         if qtype == TYPE_PTR:
-            raw_name = _presentation(raw_name_wire)
-            compression = question_compression(raw_name)
+            compression = question_compression(_presentation(raw_name_wire))
             offset = 12 + len(raw_name_wire) + 4 + 12
             target = encode_name(decision.values[0].encode("ascii"), compression, offset)
             return (head.pack(0xC00C, qtype, CLASS_IN, self.ttl, len(target)) + target,)
@@ -188,7 +196,22 @@ class FastPath:
         )
 
 
-_UNCACHEABLE = object()
+class _Shuffled:
+    """A reply with several address records, put together in a fresh order each time."""
+
+    __slots__ = ("prefix", "records", "suffix")
+
+    def __init__(self, prefix: bytes, records: tuple[bytes, ...], suffix: bytes) -> None:
+        self.prefix, self.records, self.suffix = prefix, records, suffix
+
+    def build(self, shuffle: Callable[[list], Any]) -> bytes:
+        records = list(self.records)
+        shuffle(records)
+        return self.prefix + b"".join(records) + self.suffix
+
+
+_MISSING = object()
+
 
 
 def _presentation(wire_name: bytes) -> bytes:
