@@ -1,0 +1,298 @@
+"""End to end: Docker-style networks in one namespace, seen from inside real pod network namespaces.
+
+Everything is real: kube-apiserver calls the kubedock-dns webhook, which points opted-in pods at
+the kubedock-dns Service IP; the kubelet stand-in renders each pod's resolv.conf from its stored
+(mutated) spec and gives it a network namespace; glibc (``getent``) and ``dig`` inside the pods
+query through the DNAT to ``twistd kubedock-dns``, which watches the API server; dnsmasq plays the
+cluster DNS, holding a decoy Service ``db.<namespace>.svc.cluster.local`` that a wrong fall-through
+would return. Pods are created exactly as kubedock creates them (network IDs, container name and
+ID, ``restartPolicy: Never``, an init container ``setup``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import pytest
+
+from testbed import netns
+from testbed.bed import DECOY_DB_IP, KUBERNETES_IP, BedPod, EndToEndBed, new_network_id
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.netns]
+
+
+@pytest.fixture(scope="module")
+def bed(control_plane) -> Iterator[EndToEndBed]:
+    """One bed for the module (pods of different scenarios live in different networks)."""
+    ok, reason = netns.is_available()
+    if not ok:
+        pytest.skip(reason)
+    with EndToEndBed(control_plane=control_plane, dataplane="netns") as b:
+        assert b.server is not None and b.server.popen is not None
+        server_pid = b.server.popen.pid
+        yield b
+    assert b.leftovers() == []
+    with pytest.raises(ProcessLookupError):  # kubedock-dns is gone (dnsmasq: Dnsmasq.close)
+        os.kill(server_pid, 0)
+
+
+def context(bed: EndToEndBed, *outputs: object) -> str:
+    """What to show when an assertion fails: the command output, the server's view and log."""
+    try:
+        networks = bed.debug_networks()
+    except OSError as e:
+        networks = {"error": repr(e)}
+    return "\n".join([*map(str, outputs), f"debug/networks: {networks}",
+                      "kubedock-dns log:", bed.server_log(30)])
+
+
+def ahosts(bed: EndToEndBed, pod: BedPod, name: str, timeout: float = 30) -> tuple[int, set[str], str]:
+    """glibc's ``getaddrinfo`` in the pod: exit code, the set of addresses, raw output."""
+    rc, out, err = bed.exec(pod, ["getent", "ahosts", name], timeout=timeout)
+    return rc, {line.split()[0] for line in out.splitlines() if line.strip()}, out + err
+
+
+def reverse(bed: EndToEndBed, pod: BedPod, ip: str | None) -> tuple[int, list[str], str]:
+    """glibc's reverse lookup (``getent hosts IP``) in the pod: exit code, names, raw output."""
+    assert ip is not None
+    rc, out, err = bed.exec(pod, ["getent", "hosts", ip])
+    fields = out.split()
+    return rc, fields[1:], out + err
+
+
+def dig(bed: EndToEndBed, pod: BedPod, *args: str | None) -> list[str]:
+    """``dig +short`` in the pod against its resolv.conf nameserver: the answer lines."""
+    assert None not in args
+    rc, out, err = bed.exec(pod, ["dig", "+short", "+time=4", "+tries=1", *map(str, args)])
+    assert rc == 0, out + err
+    return out.split()
+
+
+def test_pods_get_a_kubelet_status_and_the_mutated_resolv_conf(bed: EndToEndBed) -> None:
+    """The bed itself: a kubedock pod is stored mutated by the webhook, bound to the node and
+    reported Running by the kubelet stand-in with its IP and a Ready condition, and the
+    resolv.conf inside its namespace is the one a kubelet renders from the stored spec."""
+    pod = bed.create_kubedock_pod("probe", [new_network_id()], aliases=["alias"])
+    stored = bed.stored_pod(pod)
+    meta, spec, status = stored["metadata"], stored["spec"], stored["status"]
+    assert meta["labels"]["kubedock"] == "true"
+    assert meta["labels"]["kubedock.containerid"] == pod.short_id
+    assert meta["annotations"]["kubedock.network/0"] == pod.networks[0]
+    assert meta["annotations"]["kubedock.containername"] == pod.container_name
+    assert [c["name"] for c in spec["initContainers"]] == ["setup"]
+    assert (spec["restartPolicy"], spec["dnsPolicy"]) == ("Never", "None")
+    assert spec["dnsConfig"]["nameservers"] == [bed.service_ip]
+    assert spec["nodeName"]
+    assert (status["phase"], status["podIP"], status["podIPs"]) == ("Running", pod.ip, [{"ip": pod.ip}])
+    assert {"type": "Ready", "status": "True"}.items() <= next(
+        c for c in status["conditions"] if c["type"] == "Ready").items()
+    conf = bed.exec(pod, ["cat", "/etc/resolv.conf"]).stdout
+    assert conf == netns.resolv_conf_for_pod(stored, bed.cluster_dns_ip)
+
+
+def test_two_test_runs_side_by_side(bed: EndToEndBed) -> None:
+    """Two test runs, each with ``db`` and ``service`` in its own network: each ``service``
+    resolves its own ``db`` (never the other run's, never the cluster's ``db`` Service), reverse
+    lookups name the right pod, and neither run sees the other's containers."""
+    runs = {}
+    for run in ("run-a", "run-b"):
+        network = new_network_id()
+        db = bed.create_kubedock_pod("db", [network], aliases=["database"],
+                                     container_name=f"{run}_db")
+        service = bed.create_kubedock_pod("service", [network], aliases=["api"],
+                                          container_name=f"{run}_service")
+        runs[run] = (db, service)
+    (a_db, a_service), (b_db, b_service) = runs["run-a"], runs["run-b"]
+    for db, service, other_db in ((a_db, a_service, b_db), (b_db, b_service, a_db)):
+        rc, ips, out = ahosts(bed, service, "db")
+        assert (rc, ips) == (0, {db.ip}), context(bed, out)
+        rc, ips, out = ahosts(bed, db, "service")
+        assert (rc, ips) == (0, {service.ip}), context(bed, out)
+        assert dig(bed, service, "database") == [db.ip]
+        assert dig(bed, service, f"db.{bed.namespace}.svc.cluster.local") == [db.ip]
+        rc, names, out = reverse(bed, service, db.ip)
+        assert rc == 0 and names[:1] == ["db"], context(bed, out)
+        assert dig(bed, service, "-x", db.ip) == ["db."]
+        # the other run is invisible: its container name, and its db's address by reverse lookup
+        rc, ips, out = ahosts(bed, service, other_db.container_name)
+        assert rc == 2 and not ips, context(bed, out)
+        assert dig(bed, service, "-x", other_db.ip) == []
+        assert DECOY_DB_IP not in ips
+
+
+def test_pod_in_two_networks(bed: EndToEndBed) -> None:
+    """A pod in two networks resolves the names of both; each network's pods resolve it but not
+    the other network's pods; a name present in both answers from the pod's first network."""
+    front, back = new_network_id(), new_network_id()
+    web = bed.create_kubedock_pod("web", [front], aliases=["common"])
+    store = bed.create_kubedock_pod("store", [back], aliases=["common"])
+    gateway = bed.create_kubedock_pod("gateway", [front, back])
+    assert ahosts(bed, gateway, "web")[:2] == (0, {web.ip})
+    assert ahosts(bed, gateway, "store")[:2] == (0, {store.ip})
+    assert ahosts(bed, gateway, "common")[:2] == (0, {web.ip})  # front is its network/0
+    assert ahosts(bed, web, "gateway")[:2] == (0, {gateway.ip})
+    assert ahosts(bed, store, "gateway")[:2] == (0, {gateway.ip})
+    assert ahosts(bed, web, "store")[0] == 2
+    assert ahosts(bed, store, "web")[0] == 2
+    assert ahosts(bed, store, "common")[:2] == (0, {store.ip})
+
+
+def test_shared_alias_returns_every_address(bed: EndToEndBed) -> None:
+    """Two pods sharing a network alias: a lookup returns both addresses (glibc and dig)."""
+    network = new_network_id()
+    first = bed.create_kubedock_pod("cache-1", [network], aliases=["cache"])
+    second = bed.create_kubedock_pod("cache-2", [network], aliases=["cache"])
+    client = bed.create_kubedock_pod("client", [network])
+    rc, ips, out = ahosts(bed, client, "cache")
+    assert (rc, ips) == (0, {first.ip, second.ip}), context(bed, out)
+    assert sorted(dig(bed, client, "cache")) == sorted([str(first.ip), str(second.ip)])
+
+
+def test_container_name_and_short_id_resolve(bed: EndToEndBed) -> None:
+    """The Docker container name (with ``_``, any case) and the 12-hex short ID resolve like
+    aliases."""
+    network = new_network_id()
+    redis = bed.create_kubedock_pod("redis", [network], container_name="tc_Redis_7f3a",
+                                    container_id="c0ffee" + "0123456789abcdef" * 3 + "012345678a")
+    client = bed.create_kubedock_pod("client", [network])
+    assert redis.short_id == "c0ffee012345"
+    for name in ("tc_redis_7f3a", "TC_REDIS_7F3A", redis.short_id):
+        assert dig(bed, client, name) == [redis.ip], context(bed, name)
+    rc, ips, out = ahosts(bed, client, redis.short_id)
+    assert (rc, ips) == (0, {redis.ip}), context(bed, out)
+    rc, ips, out = ahosts(bed, client, "tc_redis_7f3a")
+    assert (rc, ips) == (0, {redis.ip}), context(bed, out)
+
+
+def test_outside_names_come_from_the_cluster_dns(bed: EndToEndBed) -> None:
+    """A pod that is not opted in keeps ClusterFirst DNS (the cluster DNS answers, ``db`` is the
+    Service); an opted-in pod gets the kubedock-dns Service IP as its only nameserver and still
+    resolves ``kubernetes.default`` and its PTR through the upstream."""
+    network = new_network_id()
+    plain = bed.create_kubedock_pod("plain", [network], opt_in=False)
+    opted = bed.create_kubedock_pod("opted", [network])
+    assert bed.stored_pod(plain)["spec"]["dnsPolicy"] == "ClusterFirst"
+    conf = bed.exec(opted, ["cat", "/etc/resolv.conf"]).stdout
+    assert f"nameserver {bed.service_ip}" in conf.splitlines(), conf
+    assert f"search {bed.namespace}.svc.cluster.local svc.cluster.local cluster.local" in conf
+    assert ahosts(bed, plain, "kubernetes.default")[:2] == (0, {KUBERNETES_IP})
+    assert ahosts(bed, plain, "db")[:2] == (0, {DECOY_DB_IP})
+    assert ahosts(bed, plain, "opted")[0] == 2  # not in any network: plain cluster DNS
+    rc, ips, out = ahosts(bed, opted, "kubernetes.default")
+    assert (rc, ips) == (0, {KUBERNETES_IP}), context(bed, out)
+    assert dig(bed, opted, "-x", KUBERNETES_IP) == ["kubernetes.default.svc.cluster.local."]
+    # the plain pod asked the cluster DNS itself (dnsmasq logs its own address), the opted-in
+    # pod never did: kubedock-dns forwarded for it
+    assert bed.upstream is not None
+    askers = {q.client for q in bed.upstream.queries()}
+    assert plain.ip in askers and opted.ip not in askers
+
+
+def test_peer_created_a_moment_later_resolves(bed: EndToEndBed) -> None:
+    """A pod that looks up a peer which is created a moment later gets the peer's address, not
+    an error (the server holds the question until the name is known); a name that never appears
+    fails after the hold bound: seconds, not minutes."""
+    network = new_network_id()
+    app = bed.create_kubedock_pod("app", [network])
+
+    def look_up() -> tuple[int, set[str], str, float]:
+        began = time.monotonic()
+        rc, ips, out = ahosts(bed, app, "late-db")
+        return rc, ips, out, time.monotonic() - began
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asking = pool.submit(look_up)
+        time.sleep(0.2)
+        late = bed.create_kubedock_pod("late-db", [network])
+        rc, ips, out, seconds = asking.result(timeout=60)
+    assert (rc, ips) == (0, {late.ip}), context(bed, out, f"after {seconds:.1f}s")
+
+    began = time.monotonic()
+    rc, ips, out = ahosts(bed, app, "never-there")
+    elapsed = time.monotonic() - began
+    assert rc == 2 and not ips, context(bed, out)
+    assert elapsed < 8.0, f"a name that never appears took {elapsed:.1f}s to fail"
+
+
+def test_deleted_pod_disappears(bed: EndToEndBed) -> None:
+    """Once a pod is deleted, its names and its address no longer resolve in its network."""
+    network = new_network_id()
+    victim = bed.create_kubedock_pod("victim", [network], aliases=["doomed"])
+    watcher = bed.create_kubedock_pod("watcher", [network])
+    assert ahosts(bed, watcher, "doomed")[:2] == (0, {victim.ip})
+    bed.delete_pod(victim)
+    # the server learns of the deletion from its watch, a few milliseconds after the API
+    deadline = time.monotonic() + 5
+    while True:
+        rc, ips, out = ahosts(bed, watcher, "doomed")
+        if rc == 2 or time.monotonic() > deadline:
+            break
+    assert rc == 2 and not ips, context(bed, out)
+    assert dig(bed, watcher, "victim") == []
+    assert dig(bed, watcher, "-x", victim.ip) == []
+
+
+def test_reused_ip_never_resolves_to_the_old_name(bed: EndToEndBed) -> None:
+    """A finished pod keeps its ``podIP`` in the API while the IP goes to a new pod in another
+    network: the old name resolves nowhere, the IP's reverse lookup names the new pod only in the
+    new pod's network, and the new pod asks as a member of its own network, not the old one."""
+    old_net, new_net = new_network_id(), new_network_id()
+    old = bed.create_kubedock_pod("olddb", [old_net])
+    old_peer = bed.create_kubedock_pod("oldpeer", [old_net])
+    assert ahosts(bed, old_peer, "olddb")[:2] == (0, {old.ip})
+    released = bed.finish(old)
+    assert released == old.ip
+    stored = bed.stored_pod(old)
+    assert (stored["status"]["phase"], stored["status"]["podIP"]) == ("Succeeded", old.ip)
+
+    new = bed.create_kubedock_pod("newsvc", [new_net], ip=old.ip)
+    new_peer = bed.create_kubedock_pod("newpeer", [new_net])
+    assert new.ip == old.ip
+    # in the old network: the name is gone and the address belongs to nobody there
+    assert ahosts(bed, old_peer, "olddb")[0] == 2
+    assert dig(bed, old_peer, "-x", old.ip) == []
+    assert ahosts(bed, old_peer, "newsvc")[0] == 2
+    # in the new network: the address is the new pod's
+    assert ahosts(bed, new_peer, "newsvc")[:2] == (0, {new.ip})
+    assert dig(bed, new_peer, "-x", new.ip) == ["newsvc."]
+    assert ahosts(bed, new_peer, "olddb")[0] == 2
+    # the new pod, asking from the reused address, sees its own network only
+    assert ahosts(bed, new, "newpeer")[:2] == (0, {new_peer.ip})
+    assert ahosts(bed, new, "oldpeer")[0] == 2
+
+
+def test_ten_parallel_runs_with_identical_hostnames(bed: EndToEndBed) -> None:
+    """Ten test runs created in parallel, each a network with the same hostnames ``db`` and
+    ``service``: every lookup, forward and reverse, answers from the asker's own run."""
+    networks = [new_network_id() for _ in range(10)]
+
+    def create_run(network: str) -> tuple[BedPod, BedPod]:
+        db = bed.create_kubedock_pod("db", [network], aliases=["postgres"], timeout=60)
+        service = bed.create_kubedock_pod("service", [network], timeout=60)
+        return db, service
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        runs = list(pool.map(create_run, networks))
+    assert len({db.ip for db, _ in runs} | {s.ip for _, s in runs}) == 20
+
+    def check(run: tuple[BedPod, BedPod]) -> list[str]:
+        db, service = run
+        problems = []
+        for name in ("db", "postgres"):
+            rc, ips, out = ahosts(bed, service, name)
+            if (rc, ips) != (0, {db.ip}):
+                problems.append(f"{service.name} -> {name}: {out!r}, expected {db.ip}")
+        rc, ips, out = ahosts(bed, db, "service")
+        if (rc, ips) != (0, {service.ip}):
+            problems.append(f"{db.name} -> service: {out!r}, expected {service.ip}")
+        rc, names, out = reverse(bed, service, db.ip)
+        if rc != 0 or names[:1] != ["db"]:
+            problems.append(f"{service.name} -> PTR {db.ip}: {out!r}")
+        return problems
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = [p for found in pool.map(check, runs) for p in found]
+    assert problems == [], context(bed, *problems)
