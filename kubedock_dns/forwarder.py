@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
@@ -89,57 +89,130 @@ def question_section(message: bytes) -> bytes:
     return message[12 : offset + 4].lower()
 
 
-class _PendingQuery:
-    __slots__ = ("deferred", "timer", "question", "upstream")
+def send_datagram(transport, data: bytes, address) -> bool:
+    """Send one datagram on a listening UDP port; False when the kernel refused it.
 
-    def __init__(self, deferred, timer, question, upstream):
-        self.deferred = deferred
-        self.timer = timer
+    Straight to the socket: twisted's ``write`` re-validates the address three times per
+    datagram, a third of the cost of a relayed query.  A refused datagram (full buffer, vanished
+    peer) is dropped, as UDP may; the client retries.
+    """
+    try:
+        transport.socket.sendto(data, address)
+    except AttributeError:  # not a real port (in-memory transports in tests)
+        transport.write(data, address)
+    except OSError:
+        return False
+    return True
+
+
+class _PendingQuery:
+    __slots__ = ("attempt", "deadline", "question", "address")
+
+    def __init__(self, attempt, deadline, question, address):
+        self.attempt = attempt
+        self.deadline = deadline
         self.question = question
-        self.upstream = upstream
+        self.address = address
 
 
 class _UDPRelay(protocol.DatagramProtocol):
-    """One socket per address family, shared by every forwarded UDP query."""
+    """One socket per address family, shared by every forwarded UDP query.
+
+    Replies are matched on ID, upstream address and question; anything else is ignored.
+    """
 
     noisy = False
 
-    def __init__(self, reactor: IReactorTime) -> None:
+    def __init__(self, reactor: IReactorTime, timeout: float) -> None:
         self.reactor = reactor
+        self.timeout = timeout
+        # qid -> query; insertion order is deadline order, since every query waits ``timeout``.
         self.pending: dict[int, _PendingQuery] = {}
+        self._sweeper = task.LoopingCall(self.expire)
+        self._sweeper.clock = reactor
 
-    def send(self, query: bytes, upstream: Upstream, timeout: float) -> defer.Deferred:
-        while True:
+    def startProtocol(self) -> None:
+        # One timer for all queries instead of a DelayedCall each: expiry is checked every
+        # twentieth of the timeout, so a silent upstream is given up on within 5% of it.
+        self._sweeper.start(self.timeout / 20, now=False)
+
+    def stopProtocol(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def send(self, attempt: "_UDPAttempt", upstream: Upstream) -> None:
+        pending = self.pending
+        qid = random.getrandbits(16)
+        while qid in pending:
             qid = random.getrandbits(16)
-            if qid not in self.pending:
-                break
-        d: defer.Deferred = defer.Deferred()
-        timer = self.reactor.callLater(timeout, self._timed_out, qid)
-        self.pending[qid] = _PendingQuery(d, timer, question_section(query), upstream)
-        assert self.transport is not None
-        self.transport.write(struct.pack("!H", qid) + query[2:], (upstream.host, upstream.port))
-        return d
+        address = (upstream.host, upstream.port)
+        pending[qid] = _PendingQuery(attempt, self.reactor.seconds() + self.timeout, attempt.question, address)
+        if not send_datagram(self.transport, _ID.pack(qid) + attempt.query[2:], address):
+            del pending[qid]
+            attempt.failed("the datagram could not be sent")
 
-    def _timed_out(self, qid: int) -> None:
-        pending = self.pending.pop(qid, None)
-        if pending is not None:
-            pending.deferred.errback(error.TimeoutError(f"no answer from {pending.upstream}"))
+    def expire(self) -> None:
+        """Give up on every query whose upstream stayed silent past the timeout."""
+        now = self.reactor.seconds()
+        pending = self.pending
+        while pending:
+            qid = next(iter(pending))
+            if pending[qid].deadline > now:
+                break
+            pending.pop(qid).attempt.failed("no answer within the forward timeout")
 
     def datagramReceived(self, data: bytes, addr) -> None:
         if len(data) < 12 or not data[2] & 0x80:
             return
-        (qid,) = struct.unpack("!H", data[:2])
+        qid = _ID.unpack_from(data)[0]
         pending = self.pending.get(qid)
-        if pending is None or (addr[0], addr[1]) != (pending.upstream.host, pending.upstream.port):
+        if pending is None or (addr[0], addr[1]) != pending.address:
             return
-        try:
-            if question_section(data) != pending.question:
-                return
-        except (IndexError, ValueError):
+        question = pending.question
+        if data[12 : 12 + len(question)].lower() != question:
             return
         del self.pending[qid]
-        pending.timer.cancel()
-        pending.deferred.callback(data)
+        pending.attempt.answered(data)
+
+
+_ID = struct.Struct("!H")
+
+
+class _UDPAttempt:
+    """One forwarded UDP question walking through the upstreams in order."""
+
+    __slots__ = ("forwarder", "query", "question", "result", "position", "outcomes")
+
+    def __init__(self, forwarder: "Forwarder", query: bytes, result: defer.Deferred) -> None:
+        self.forwarder = forwarder
+        self.query = query
+        self.question = question_section(query)
+        self.result = result
+        self.position = -1
+        self.outcomes: list[str] = []
+
+    def next(self) -> None:
+        forwarder = self.forwarder
+        self.position += 1
+        if self.position >= len(forwarder.upstreams):
+            forwarder.in_flight -= 1
+            forwarder.failed += 1
+            self.result.errback(UpstreamsFailed("; ".join(self.outcomes)))
+            return
+        upstream = forwarder.upstreams[self.position]
+        forwarder._relays[6 if ":" in upstream.host else 4].send(self, upstream)
+
+    def answered(self, answer: bytes) -> None:
+        rcode = answer[3] & 0x0F
+        if OUTCOME.get(rcode, RELAY) == NEXT:
+            self.failed(f"rcode {rcode}")
+            return
+        self.forwarder.in_flight -= 1
+        self.result.callback(self.query[:2] + answer[2:])
+
+    def failed(self, why: str) -> None:
+        self.outcomes.append(f"{self.forwarder.upstreams[self.position]}: {why}")
+        self.next()
 
 
 class _TCPQuery(Int16StringReceiver):
@@ -184,40 +257,45 @@ class Forwarder:
 
     def start(self) -> None:
         for family in {6 if ":" in u.host else 4 for u in self.upstreams}:
-            relay = _UDPRelay(self.reactor)
+            relay = _UDPRelay(self.reactor, self.timeout)
             self.reactor.listenUDP(0, relay, interface="::" if family == 6 else "0.0.0.0")
             self._relays[family] = relay
 
     def stop(self) -> defer.Deferred:
         stops = []
         for relay in self._relays.values():
-            for pending in list(relay.pending.values()):
-                pending.timer.cancel()
+            pending = list(relay.pending.values())
             relay.pending.clear()
+            for query in pending:
+                query.attempt.result.errback(UpstreamsFailed("the server is stopping"))
             if relay.transport is not None:
                 stops.append(defer.maybeDeferred(relay.transport.stopListening))
         self._relays.clear()
         return defer.gatherResults(stops)
 
-    @defer.inlineCallbacks
-    def forward(self, query: bytes, over_tcp: bool = False):
+    def forward(self, query: bytes, over_tcp: bool = False) -> defer.Deferred:
         """The upstream's whole answer to ``query`` with the client's ID restored.
 
-        Fails with :class:`Overloaded` or :class:`UpstreamsFailed`.
+        Fails with :class:`Overloaded` or :class:`UpstreamsFailed`.  ``query`` has been checked
+        to hold exactly one well-formed question.
         """
         if self.in_flight >= self.max_in_flight:
             self.refused_overload += 1
-            raise Overloaded(f"{self.in_flight} forwarded queries in flight")
+            return defer.fail(Overloaded(f"{self.in_flight} forwarded queries in flight"))
         self.in_flight += 1
+        if over_tcp:
+            return self._forward_tcp(query)
+        result: defer.Deferred = defer.Deferred()
+        _UDPAttempt(self, query, result).next()
+        return result
+
+    @defer.inlineCallbacks
+    def _forward_tcp(self, query: bytes):
         outcomes = []
         try:
             for upstream in self.upstreams:
                 try:
-                    if over_tcp:
-                        answer = yield self._ask_tcp(query, upstream)
-                    else:
-                        relay = self._relays[6 if ":" in upstream.host else 4]
-                        answer = yield relay.send(query, upstream, self.timeout)
+                    answer = yield self._ask_tcp(query, upstream)
                 except Exception as failure:  # timeout, refused connection, reset: try the next
                     outcomes.append(f"{upstream}: {failure}")
                     continue

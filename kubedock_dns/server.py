@@ -31,7 +31,7 @@ from kubedock_dns.wire import (
     WireError,
     parse_question,
 )
-from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed
+from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
 from kubedock_dns.resolver import (
     TYPE_A,
     TYPE_AAAA,
@@ -315,4 +315,4 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             if transport.connected:
                 proto.sendString(wire)
         else:
-            transport.write(wire, address)
+            send_datagram(transport, wire, address)
