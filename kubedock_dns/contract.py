@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 HOSTALIAS_PREFIX = "kubedock.hostalias/"

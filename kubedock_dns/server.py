@@ -12,7 +12,6 @@ Malformed input never raises out of a protocol: a datagram too short for a heade
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,6 @@ from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_
 from kubedock_dns.resolver import (
     TYPE_A,
     TYPE_AAAA,
-    TYPE_PTR,
     Answer,
     Decision,
     Forward,

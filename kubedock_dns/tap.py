@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 from twisted.application import internet, service
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Site
 

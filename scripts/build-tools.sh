@@ -69,7 +69,9 @@ build_etcd() {
 build_coredns() {
     local out=$CACHE/coredns-$COREDNS_VERSION/coredns
     if [ ! -x "$out" ]; then
-        build_in_scratch_module github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns "$out" </dev/null
+        # In a subshell: the RETURN trap build_in_scratch_module sets would otherwise fire again when
+        # this function returns, where its local $work is unbound (set -u), and fail the run.
+        (build_in_scratch_module github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns "$out" </dev/null)
     fi
     echo "$out"
 }

@@ -115,7 +115,6 @@ def run_scenario(bed) -> list[Row]:
     rows = []
     for run, other in (("run-a", "run-b"), ("run-b", "run-a")):
         network, db, service = runs[run]
-        other_db = runs[other][1]
         asker, net = f"{run}/service", f"{run} ({network[:8]})"
         say(f"{asker} is looking names up")
         rows.append(Row(asker, net, "db", resolver.forward(service, "db"), db.ip,

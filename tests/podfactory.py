@@ -56,3 +56,13 @@ def kubedock_pod(name: str, networks=(), aliases=(), hostname=None, ip=None, ips
 
 def record(*args, **kwargs) -> PodRecord:
     return pod_record_from_dict(kubedock_pod(*args, **kwargs))
+
+
+def creatable_pod(name: str, *, opted_in: bool = True, networks=("net-a",)) -> dict:
+    """A kubedock-shaped pod body to POST to the API server: no uid, no status."""
+    pod = kubedock_pod(name, list(networks), aliases=[f"{name}-alias"], container_name=f"/{name}",
+                       container_id="0123456789ab")
+    del pod["metadata"]["uid"], pod["metadata"]["namespace"], pod["status"]
+    if not opted_in:
+        del pod["metadata"]["labels"]["kubedock"]
+    return {"apiVersion": "v1", "kind": "Pod", **pod}

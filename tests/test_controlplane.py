@@ -17,6 +17,7 @@ from typing import Any, Generator
 import pytest
 
 from testbed.controlplane import Binaries, ControlPlane, ControlPlaneError
+from tests.podfactory import creatable_pod
 
 pytestmark = pytest.mark.controlplane
 
@@ -24,30 +25,8 @@ STRATEGIC = "application/strategic-merge-patch+json"
 
 
 def kubedock_pod(name: str, *, opted_in: bool = True) -> dict[str, Any]:
-    """A pod shaped like the ones kubedock creates: two containers, contract labels and annotations."""
-    labels = {"kubedock.containerid": "0123456789ab", "app": name}
-    if opted_in:
-        labels["kubedock"] = "true"
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": labels,
-            "annotations": {
-                "kubedock.hostalias/0": name,
-                "kubedock.hostalias/1": f"{name}-alias",
-                "kubedock.network/0": "net-a",
-                "kubedock.containername": f"/{name}",
-            },
-        },
-        "spec": {
-            "containers": [
-                {"name": "main", "image": "docker.io/library/alpine:3.20", "command": ["sleep", "3600"]},
-                {"name": "setup", "image": "docker.io/library/busybox:1.36", "args": ["true"]},
-            ],
-        },
-    }
+    """A pod shaped like the ones kubedock creates (tests/podfactory.py)."""
+    return creatable_pod(name, opted_in=opted_in)
 
 
 def running_status(ip: str) -> dict[str, Any]:
@@ -91,7 +70,7 @@ def test_pod_is_stored_as_given_and_takes_kubelet_status(core_api: Any, namespac
     while the spec stays untouched."""
     core_api.create_namespaced_pod(namespace, kubedock_pod("db"))
     stored = raw(core_api.read_namespaced_pod("db", namespace, _preload_content=False))
-    assert [c["name"] for c in stored["spec"]["containers"]] == ["main", "setup"]
+    assert [c["name"] for c in stored["spec"]["containers"]] == ["main"]
     assert stored["metadata"]["labels"]["kubedock"] == "true"
     assert stored["metadata"]["annotations"]["kubedock.hostalias/1"] == "db-alias"
     assert stored["status"].get("podIP") is None

@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted
-from kubedock_dns.index import Asker, Conflict, NetworkIndex, reverse_name_to_ip
+from kubedock_dns.index import Conflict, NetworkIndex, reverse_name_to_ip
 from tests.podfactory import network_id, record
 
 NET_A, NET_B = network_id("a"), network_id("b")

@@ -12,7 +12,6 @@ import urllib.request
 
 import dns.message
 import dns.query
-import pytest
 
 from testbed.upstream import Dnsmasq, free_port
 from tests.podfactory import kubedock_pod, network_id

@@ -9,7 +9,6 @@ subresource, the way a kubelet would.  The watcher runs in its own thread as in 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -23,6 +22,7 @@ from kubedock_dns.watcher import (
     WatcherConfig,
     WatcherService,
 )
+from tests.podfactory import creatable_pod
 
 pytestmark = pytest.mark.controlplane
 
@@ -30,25 +30,8 @@ WAIT = 60.0  # seconds; generous, the machine is shared with builds
 
 
 def kubedock_pod(name: str, *, opted_in: bool = True) -> dict[str, Any]:
-    """A pod shaped like kubedock's: contract labels and annotations, one network."""
-    labels = {"kubedock.containerid": "0123456789ab"}
-    if opted_in:
-        labels["kubedock"] = "true"
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "labels": labels,
-            "annotations": {
-                "kubedock.hostalias/0": name,
-                "kubedock.hostalias/1": f"{name}-alias",
-                "kubedock.network/0": "net-a",
-                "kubedock.containername": f"/{name}",
-            },
-        },
-        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "busybox"}]},
-    }
+    """A pod shaped like the ones kubedock creates (tests/podfactory.py)."""
+    return creatable_pod(name, opted_in=opted_in)
 
 
 def kubelet_status(ip: str, phase: str = "Running") -> dict[str, Any]:
