@@ -34,7 +34,7 @@ class AnnotationError(ValueError):
     """An annotation of a pod does not follow the contract; the message names key and value."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodRecord:
     """What the index keeps of one pod: identity, addresses, networks and names.
 
@@ -84,21 +84,21 @@ class PodRecord:
         return not self.ips and self.phase == "Pending" and not self.host_network
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Relisted:
     """The complete set of opted-in pods, as a fresh list returned it; marks the index synced."""
 
     records: tuple[PodRecord, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Upserted:
     """One pod was added or changed."""
 
     record: PodRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Deleted:
     """One pod is gone."""
 

@@ -35,7 +35,7 @@ class Conflict(Exception):
         super().__init__(f"address {ip} is claimed by several live pods: {', '.join(self.uids)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Asker:
     """The pod a query came from: its namespace and its networks in annotation order."""
 
@@ -44,7 +44,7 @@ class Asker:
     networks: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ForwardAnswer:
     """The addresses a name has in one network (possibly none of the asked family)."""
 
