@@ -86,7 +86,7 @@ class NetworkIndex:
         self._labels: dict[str, set[str]] = {}
         self._label_refs: dict[str, int] = {}
         self._awaiting_ip: set[str] = set()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: dict[Callable[[], None], None] = {}  # ordered set: O(1) forget
         self.conflicts_seen = 0
 
     # -- updates ----------------------------------------------------------------------------------
@@ -103,19 +103,16 @@ class NetworkIndex:
             else:
                 raise TypeError(f"not an index change: {change!r}")
         self.generation += 1
-        listeners, self._listeners = self._listeners, []
+        listeners, self._listeners = self._listeners, {}
         for listener in listeners:
             listener()
 
     def when_changed(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` once, after the next :meth:`apply`."""
-        self._listeners.append(listener)
+        self._listeners[listener] = None
 
     def forget_listener(self, listener: Callable[[], None]) -> None:
-        try:
-            self._listeners.remove(listener)
-        except ValueError:
-            pass
+        self._listeners.pop(listener, None)
 
     def _replace_all(self, records: Iterable[PodRecord]) -> None:
         fresh = {r.uid: r for r in records}

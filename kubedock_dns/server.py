@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import server as names_server
+from twisted.protocols.policies import TimeoutMixin
 
 from kubedock_dns.contract import canonical_ip
 # SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
@@ -64,6 +65,7 @@ class Counters:
     notimp: int = 0
     dropped: int = 0
     held: int = 0
+    hold_overflow: int = 0
     hold_expired: int = 0
     truncated: int = 0
     fast_path: int = 0
@@ -130,8 +132,23 @@ class QueryDatagramProtocol(dns.DNSDatagramProtocol):
         self.controller.query_received(data, self, addr, addr[0])
 
 
-class QueryStreamProtocol(dns.DNSProtocol):
-    """TCP: queries are attributed to the connection's peer address."""
+class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
+    """TCP: queries are attributed to the connection's peer address.  An idle connection is
+    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out)."""
+
+    IDLE_SECONDS = 30
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(self.IDLE_SECONDS)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.setTimeout(None)
+        super().connectionLost(reason)
 
     def stringReceived(self, data: bytes) -> None:
         assert self.transport is not None
@@ -145,7 +162,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     protocol = QueryStreamProtocol
 
     def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder, ttl: int = 5,
-                 fast_path=None) -> None:
+                 fast_path=None, max_held: int = 4096) -> None:
         super().__init__()
         self.reactor = reactor
         self.resolver = resolver
@@ -153,6 +170,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         self.ttl = ttl
         self.counters = Counters()
         self.fast_path = fast_path
+        self.holding = 0
+        self.max_held = max_held
 
     def buildProtocol(self, addr):
         p = self.protocol(self, self.reactor)
@@ -209,14 +228,21 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         name = question.name.name.lower().decode("latin-1")
         if question.cls != CLASS_IN:
             return self._forward(message, data, proto, address)
-        decision = self.resolver.decide(source_ip, name, question.type, now=self.reactor.seconds())
+        now = self.reactor.seconds()
+        decision = self.resolver.decide(source_ip, name, question.type, now=now)
         if isinstance(decision, Hold):
-            self.counters.held += 1
-            self._hold(source_ip, name, question.type, decision).addCallback(
-                self._respond, message, data, proto, address
-            )
-        else:
-            self._respond(decision, message, data, proto, address)
+            if self.holding >= self.max_held:
+                # A flood of questions for names that do not exist must not pile up: past the
+                # bound they are decided as if their hold had already expired.
+                self.counters.hold_overflow += 1
+                decision = self.resolver.decide(source_ip, name, question.type, held=True, now=now)
+            else:
+                self.counters.held += 1
+                self._hold(source_ip, name, question.type, decision).addCallback(
+                    self._respond, message, data, proto, address
+                )
+                return
+        self._respond(decision, message, data, proto, address)
 
     # -- holding -----------------------------------------------------------------------------------
 
@@ -225,6 +251,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         after the hold bound, with whatever the index says then."""
         resolver, index = self.resolver, self.resolver.index
         result: defer.Deferred = defer.Deferred()
+        self.holding += 1
 
         def on_change() -> None:
             decision = resolver.decide(source_ip, name, qtype, now=self.reactor.seconds())
@@ -232,6 +259,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 index.when_changed(on_change)
                 return
             timer.cancel()
+            self.holding -= 1
             result.callback(decision)
 
         def on_timeout() -> None:
@@ -240,6 +268,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             if first.miss_key is not None:
                 resolver.misses.remember(first.miss_key, now)
             self.counters.hold_expired += 1
+            self.holding -= 1
             result.callback(resolver.decide(source_ip, name, qtype, held=True, now=now))
 
         index.when_changed(on_change)

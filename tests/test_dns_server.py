@@ -291,6 +291,22 @@ class HoldTests(DNSServerTestCase):
         self.assertEqual(addresses(r), [B_DB])
 
     @defer.inlineCallbacks
+    def test_holds_are_bounded_and_overflow_is_answered_at_once(self):
+        """Past the bound on held questions, a question for an unknown name is decided at once
+        (forwarded) instead of piling up."""
+        self.top.dns_factory.max_held = 1
+        started = time.monotonic()
+        first = self.ask(A_SVC, "nobody-1")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        second = yield self.ask(A_SVC, "nobody-2")
+        self.assertEqual(second.rcode(), dns.rcode.NXDOMAIN)
+        self.assertLess(time.monotonic() - started, 1.2)
+        self.assertEqual(self.top.dns_factory.counters.hold_overflow, 1)
+        r = yield first
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        self.assertEqual(self.top.dns_factory.holding, 0)
+
+    @defer.inlineCallbacks
     def test_not_synced_index_answers_servfail_after_the_hold(self):
         """Until the first complete list arrives, local answers are unknown: SERVFAIL."""
         self.index.synced = False
@@ -370,6 +386,25 @@ class OverloadTests(DNSServerTestCase):
         self.assertEqual(rcodes.count(dns.rcode.REFUSED), 4)
         self.assertEqual(rcodes.count(dns.rcode.SERVFAIL), 2)
         self.assertEqual(self.top.dns_factory.forwarder.refused_overload, 4)
+
+
+class IdleTCPTests(DNSServerTestCase):
+    def setUp(self):
+        from kubedock_dns.server import QueryStreamProtocol
+
+        self.patch(QueryStreamProtocol, "IDLE_SECONDS", 0.5)
+        super().setUp()
+
+    @defer.inlineCallbacks
+    def test_idle_tcp_connections_are_closed_by_the_server(self):
+        """A TCP client that connects and stays silent is disconnected (RFC 7766)."""
+        def idle_client():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                started = time.monotonic()
+                return s.recv(1), time.monotonic() - started
+        data, waited = yield deferToThread(idle_client)
+        self.assertEqual(data, b"")
+        self.assertLess(waited, 3)
 
 
 class MalformedInputTests(DNSServerTestCase):
