@@ -32,6 +32,7 @@ import dns.query
 import dns.rcode
 
 from bench.topology import FORWARDED_ANSWER, FORWARDED_ZONE, TTL, Query, Topology
+from testbed.upstream import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -40,21 +41,6 @@ UPSTREAM_ADDRESS = "127.53.53.53"
 
 class Unavailable(Exception):
     """A server's binary is missing or cannot be built; the message says what to do."""
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``address`` (checked, then released)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((address, 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((address, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no port free for both UDP and TCP on {address}")
 
 
 def pinning(core: int | None) -> list[str]:

@@ -36,16 +36,12 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from testbed import netns
+from testbed.controlplane import ManagedProcess
 from testbed.kubelet import KubeletStandIn, LoopbackPlane
 from testbed.netns import ExecResult, PodNetwork
 from testbed.upstream import Dnsmasq, free_port
@@ -64,7 +61,6 @@ DECOY_DB_IP = "10.96.7.7"
 KUBERNETES_IP = "10.96.0.1"
 SERVICE_IP = "10.96.0.53"
 CLUSTER_DNS_IP = "10.96.0.10"
-_SETPRIV = shutil.which("setpriv")
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
 
 
@@ -121,54 +117,6 @@ def _no_proxy_opener(context: ssl.SSLContext | None = None) -> urllib.request.Op
     return urllib.request.build_opener(*handlers)
 
 
-class _ServerProcess:
-    """kubedock-dns under twistd: own process group, log file, dies with us (setpriv)."""
-
-    def __init__(self, argv: Sequence[str], log_path: Path, cwd: Path) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.cwd = cwd
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = self.argv
-        if _SETPRIV and threading.current_thread() is threading.main_thread():
-            argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                          cwd=self.cwd, env=env)
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as e:
-            return f"(no log: {e})"
-
-    def stop(self) -> None:
-        p, self.popen = self.popen, None
-        if p is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=10)
-
-
 class EndToEndBed:
     """See the module docstring.
 
@@ -205,7 +153,7 @@ class EndToEndBed:
         self.loopback_reason = ""
         self.upstream: Dnsmasq | None = None
         self.kubelet: KubeletStandIn | None = None
-        self.server: _ServerProcess | None = None
+        self.server: ManagedProcess | None = None
         self.dns_port = 0
         self.ops_port = 0
         self.webhook_port = 0
@@ -329,7 +277,7 @@ class EndToEndBed:
             "--dns-service-ip", self.service_ip,
             *self._server_args,
         ]
-        self.server = _ServerProcess(argv, self.workdir / "kubedock-dns.log", self.workdir)
+        self.server = ManagedProcess("kubedock-dns", argv, self.workdir / "kubedock-dns.log", cwd=self.workdir)
         self._stack.callback(self.server.stop)
         self._progress(f"starting kubedock-dns (DNS :{self.dns_port}, webhook :{self.webhook_port}, "
                        f"ops :{self.ops_port}); log {self.server.log_path}")

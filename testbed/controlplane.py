@@ -211,13 +211,14 @@ def _child_env() -> dict[str, str]:
 _SETPRIV = shutil.which("setpriv")
 
 
-class _Process:
+class ManagedProcess:
     """One child in its own process group, output to a log file, killed as a group."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, cwd: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -235,6 +236,7 @@ class _Process:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=_child_env(),
+                cwd=self.cwd,
             )
 
     def alive(self) -> bool:
@@ -271,8 +273,8 @@ class _Process:
             pass
         self.popen = None
 
-    def tail(self) -> str:
-        return _tail(self.log_path)
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
 
     def failure(self, what: str) -> ControlPlaneError:
         status = self.exit_status()
@@ -377,8 +379,8 @@ class ControlPlane:
         self.etcd_url = ""
         self.ca_path = Path()
         self.kubeconfig_path = Path()
-        self._etcd: _Process | None = None
-        self._apiserver: _Process | None = None
+        self._etcd: ManagedProcess | None = None
+        self._apiserver: ManagedProcess | None = None
         self._pki: _Pki | None = None
         self._apiserver_port = 0
 
@@ -540,7 +542,7 @@ class ControlPlane:
             ]
             if "--unsafe-no-fsync" in _etcd_help(etcd):
                 argv.append("--unsafe-no-fsync")
-            proc = _Process("etcd", argv, self.base_dir / "etcd.log")
+            proc = ManagedProcess("etcd", argv, self.base_dir / "etcd.log")
             self._etcd = proc
             self.etcd_url = client_url
             proc.start()
@@ -587,7 +589,7 @@ class ControlPlane:
             if new_port:
                 self._apiserver_port = _free_port()
                 self.url = f"https://{LOOPBACK}:{self._apiserver_port}"
-            proc = _Process("kube-apiserver", self._apiserver_argv(), self.base_dir / "kube-apiserver.log")
+            proc = ManagedProcess("kube-apiserver", self._apiserver_argv(), self.base_dir / "kube-apiserver.log")
             self._apiserver = proc
             proc.start()
             if self._wait_ready(proc, f"{self.url}/readyz", context, lambda body: True):
@@ -601,7 +603,7 @@ class ControlPlane:
 
     def _wait_ready(
         self,
-        proc: _Process,
+        proc: ManagedProcess,
         url: str,
         context: ssl.SSLContext | None,
         healthy: Callable[[bytes], bool],
