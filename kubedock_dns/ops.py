@@ -39,8 +39,9 @@ class OpsApp:
         request.setHeader("Content-Type", "text/plain; version=0.0.4")
         lines = []
         for name, value in sorted(self.metrics().items()):
-            metric = "kubedock_dns_" + name
-            lines.append(f"# TYPE {metric} {'gauge' if name in GAUGES else 'counter'}")
+            gauge = name in GAUGES
+            metric = "kubedock_dns_" + name + ("" if gauge else "_total")
+            lines.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
             lines.append(f"{metric} {value}")
         return ("\n".join(lines) + "\n").encode()
 
@@ -50,4 +51,5 @@ class OpsApp:
         return json.dumps(self.index.describe(), indent=2).encode()
 
 
-GAUGES = frozenset({"pods", "pods_awaiting_ip", "conflicted_addresses", "synced", "forwards_in_flight"})
+GAUGES = frozenset({"pods", "pods_awaiting_ip", "conflicted_addresses", "synced", "forwards_in_flight",
+                    "holding"})

@@ -6,6 +6,7 @@ Only the reactor thread touches the index: the watcher thread hands its changes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from twisted.application import internet, service
@@ -107,11 +108,12 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
+            holding=factory.holding,
             ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
             forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
         )
         if watcher_service is not None:
-            for name, value in watcher_service.metrics().__dict__.items():
+            for name, value in dataclasses.asdict(watcher_service.metrics()).items():
                 values["watcher_" + name] = value
         return values
 

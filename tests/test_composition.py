@@ -146,14 +146,14 @@ def test_api_server_restart_and_expired_resource_version_leave_no_stale_answers(
     old = bed.create_kubedock_pod("old", [net])
     asker = bed.create_kubedock_pod("asker", [net])
     eventually(lambda: _resolved(bed, asker, "old", old.ip))
-    relists_before = bed.metrics().get("kubedock_dns_watcher_relists", 0)
+    relists_before = bed.metrics().get("kubedock_dns_watcher_relists_total", 0)
     bed.control_plane.compact_etcd()
     bed.control_plane.restart_apiserver()
     bed.delete_pod(old)
     new = bed.create_kubedock_pod("new", [net])
     eventually(lambda: _resolved(bed, asker, "new", new.ip), timeout=30)
     eventually(lambda: _not_resolved_name(bed, asker, "old", old.ip), timeout=30)
-    assert bed.metrics()["kubedock_dns_watcher_relists"] > relists_before
+    assert bed.metrics()["kubedock_dns_watcher_relists_total"] > relists_before
 
 
 def _resolved(bed, asker, name, ip):

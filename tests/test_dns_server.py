@@ -140,6 +140,15 @@ class LocalAnswersTests(DNSServerTestCase):
             self.assertEqual(r.answer, [], rdtype)
 
     @defer.inlineCallbacks
+    def test_dual_stack_pod_answers_a_and_aaaa(self):
+        """A pod with an IPv4 and an IPv6 address answers each family with its own record."""
+        self.index.apply([Upserted(record("v6db", [NET_A], ips=["127.10.1.9", "fd00::9"], namespace=NS, uid="v6"))])
+        r = yield self.ask(A_SVC, "v6db", "AAAA")
+        self.assertEqual([x.address for x in r.answer[0]], ["fd00::9"])
+        r = yield self.ask(A_SVC, "v6db")
+        self.assertEqual(addresses(r), ["127.10.1.9"])
+
+    @defer.inlineCallbacks
     def test_asker_in_several_networks_gets_the_first_network_that_has_the_name(self):
         """multi is in C then A; C has no db, so A's db answers; nothing of B ever does."""
         r = yield self.ask(MULTI, "db")

@@ -65,8 +65,8 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
                               port=dns_port, source="127.20.0.2", timeout=5)
             assert [x.address for x in r.answer[0]] == [upstream.kubernetes_ip]
             metrics = urllib.request.urlopen(ops + "/metrics", timeout=5).read().decode()
-            assert "kubedock_dns_answered_local 1" in metrics
-            assert "kubedock_dns_forwarded 1" in metrics
+            assert "kubedock_dns_answered_local_total 1" in metrics
+            assert "kubedock_dns_forwarded_total 1" in metrics
             networks = json.load(urllib.request.urlopen(ops + "/debug/networks", timeout=5))
             assert sorted(m["pod"] for m in networks["networks"][net]) == ["app", "db"]
         finally:
