@@ -134,6 +134,9 @@ class Resolver:
             if index.pods_awaiting_ip and not held:
                 return Hold("unknown asker while opted-in pods wait for their address")
             return Forward("asker is not a known pod")
+        if not asker.networks:
+            # Admitted with a warning: it is on no network, so nothing can ever be local to it.
+            return Forward("asker is on no kubedock network")
         if qtype == TYPE_PTR:
             address = reverse_name_to_ip(name.split("."))
             if address is None:

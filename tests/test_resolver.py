@@ -107,6 +107,12 @@ def test_unknown_short_name_is_held_once_then_remembered():
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=200.0), Hold)
 
 
+def test_asker_on_no_network_is_forwarded_without_holding():
+    """A pod admitted without network annotations can have no local names: nothing is held."""
+    r = resolver_with(record("lonely", [], ip="10.0.3.1"), record("db", [NET_A], ip="10.0.1.1"))
+    assert isinstance(r.decide("10.0.3.1", "db", TYPE_A), Forward)
+
+
 def test_outside_names_are_forwarded_without_holding():
     """Multi-label names (example.com, Services) are not held: outside lookups stay fast."""
     r = two_runs()
