@@ -518,6 +518,14 @@ class EndToEndBed:
                                      timeout=5) as r:
             return json.loads(r.read())
 
+    def ready(self) -> bool:
+        """Whether kubedock-dns's ``/readyz`` says ready."""
+        try:
+            with _no_proxy_opener().open(f"http://127.0.0.1:{self.ops_port}/readyz", timeout=5) as r:
+                return r.status == 200
+        except urllib.error.HTTPError:
+            return False
+
     def metrics(self) -> dict[str, float]:
         """kubedock-dns's ``/metrics`` as name -> value."""
         with _no_proxy_opener().open(f"http://127.0.0.1:{self.ops_port}/metrics", timeout=5) as r:

@@ -162,3 +162,23 @@ def _resolved(bed, asker, name, ip):
 
 def _not_resolved_name(bed, asker, name, ip):
     assert ip not in addresses(ask(bed, asker, name))
+
+
+def test_names_keep_resolving_while_the_api_server_is_down(bed):
+    """An API server outage loses nothing: known pods keep answering from the last state, the
+    server stays ready, and changes made after the outage arrive."""
+    from testbed.bed import new_network_id
+
+    net = new_network_id()
+    db = bed.create_kubedock_pod("db", [net])
+    asker = bed.create_kubedock_pod("asker", [net])
+    eventually(lambda: _resolved(bed, asker, "db", db.ip))
+    bed.control_plane.stop_apiserver()
+    try:
+        time.sleep(1.0)
+        _resolved(bed, asker, "db", db.ip)
+        assert bed.ready()
+    finally:
+        bed.control_plane.start_apiserver()
+    late = bed.create_kubedock_pod("late", [net])
+    eventually(lambda: _resolved(bed, asker, "late", late.ip), timeout=30)

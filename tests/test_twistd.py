@@ -25,6 +25,10 @@ def twistd_env() -> dict:
     return env
 
 
+# Loopback only: never through a proxy the environment may name.
+urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+
+
 def wait_for(predicate, timeout=60.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,7 +60,7 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
                                 text=True, cwd=str(tmp_path))
         try:
             ops = f"http://127.0.0.1:{ops_port}"
-            wait_for(lambda: urllib.request.urlopen(ops + "/readyz", timeout=1).status == 200,
+            wait_for(lambda: urlopen(ops + "/readyz", timeout=1).status == 200,
                      what="/readyz")
             query = dns.message.make_query("db", "A")
             r = dns.query.udp(query, "127.0.0.1", port=dns_port, source="127.20.0.2", timeout=5)
@@ -64,10 +68,10 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
             r = dns.query.udp(dns.message.make_query(upstream.kubernetes_name, "A"), "127.0.0.1",
                               port=dns_port, source="127.20.0.2", timeout=5)
             assert [x.address for x in r.answer[0]] == [upstream.kubernetes_ip]
-            metrics = urllib.request.urlopen(ops + "/metrics", timeout=5).read().decode()
+            metrics = urlopen(ops + "/metrics", timeout=5).read().decode()
             assert "kubedock_dns_answered_local_total 1" in metrics
             assert "kubedock_dns_forwarded_total 1" in metrics
-            networks = json.load(urllib.request.urlopen(ops + "/debug/networks", timeout=5))
+            networks = json.load(urlopen(ops + "/debug/networks", timeout=5))
             assert sorted(m["pod"] for m in networks["networks"][net]) == ["app", "db"]
         finally:
             proc.send_signal(signal.SIGTERM)
