@@ -161,13 +161,12 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
 
     protocol = QueryStreamProtocol
 
-    def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder, ttl: int = 5,
+    def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder,
                  fast_path=None, max_held: int = 4096) -> None:
         super().__init__()
         self.reactor = reactor
         self.resolver = resolver
         self.forwarder = forwarder
-        self.ttl = ttl
         self.counters = Counters()
         self.fast_path = fast_path
         self.holding = 0
@@ -197,7 +196,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if len(data) < 12:
             counters.dropped += 1
             return
-        qid, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
+        _, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
         if flags & 0x8000:
             counters.dropped += 1  # a response: answering it could start a loop
             return
@@ -300,7 +299,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             limit = TCP_LIMIT
         else:
             limit = edns if edns is not None else UDP_PLAIN_LIMIT
-        wire, truncated = encode_answer(message, edns, rcode, decision, self.ttl, limit)
+        wire, truncated = encode_answer(message, edns, rcode, decision, self.resolver.config.ttl, limit)
         if truncated:
             self.counters.truncated += 1
         self._write(proto, address, wire)

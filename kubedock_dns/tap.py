@@ -74,8 +74,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
 
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout))
-    fast_path = FastPath(resolver, config.ttl) if config.fast_path else None
-    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, ttl=config.ttl, fast_path=fast_path)
+    fast_path = FastPath(resolver, reactor.seconds) if config.fast_path else None
+    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path)
     factory.verbose = int(config.verbose)
     top.dns_factory = factory  # type: ignore[attr-defined]
     dns_service = service.MultiService()

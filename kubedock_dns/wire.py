@@ -114,11 +114,12 @@ class FastPath:
     holds its bytes equal to the full path's.
     """
 
-    def __init__(self, resolver: Resolver, ttl: int, shuffle: Callable[[list], Any] = random.shuffle,
-                 max_entries: int = 100_000) -> None:
+    def __init__(self, resolver: Resolver, clock: Callable[[], float],
+                 shuffle: Callable[[list], Any] = random.shuffle, max_entries: int = 100_000) -> None:
         self.resolver = resolver
         self.index = resolver.index
-        self.ttl = ttl
+        self.ttl = resolver.config.ttl
+        self.clock = clock
         self.max_entries = max_entries
         self._shuffle = shuffle
         self._generation = -1
@@ -166,7 +167,7 @@ class FastPath:
                 return None
         elif end != len(data):
             return None
-        decision = self.resolver.decide(source_ip, qname.decode("latin-1"), qtype, now=0.0)
+        decision = self.resolver.decide(source_ip, qname.decode("latin-1"), qtype, now=self.clock())
         if isinstance(decision, Forward):
             return FORWARD if decision.cacheable else None
         if not isinstance(decision, Answer):

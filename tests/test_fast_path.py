@@ -97,8 +97,8 @@ def test_fast_path_bytes_equal_full_path_bytes(data):
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
     resolver = Resolver(index, ResolverConfig(), shuffle=keep_order)
-    full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None, ttl=5)
-    fast = FastPath(resolver, ttl=5, shuffle=keep_order)
+    full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None)
+    fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order)
     hits = 0
     for _ in range(20):
         wire = data.draw(queries(pods))
@@ -121,7 +121,7 @@ def test_fast_path_answers_the_common_cases():
             record("app", [NETS[0]], ip="10.1.0.2", uid="app", namespace="ns")]
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
-    fast = FastPath(Resolver(index, ResolverConfig()), ttl=5)
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
     for name, qtype in (("db.ns.svc.cluster.local", "A"), ("db", "AAAA"), ("1.0.1.10.in-addr.arpa", "PTR")):
         for edns in (False, 0):
             wire = dns.message.make_query(name, qtype, use_edns=edns).to_wire()
