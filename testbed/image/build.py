@@ -2,8 +2,15 @@
 
 Contract
 --------
-- :func:`build_image` runs ``podman build --isolation chroot`` (buildah inside podman: no OCI
-  runtime and no cgroups are needed while building) on a context directory and returns the tag.
+- :func:`build_image` runs ``podman build --isolation chroot --layers=false`` (buildah inside
+  podman: no OCI runtime and no cgroups are needed while building) on a context directory and
+  returns the tag.  ``--layers=false`` because podman 4.3's layer cache is wrong for
+  ``RUN --mount=type=bind,from=<stage>``, which the Dockerfile uses: a cached builder stage is
+  not mounted at all (podman#16281: "couldn't find .../merged/wheels ... to bind mount", pip then
+  finds no wheels), and a cached mounting step is reused even when the stage it mounts changed
+  (podman#17119, still open), which would ship stale code.  BuildKit (``docker build``) has
+  neither problem.  The image replaced under the same tag is removed, so rebuilds do not pile
+  up in the store.
 - :func:`push` runs ``podman push --tls-verify=false`` (the loopback registry speaks plain HTTP).
 - :func:`kubedock_dns_image` builds the repository's ``Dockerfile`` unchanged, with only its
   ``PYTHON_IMAGE`` argument pointing at :func:`testbed.image.base.debian_base`, tags it
@@ -24,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from testbed.image.base import debian_base
-from testbed.image.podman import Podman
+from testbed.image.podman import Podman, PodmanError
 
 __all__ = ["REPO", "build_image", "kubedock_dns_image", "podman_shim", "push", "test_pod_image"]
 
@@ -51,13 +58,20 @@ CMD ["/usr/local/bin/idle"]
 
 def build_image(podman: Podman, context: str | Path, ref: str, *, build_args: dict[str, str] | None = None,
                 containerfile: str | Path | None = None, timeout: float = 1200) -> str:
-    """``podman build --isolation chroot -t ref [--build-arg K=V ...] [-f file] context``; returns ``ref``."""
-    args = ["build", "--isolation", "chroot", "-t", ref]
+    """``podman build --isolation chroot --layers=false -t ref [--build-arg K=V ...] [-f file]
+    context``; returns ``ref``."""
+    previous = podman("image", "inspect", "--format", "{{.Id}}", ref).strip() if podman.image_exists(ref) else ""
+    args = ["build", "--isolation", "chroot", "--layers=false", "-t", ref]
     for key, value in (build_args or {}).items():
         args += ["--build-arg", f"{key}={value}"]
     if containerfile is not None:
         args += ["-f", str(containerfile)]
     podman(*args, str(context), timeout=timeout)
+    if previous and podman("image", "inspect", "--format", "{{.Id}}", ref).strip() != previous:
+        try:
+            podman("rmi", previous, timeout=120)
+        except PodmanError:
+            pass  # still used by a container or another tag: keep it
     return ref
 
 
@@ -91,7 +105,7 @@ test_pod_image.__test__ = False  # type: ignore[attr-defined]  # not a pytest te
 
 def podman_shim(podman: Podman, directory: str | Path, build_args: dict[str, str] | None = None) -> Path:
     """Write ``<directory>/podman``: the real podman with the test bed's global options, and for
-    ``podman build`` also ``--isolation chroot`` and ``build_args``.  Put ``directory`` first on
+    ``podman build`` also ``--isolation chroot --layers=false`` and ``build_args``.  Put ``directory`` first on
     ``PATH`` to run a documented command as written.  Returns the shim's path."""
     real = shlex.join([podman.binary, *podman.global_args])
     extra = " ".join(shlex.quote(f"--build-arg={k}={v}") for k, v in (build_args or {}).items())
@@ -100,7 +114,7 @@ def podman_shim(podman: Podman, directory: str | Path, build_args: dict[str, str
         "#!/bin/sh\n"
         "# The test bed's podman (testbed/image/build.py): its storage, runtime and limits.\n"
         f"export CONTAINERS_CONF={shlex.quote(str(podman.conf))}\n"
-        f'if [ "$1" = build ]; then shift; exec {real} build --isolation chroot {extra} "$@"; fi\n'
+        f'if [ "$1" = build ]; then shift; exec {real} build --isolation chroot --layers=false {extra} "$@"; fi\n'
         f'exec {real} "$@"\n'
     )
     shim.chmod(0o755)
