@@ -285,3 +285,69 @@ def test_default_base_stays_the_stock_python_image() -> None:
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
 
+
+
+def test_test_pod_image_resolves_with_glibc_and_stops_on_sigterm(built: Built) -> None:
+    """The small image offered for kubedock-like test pods (and as a pause image) comes back
+    from the registry, has glibc's ``getent`` and ``python3``, and its command exits 0 on SIGTERM
+    (as PID 1 it gets no default handler: a plain ``sleep`` would wait for SIGKILL)."""
+    from testbed.image import test_pod_image
+
+    ref = test_pod_image(built.podman, built.registry.address)
+    repository, _, tag = ref.partition("/")[2].partition(":")
+    assert tag in built.registry.tags(repository)
+    built.podman("rmi", "--force", ref)
+    built.podman("pull", "--tls-verify=false", ref)
+    name = f"testpod-{secrets.token_hex(4)}"
+    built.podman("run", "--detach", "--name", name, "--network", "none", ref)
+    try:
+        assert built.podman("exec", name, "getent", "hosts", "localhost").split()[0] in {"127.0.0.1", "::1"}
+        assert built.podman("exec", name, "python3", "-c", "print(6 * 7)").strip() == "42"
+        built.podman("stop", "--time", "60", name)
+        assert built.podman("inspect", "--format", "{{.State.ExitCode}}", name).strip() == "0"
+    finally:
+        built.podman.remove_containers([name])
+        built.podman("rmi", "--force", ref)
+
+
+def test_registry_retries_on_another_port_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The registry cannot bind port 0, so a free port is picked; when another process takes it
+    first, the real docker-registry fails with "address already in use" and the start is retried
+    on another port, answering there.  Leaving the block stops it and removes its storage."""
+    import socket
+
+    from testbed.image import registry as registry_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picked: list[int] = []
+    real_pick = registry_module._free_tcp_port
+
+    def pick() -> int:
+        picked.append(taken.getsockname()[1] if not picked else real_pick())
+        return picked[-1]
+
+    monkeypatch.setattr(registry_module, "_free_tcp_port", pick)
+    try:
+        with Registry(tmp_path) as registry:
+            assert len(picked) == 2 and registry.port == picked[1] != picked[0]
+            assert "address already in use" not in registry.log_tail()  # the log of the retry
+            with urlopen(f"{registry.url}/v2/", timeout=5) as response:
+                assert response.status == 200
+            storage = registry._dir
+        assert storage is not None and not storage.exists()
+    finally:
+        taken.close()
+
+
+def test_registry_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """A registry that exits at once is reported with its own output, not as a timeout."""
+    from testbed.image import RegistryError
+
+    fake = tmp_path / "registry"
+    fake.write_text("#!/bin/sh\necho 'configuration error: no storage driver' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RegistryError, match="exited \\(1\\) on start:\n.*no storage driver"):
+        with Registry(tmp_path, binary=str(fake)):
+            pass
