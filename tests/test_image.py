@@ -74,8 +74,21 @@ def podman() -> Podman:
         pytest.skip(str(e))
 
 
+def _firewall_rules() -> set[str]:
+    """The machine's iptables rules that podman's network stack (netavark) owns."""
+    rules = set()
+    for table in ("nat", "filter"):
+        result = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, timeout=60)
+        rules |= {f"{table}: {line}" for line in result.stdout.splitlines() if "NETAVARK" in line.upper()}
+    return rules
+
+
 @pytest.fixture(scope="module")
 def built(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    """Built, pushed and pulled back once; afterwards the image is gone from the store, and
+    neither the builds (chroot isolation) nor the runs (host or no network) left podman
+    firewall rules behind on this shared machine."""
+    rules_before = _firewall_rules()
     work = tmp_path_factory.mktemp("image")
     with Registry(work) as registry:
         shim_dir = work / "bin"
@@ -96,6 +109,7 @@ def built(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         podman("pull", "--tls-verify=false", ref)
         yield Built(podman, registry, ref, image_id, result.stdout + result.stderr)
         podman("rmi", "--force", ref)
+    assert _firewall_rules() <= rules_before, f"podman left firewall rules: {_firewall_rules() - rules_before}"
 
 
 def test_documented_push_reaches_the_registry_and_pulls_back_identical(built: Built) -> None:

@@ -2,9 +2,12 @@
 
 Contract
 --------
-- :func:`build_image` runs ``podman build --isolation chroot --layers=false`` (buildah inside
-  podman: no OCI runtime and no cgroups are needed while building) on a context directory and
-  returns the tag.  ``--layers=false`` because podman 4.3's layer cache is wrong for
+- :func:`build_image` runs ``podman build --isolation chroot --layers=false`` on a context
+  directory and returns the tag.  ``--isolation chroot``: the RUN steps use the host's network
+  (pip reaches PyPI) with no OCI runtime, cgroup or network set up, so podman's network stack
+  (netavark) never adds firewall rules or a bridge on a machine shared with a Kubernetes node.
+  (The default OCI isolation also builds here, given the ulimits of :mod:`testbed.image.podman`,
+  but it does create those rules.)  ``--layers=false`` because podman 4.3's layer cache is wrong for
   ``RUN --mount=type=bind,from=<stage>``, which the Dockerfile uses: a cached builder stage is
   not mounted at all (podman#16281: "couldn't find .../merged/wheels ... to bind mount", pip then
   finds no wheels), and a cached mounting step is reused even when the stage it mounts changed
