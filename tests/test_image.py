@@ -4,7 +4,7 @@ The repository's ``Dockerfile`` is built unchanged by podman (buildah) with the 
 docs/install.md gives (read from it and run by ``bash``), on a Debian base made here by
 debootstrap because ``python:3.11-slim`` cannot be pulled (:mod:`testbed.image`); the only
 differences are the settings this machine needs, added by a ``podman`` shim on ``PATH``:
-the test bed's storage, ``--isolation chroot --layers=false`` and ``PYTHON_IMAGE``.  The image is
+the test bed's storage, ``--isolation chroot`` and ``PYTHON_IMAGE``.  The image is
 pushed to a real registry (Debian's docker-registry on loopback), removed locally, pulled back,
 and run the way the chart runs it: uid 10001, read-only root filesystem, a writable ``/tmp``, all
 capabilities dropped, no privilege escalation, the TLS Secret mounted read-only with mode 0440.

@@ -108,7 +108,7 @@ test_pod_image.__test__ = False  # type: ignore[attr-defined]  # not a pytest te
 
 def podman_shim(podman: Podman, directory: str | Path, build_args: dict[str, str] | None = None) -> Path:
     """Write ``<directory>/podman``: the real podman with the test bed's global options, and for
-    ``podman build`` also ``--isolation chroot --layers=false`` and ``build_args``.  Put ``directory`` first on
+    ``podman build`` also ``--isolation chroot`` and ``build_args``.  Put ``directory`` first on
     ``PATH`` to run a documented command as written.  Returns the shim's path."""
     real = shlex.join([podman.binary, *podman.global_args])
     extra = " ".join(shlex.quote(f"--build-arg={k}={v}") for k, v in (build_args or {}).items())
@@ -117,7 +117,7 @@ def podman_shim(podman: Podman, directory: str | Path, build_args: dict[str, str
         "#!/bin/sh\n"
         "# The test bed's podman (testbed/image/build.py): its storage, runtime and limits.\n"
         f"export CONTAINERS_CONF={shlex.quote(str(podman.conf))}\n"
-        f'if [ "$1" = build ]; then shift; exec {real} build --isolation chroot --layers=false {extra} "$@"; fi\n'
+        f'if [ "$1" = build ]; then shift; exec {real} build --isolation chroot {extra} "$@"; fi\n'
         f'exec {real} "$@"\n'
     )
     shim.chmod(0o755)
