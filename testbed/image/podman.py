@@ -11,7 +11,9 @@ races another user of it:
   ``/run/kubedock-dns-podman`` (a tmpfs: it must not outlive a reboot);
 - storage driver ``overlay`` (native kernel overlayfs; the cache must be on a filesystem with
   d_type, such as ext4 or xfs), events to a file (there is no systemd journal);
-- OCI runtime ``runc`` with the ``cgroupfs`` manager (cgroups are v1 here; crun refuses them);
+- OCI runtime ``runc`` with the ``cgroupfs`` manager: cgroups are v1 here and there is no
+  systemd to delegate them (crun was reported to refuse this machine; it is not installed, and
+  naming the runtime keeps podman off crun should it ever be);
 - default ulimits no higher than this process's own: podman gives root's containers
   ``nofile=1048576``, which runc cannot set without ``CAP_SYS_RESOURCE`` (absent in sandboxes), so
   every ``podman run`` failed with "error setting rlimit type 7: operation not permitted".
