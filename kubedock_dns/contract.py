@@ -196,7 +196,14 @@ def name_problem(value: Any) -> str | None:
     if len(value) > 253:
         return f"it has {len(value)} characters, more than the 253 a DNS name may have"
     if not _DOCKER_NAME.match(value) or value.endswith("."):
-        return "DNS names use letters, digits, '-', '_' and '.', starting with a letter or digit"
+        bad = next((c for c in value if not (c.isascii() and (c.isalnum() or c in "_.-"))), None)
+        if bad is not None:
+            what = f"{bad!r} is not allowed"
+        elif value.endswith("."):
+            what = "it ends with '.'"
+        else:
+            what = f"it starts with {value[0]!r}"
+        return f"{what}: DNS names use letters, digits, '-', '_' and '.', starting with a letter or digit"
     for label in value.split("."):
         if not label:
             return "it has an empty part between dots"
@@ -204,14 +211,6 @@ def name_problem(value: Any) -> str | None:
             part = "it" if label == value else f"its part {label[:16]!r}..."
             return f"{part} has {len(label)} characters, more than the 63 a DNS label may have"
     return None
-
-
-def check_dns_name(key: str, value: Any) -> str:
-    """The value of a name annotation, checked to be a Docker name usable as a DNS name."""
-    problem = name_problem(value)
-    if problem is not None:
-        raise AnnotationError(f"annotation {key}={value!r} is not a valid host name: {problem}")
-    return value
 
 
 def is_host_name(name: str) -> bool:
