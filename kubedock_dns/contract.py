@@ -33,8 +33,6 @@ DEFAULT_OPT_IN_LABEL = "kubedock"
 # in labels of at most 63 octets and 253 in all.
 _DOCKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# What glibc accepts as the target of a PTR record (res_hnok): letters, digits and '-' per label.
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
@@ -50,7 +48,7 @@ class PodRecord:
     ``names`` are lower-cased DNS names, the primary name (``hostalias/0``) first.  ``networks``
     keep annotation index order, which decides which network wins for an asker in several.
     ``reverse_name`` is what a PTR query for its address answers (the container name when it is a
-    host name, else ``hostalias/0``); ``refused_names`` the ``(name, reason)`` pairs that cannot be
+    valid DNS name, else ``hostalias/0``); ``refused_names`` the ``(name, reason)`` pairs that cannot be
     DNS names, for the networks view.
     """
 
@@ -213,11 +211,6 @@ def name_problem(value: Any) -> str | None:
     return None
 
 
-def is_host_name(name: str) -> bool:
-    """Whether resolvers accept ``name`` as the target of a PTR record (no '_')."""
-    return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
-
-
 def sort_names(annotations: Mapping[str, str], labels: Mapping[str, str]) -> Names:
     """Every name Docker would resolve for the container, the primary (``hostalias/0``) first:
     host name and aliases, the container name, the short container ID; names that cannot be
@@ -251,7 +244,7 @@ def sort_names(annotations: Mapping[str, str], labels: Mapping[str, str]) -> Nam
         else:
             refused.append((key, str(value), problem))
     reverse = None
-    if container_name and is_host_name(container_name.lstrip("/")):
+    if container_name and name_problem(container_name.lstrip("/")) is None:
         reverse = container_name.lstrip("/")
     else:
         primary = annotations.get(HOSTALIAS_PREFIX + "0")

@@ -135,8 +135,8 @@ def test_two_test_runs_side_by_side(bed: EndToEndBed) -> None:
         assert dig(bed, service, "database") == [db.ip]
         assert dig(bed, service, f"db.{bed.namespace}.svc.cluster.local") == [db.ip]
         rc, names, out = reverse(bed, service, db.ip)
-        assert rc == 0 and names[:1] == ["db"], context(bed, out)
-        assert dig(bed, service, "-x", db.ip) == ["db."]
+        assert rc == 0 and names[:1] == [db.container_name], context(bed, out)
+        assert dig(bed, service, "-x", db.ip) == [f"{db.container_name}."]
         # the other run is invisible: its container name, and its db's address by reverse lookup
         rc, ips, out = ahosts(bed, service, other_db.container_name)
         assert rc == 2 and not ips, context(bed, out)
@@ -278,7 +278,7 @@ def test_reused_ip_never_resolves_to_the_old_name(bed: EndToEndBed) -> None:
     assert ahosts(bed, old_peer, "newsvc")[0] == 2
     # in the new network: the address is the new pod's
     assert ahosts(bed, new_peer, "newsvc")[:2] == (0, {new.ip})
-    assert dig(bed, new_peer, "-x", new.ip) == ["newsvc."]
+    assert dig(bed, new_peer, "-x", new.ip) == [f"{new.container_name}."]
     assert ahosts(bed, new_peer, "olddb")[0] == 2
     # the new pod, asking from the reused address, sees its own network only
     assert ahosts(bed, new, "newpeer")[:2] == (0, {new_peer.ip})
@@ -310,7 +310,7 @@ def test_ten_parallel_runs_with_identical_hostnames(bed: EndToEndBed) -> None:
         if (rc, ips) != (0, {service.ip}):
             problems.append(f"{db.name} -> service: {out!r}, expected {service.ip}")
         rc, names, out = reverse(bed, service, db.ip)
-        if rc != 0 or names[:1] != ["db"]:
+        if rc != 0 or names[:1] != [db.container_name]:
             problems.append(f"{service.name} -> PTR {db.ip}: {out!r}")
         return problems
 
@@ -391,17 +391,20 @@ def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> Non
 
 
 def test_reverse_lookup_answers_the_container_name(bed: EndToEndBed) -> None:
-    """A reverse lookup answers the Docker container name (Docker's answer), not the pod name;
-    a container name glibc cannot take as a host name (``_``) falls back to the hostname."""
+    """A reverse lookup answers the Docker container name (Docker's answer, ``_`` included), not
+    the pod name; a container name that cannot be a DNS name falls back to the hostname."""
     network = new_network_id()
     db = bed.create_kubedock_pod("db", [network], container_name="run-c-postgres")
     underscored = bed.create_kubedock_pod("cache", [network], container_name="run_c_cache")
+    unnamed = bed.create_kubedock_pod("queue", [network], container_name="q" * 64)
     client = bed.create_kubedock_pod("client", [network])
     rc, names, out = reverse(bed, client, db.ip)
     assert (rc, names[:1]) == (0, ["run-c-postgres"]), context(bed, out)
     assert dig(bed, client, "-x", db.ip) == ["run-c-postgres."]
     rc, names, out = reverse(bed, client, underscored.ip)
-    assert (rc, names[:1]) == (0, ["cache"]), context(bed, out)
+    assert (rc, names[:1]) == (0, ["run_c_cache"]), context(bed, out)
+    rc, names, out = reverse(bed, client, unnamed.ip)
+    assert (rc, names[:1]) == (0, ["queue"]), context(bed, out)
 
 
 def test_default_bridge_network_resolves_nothing(bed: EndToEndBed) -> None:
