@@ -424,3 +424,47 @@ def test_default_bridge_network_resolves_nothing(bed: EndToEndBed) -> None:
     assert ahosts(bed, both, "store")[:2] == (0, {store.ip})
     assert ahosts(bed, store, "both")[:2] == (0, {both.ip})
     assert KUBEDOCK_BRIDGE not in bed.debug_networks()["networks"]
+
+
+def test_docker_client_through_a_kubedock_compatible_api(bed: EndToEndBed) -> None:
+    """The Docker client's view (docker-py against a kubedock-compatible API that creates pods as
+    kubedock does): a container with a name longer than 63 characters and an alias ``db:5432``
+    starts (no "admission webhook denied" error) and is found by its valid names; containers run
+    without a network share the bridge and do not resolve each other; ``docker rm -f`` removes
+    the name at once although the pod is still terminating."""
+    docker = pytest.importorskip("docker")
+    from testbed.dockerapi import KubedockAPI
+
+    with KubedockAPI(bed, KUBEDOCK_BRIDGE, linger=20) as kubedock:
+        client = docker.DockerClient(base_url=kubedock.base_url, version="1.41", timeout=90)
+        api = client.api
+        network = client.networks.create("it-net")
+        long_name = "tc-postgres-" + "p" * 60
+        db = api.create_container(
+            "postgres:16", name=long_name, hostname="db",
+            host_config=api.create_host_config(network_mode=network.name),
+            networking_config=api.create_networking_config(
+                {network.name: api.create_endpoint_config(aliases=["db:5432", "postgres"])}))
+        api.start(db)
+        app = client.containers.run("busybox", name="app", network=network.name, detach=True)
+        db_pod, app_pod = kubedock.pod(db["Id"]), kubedock.pod(app.id)
+        assert len(db_pod.warnings) == 2, db_pod.warnings
+        for name in ("db", "postgres", db["Id"][:12]):
+            assert ahosts(bed, app_pod, name)[:2] == (0, {db_pod.ip}), context(bed, name)
+        rc, names, out = reverse(bed, app_pod, db_pod.ip)
+        assert (rc, names[:1]) == (0, ["db"]), context(bed, out)  # the long name is no DNS name
+
+        lone = client.containers.run("busybox", name="lone", hostname="lone", detach=True)
+        other = client.containers.run("busybox", name="other", detach=True)
+        assert kubedock.pod(lone.id).networks == (KUBEDOCK_BRIDGE,)
+        rc, ips, out = ahosts(bed, kubedock.pod(other.id), "lone")
+        assert rc == 2 and not ips, context(bed, out)
+
+        api.remove_container(db, force=True)
+        deadline = time.monotonic() + 5
+        while True:
+            rc, ips, out = ahosts(bed, app_pod, "postgres")
+            if rc == 2 or time.monotonic() > deadline:
+                break
+        assert rc == 2 and not ips, context(bed, out)
+        assert bed.stored_pod(db_pod)["metadata"].get("deletionTimestamp")
