@@ -353,6 +353,10 @@ def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEn
     assert rc == 2 and DECOY_DB_IP not in ips, context(bed, out)
     assert dig_status(bed, app, f"db.{bed.namespace}.svc.cluster.local") == ("NXDOMAIN", [])
     db = bed.create_kubedock_pod("db", [network])
+    # app missed db a moment ago, so it is not held again: poll until the watch delivered db
+    deadline = time.monotonic() + 5
+    while ahosts(bed, app, "db")[:2] != (0, {db.ip}) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert ahosts(bed, app, "db")[:2] == (0, {db.ip})
     bed.delete_pod(db, linger=20, wait=False)  # the pod stays Terminating with its IP
     deadline = time.monotonic() + 5
