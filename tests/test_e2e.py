@@ -358,7 +358,7 @@ def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEn
     while ahosts(bed, app, "db")[:2] != (0, {db.ip}) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ahosts(bed, app, "db")[:2] == (0, {db.ip})
-    bed.delete_pod(db, linger=20, wait=False)  # the pod stays Terminating with its IP
+    bed.delete_pod(db, linger=30, wait=False)  # the pod stays Terminating with its IP
     deadline = time.monotonic() + 5
     while True:
         rc, ips, out = ahosts(bed, app, "db")
@@ -373,7 +373,7 @@ def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEn
 
 def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> None:
     """kubedock deletes with the default grace period, so a removed container's pod stays
-    Terminating (here 20 s, its IP still up): its names and its reverse name stop resolving as
+    Terminating (here 30 s, its IP still up): its names and its reverse name stop resolving as
     soon as the deletion is seen (``docker rm``), while the terminating pod itself still resolves
     its peers."""
     network = new_network_id()
@@ -381,7 +381,7 @@ def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> Non
     peer = bed.create_kubedock_pod("peer", [network])
     assert ahosts(bed, peer, "doomed")[:2] == (0, {victim.ip})
     began = time.monotonic()
-    bed.delete_pod(victim, linger=20, wait=False)
+    bed.delete_pod(victim, linger=30, wait=False)
     while True:
         rc, ips, out = ahosts(bed, peer, "doomed")
         if rc == 2 or time.monotonic() - began > 5:
@@ -391,7 +391,7 @@ def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> Non
     assert stored["metadata"]["deletionTimestamp"] and stored["status"]["podIP"] == victim.ip
     assert dig(bed, peer, "-x", victim.ip) == []
     assert ahosts(bed, victim, "peer")[:2] == (0, {peer.ip})
-    assert time.monotonic() - began < 15, "the checks ran after the grace period: they prove nothing"
+    assert time.monotonic() - began < 25, "the checks ran after the grace period: they prove nothing"
 
 
 def test_reverse_lookup_answers_the_container_name(bed: EndToEndBed) -> None:
@@ -420,10 +420,10 @@ def test_default_bridge_network_resolves_nothing(bed: EndToEndBed) -> None:
     network = new_network_id()
     both = bed.create_kubedock_pod("both", [KUBEDOCK_BRIDGE, network])
     store = bed.create_kubedock_pod("store", [network])
-    began = time.monotonic()
+    held = bed.metrics()["kubedock_dns_held_total"]
     rc, ips, out = ahosts(bed, lone_a, "lone-b")
     assert rc == 2 and lone_b.ip not in ips, context(bed, out)
-    assert time.monotonic() - began < 1.4, "a name on the bridge was held as if it could appear"
+    assert bed.metrics()["kubedock_dns_held_total"] == held, "held as if a name could appear there"
     assert ahosts(bed, both, "lone-a")[0] == 2
     assert ahosts(bed, both, "store")[:2] == (0, {store.ip})
     assert ahosts(bed, store, "both")[:2] == (0, {both.ip})
@@ -439,7 +439,7 @@ def test_docker_client_through_a_kubedock_compatible_api(bed: EndToEndBed) -> No
     docker = pytest.importorskip("docker")
     from testbed.dockerapi import KubedockAPI
 
-    with KubedockAPI(bed, KUBEDOCK_BRIDGE, linger=20) as kubedock:
+    with KubedockAPI(bed, KUBEDOCK_BRIDGE, linger=30) as kubedock:
         client = docker.DockerClient(base_url=kubedock.base_url, version="1.41", timeout=90)
         api = client.api
         network = client.networks.create("it-net")
