@@ -39,6 +39,7 @@ from kubedock_dns.resolver import (
     Decision,
     Forward,
     Hold,
+    NotFound,
     Resolver,
     ServFail,
 )
@@ -46,7 +47,7 @@ from kubedock_dns.resolver import (
 log = Logger()
 
 CLASS_IN = 1
-RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 4, 5
+RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 3, 4, 5
 _HEADER = struct.Struct("!6H")
 
 
@@ -58,6 +59,7 @@ class Counters:
     queries_tcp: int = 0
     answered_local: int = 0
     answered_nodata: int = 0
+    nxdomain: int = 0
     forwarded: int = 0
     servfail: int = 0
     refused: int = 0
@@ -88,8 +90,10 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
     must produce the same bytes; a differential test holds the two together.
     """
     question = query.queries[0]
+    # Our own answers and our NXDOMAIN (a container name no network of the asker holds) are
+    # authoritative; failures are not.
     response = dns.Message(
-        id=query.id, answer=True, opCode=dns.OP_QUERY, auth=decision is not None,
+        id=query.id, answer=True, opCode=dns.OP_QUERY, auth=decision is not None or rcode == RCODE_NXDOMAIN,
         recDes=query.recDes, recAv=1, rCode=rcode, maxSize=0,
     )
     response.queries = [question]
@@ -286,6 +290,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self._write_answer(message, proto, address, RCODE_OK, decision)
         elif isinstance(decision, Forward):
             self._forward(message, data, proto, address)
+        elif isinstance(decision, NotFound):
+            if self.verbose:
+                log.debug("NXDOMAIN: {reason}", reason=decision.reason)
+            self.counters.nxdomain += 1
+            self._write_answer(message, proto, address, RCODE_NXDOMAIN, None)
         else:
             assert isinstance(decision, ServFail)
             if self.verbose:
