@@ -6,7 +6,9 @@ what to do, holds questions whose answer may be about to appear, relays the rest
 :class:`~kubedock_dns.forwarder.Forwarder`, and owns the mapping from every outcome to an rcode.
 
 Malformed input never raises out of a protocol: a datagram too short for a header, or a response
-(QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR.
+(QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR, and so
+does a message holding other records than its header counts, bytes after them, or two OPT
+records; an EDNS version above 0 gets BADVERS (RFC 6891).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kubedock_dns.wire import (
     UDP_PLAIN_LIMIT,
     WireError,
     parse_question,
+    scan_records,
 )
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
 from kubedock_dns.resolver import (
@@ -62,6 +65,7 @@ class Counters:
     servfail: int = 0
     refused: int = 0
     formerr: int = 0
+    badvers: int = 0
     notimp: int = 0
     dropped: int = 0
     held: int = 0
@@ -113,6 +117,17 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
     response.answers = []
     response.trunc = 1
     return response.toStr(), True
+
+
+def badvers_reply(query: dns.Message) -> bytes:
+    """RFC 6891 6.1.3: the question echoed, extended rcode BADVERS (16), and our OPT record
+    saying which version we do speak (0)."""
+    response = dns.Message(id=query.id, answer=True, opCode=dns.OP_QUERY, recDes=query.recDes,
+                           recAv=1, rCode=dns.EBADVERSION & 0xF, maxSize=0)
+    response.queries = list(query.queries)
+    opt = dns._OPTHeader(udpPayloadSize=SERVER_UDP_PAYLOAD, extendedRCODE=dns.EBADVERSION >> 4, version=0)
+    response.additional.append(opt)  # type: ignore[arg-type]  # encodes like an RRHeader
+    return response.toStr()
 
 
 def edns_payload_size(message: dns.Message) -> int | None:
@@ -196,7 +211,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if len(data) < 12:
             counters.dropped += 1
             return
-        _, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
+        _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if flags & 0x8000:
             counters.dropped += 1  # a response: answering it could start a loop
             return
@@ -213,13 +228,21 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
         message = dns.Message()
         try:
-            parse_question(data)  # strict and bounded; twisted.names' parser is lenient
+            # Strict and bounded, and the message must hold exactly what its header counts:
+            # twisted.names' parser is lenient about missing records and trailing bytes.
+            end = parse_question(data)[0]
+            edns_versions = scan_records(data, end, ancount, nscount, arcount)
+            if len(edns_versions) > 1:
+                raise WireError("more than one OPT record")  # RFC 6891 6.1.1
             message.fromStr(data)
             if len(message.queries) != 1:
                 raise WireError("no question")
         except Exception:  # WireError, or twisted.names' EOFError, ValueError, struct.error...
             counters.formerr += 1
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
+        if edns_versions and edns_versions[0] != 0:
+            counters.badvers += 1  # RFC 6891 6.1.3: we speak EDNS version 0 only
+            return self._write(proto, address, badvers_reply(message))
         self._handle(message, data, proto, address, source_ip)
 
     def _handle(self, message: dns.Message, data: bytes, proto, address, source_ip: str) -> None:
