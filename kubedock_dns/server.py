@@ -24,6 +24,7 @@ from twisted.names import server as names_server
 from twisted.protocols.policies import TimeoutMixin
 
 from kubedock_dns.contract import canonical_ip
+from kubedock_dns.limits import RateLimitedLog
 # SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
 from kubedock_dns.wire import (
     FORWARD,
@@ -149,20 +150,49 @@ class QueryDatagramProtocol(dns.DNSDatagramProtocol):
 
 class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
     """TCP: queries are attributed to the connection's peer address.  An idle connection is
-    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out)."""
+    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out), and one whose
+    started message is not whole within ``MESSAGE_SECONDS`` (however its bytes trickle in: the
+    idle timer restarts with every byte, this one does not) is closed too."""
 
     IDLE_SECONDS = 30
+    MESSAGE_SECONDS = 10
+
+    _message_deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.factory.tcp_open += 1
         self.setTimeout(self.IDLE_SECONDS)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
+        if self._unprocessed:  # part of a message: it must be whole in time
+            if self._message_deadline is None and self.transport is not None:
+                self._message_deadline = self.factory.reactor.callLater(self.MESSAGE_SECONDS, self._too_slow)
+        else:
+            self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._message_deadline = self._message_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self) -> None:
+        self._message_deadline = None
+        assert self.transport is not None
+        peer: Any = self.transport.getPeer()
+        self.factory.limits_log.bite(
+            "dns tcp slow message",
+            f"DNS over TCP: closed the connection of {peer.host}: a message did not arrive whole "
+            f"within {self.MESSAGE_SECONDS}s",
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)
+        self._cancel_deadline()
+        self.factory.tcp_open -= 1
         super().connectionLost(reason)
 
     def stringReceived(self, data: bytes) -> None:
@@ -177,8 +207,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     protocol = QueryStreamProtocol
 
     def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder,
-                 fast_path=None, max_held: int = 4096) -> None:
+                 fast_path=None, max_held: int = 4096, max_tcp_connections: int = 256) -> None:
         super().__init__()
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_open = 0
+        self.limits_log = RateLimitedLog(reactor)
         self.reactor = reactor
         self.resolver = resolver
         self.forwarder = forwarder
@@ -188,6 +221,13 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         self.max_held = max_held
 
     def buildProtocol(self, addr):
+        if self.tcp_open >= self.max_tcp_connections:
+            self.limits_log.bite(
+                "dns tcp connection cap",
+                f"DNS over TCP: refused a connection from {getattr(addr, 'host', addr)}: "
+                f"{self.max_tcp_connections} connections are open already",
+            )
+            return None  # the reactor closes it at once
         p = self.protocol(self, self.reactor)
         p.factory = self
         return p

@@ -133,3 +133,82 @@ for _case in (MalformedSectionsTests, LookalikeDigitsTests):
     _name = _case.__name__.replace("Tests", "FullPathTests")
     globals()[_name] = type(_name, (_case,), {"fast_path": False, "__doc__": "Full path only."})
 del _case, _name
+
+
+class TCPLimitsTests(DNSServerTestCase):
+    def setUp(self):
+        from kubedock_dns.server import QueryStreamProtocol
+
+        self.patch(QueryStreamProtocol, "MESSAGE_SECONDS", 1)
+        super().setUp()
+        self.top.dns_factory.max_tcp_connections = 3
+        self.warnings = []
+
+        def observer(event):
+            if "at most once per" in str(event.get("log_format", "")):
+                self.warnings.append(event["text"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def test_a_trickled_query_is_cut_off_after_the_total_time(self):
+        """A TCP client sending its query a byte every 0.2 s (each byte restarts the 30 s idle
+        timer) is disconnected once the message is not whole within the total time; the cut
+        is logged."""
+        import socket
+        import time
+
+        wire = struct.pack("!H", len(_query())) + _query()
+
+        def trickle():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                started = time.monotonic()
+                try:
+                    for byte in wire:
+                        s.sendall(bytes([byte]))
+                        time.sleep(0.2)
+                    return s.recv(100), time.monotonic() - started
+                except (ConnectionResetError, BrokenPipeError):
+                    return b"", time.monotonic() - started
+
+        from twisted.internet.threads import deferToThread
+        data, took = yield deferToThread(trickle)
+        self.assertEqual(data, b"")
+        self.assertLess(took, 4)  # the whole message would take 6 s; the cut comes after 1 s
+        self.assertTrue(any("did not arrive whole" in w for w in self.warnings), self.warnings)
+
+    @defer.inlineCallbacks
+    def test_connections_past_the_cap_are_closed_and_logged_once(self):
+        """With the cap at 3 open TCP connections, more are closed at once (logged once), and
+        the held ones are still answered."""
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        def scenario():
+            held = [socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(A_SVC, 0))
+                    for _ in range(3)]
+            try:
+                import time
+                time.sleep(0.2)
+                refused = []
+                for _ in range(3):
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=5) as extra:
+                        try:
+                            extra.sendall(struct.pack("!H", len(_query())) + _query())
+                            refused.append(extra.recv(2) == b"")
+                        except (ConnectionResetError, BrokenPipeError):
+                            refused.append(True)
+                s = held[0]
+                s.sendall(struct.pack("!H", len(_query())) + _query())
+                length = struct.unpack("!H", s.recv(2))[0]
+                return refused, s.recv(length)
+            finally:
+                for s in held:
+                    s.close()
+
+        refused, reply = yield deferToThread(scenario)
+        self.assertEqual(refused, [True, True, True])
+        self.assertEqual(addresses(dns.message.from_wire(reply)), [A_DB])
+        self.assertEqual(sum("connections are open already" in w for w in self.warnings), 1)
