@@ -573,6 +573,7 @@ class _BoundedRequest(Request):
     def _refuse(self, code: int, phrase: str, text: str) -> None:
         self._refused = True
         self._release()
+        self.channel.request_complete()  # answered: no 408 for it later
         self.content = io.BytesIO()
         site: _Site = self.channel.site
         site.limits_log.bite(f"webhook {code}", f"webhook: answered {code} to {self.getClientAddress()}: {text}")
