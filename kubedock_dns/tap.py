@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from typing import Any, Callable, Iterable
 
 from twisted.application import internet, service
 from twisted.logger import Logger
@@ -16,6 +18,8 @@ from twisted.web.server import Site
 from kubedock_dns.contract import Relisted, pod_record_from_dict
 from kubedock_dns.forwarder import Forwarder, upstreams_from_resolv_conf
 from kubedock_dns.index import NetworkIndex
+from kubedock_dns.latency import LAG_BUCKETS, LatencyHistogram
+from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
@@ -44,9 +48,9 @@ class ForwarderService(service.Service):
 class PodsFileService(service.Service):
     """Feeds the index from a JSON list of pods once, instead of watching an API server."""
 
-    def __init__(self, path: str, index: NetworkIndex) -> None:
+    def __init__(self, path: str, apply: Callable[[Iterable], None]) -> None:
         self.path = path
-        self.index = index
+        self.apply = apply
 
     def startService(self) -> None:
         super().startService()
@@ -54,8 +58,46 @@ class PodsFileService(service.Service):
             pods = json.load(f)
         if isinstance(pods, dict):
             pods = pods.get("items", [])
-        self.index.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
+        self.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
         log.info("loaded {count} pods from {path}", count=len(pods), path=self.path)
+
+
+class StampedHandOver:
+    """The reactor as the watcher thread sees it: every batch handed over with ``callFromThread``
+    is stamped on the watcher thread, and ``lag`` observes how long it waited for the reactor
+    thread to apply it (the watch lag metric).  Everything else goes to the real reactor."""
+
+    def __init__(self, reactor: Any, lag: LatencyHistogram, clock: Callable[[], float] = time.monotonic) -> None:
+        self._reactor = reactor
+        self._lag = lag
+        self._clock = clock
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self._reactor.callFromThread(self._timed, self._clock(), f, args)
+
+    def _timed(self, stamp: float, f: Callable[..., Any], args: tuple) -> None:
+        f(*args)
+        self._lag.observe(self._clock() - stamp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def conflict_warner(index: NetworkIndex, warnings: WarningLimiter) -> Callable[[Iterable], None]:
+    """``index.apply`` that warns (rate-limited, per address) when a change makes two live pods
+    claim one address; such pods are answered SERVFAIL until one of them goes."""
+    def apply(changes: Iterable) -> None:
+        seen = index.conflicts_seen
+        index.apply(changes)
+        if index.conflicts_seen != seen:
+            for ip in index.conflicted_addresses():
+                warnings.warn(
+                    "duplicate-ip:" + ip,
+                    "address {ip} is claimed by several live pods ({pods}): names and questions "
+                    "involving it get SERVFAIL until the stale pod is deleted",
+                    ip=ip, pods=", ".join(index.claimants(ip)),
+                )
+    return apply
 
 
 def build_service(config: Config, reactor, pod_source=None) -> service.MultiService:
@@ -64,6 +106,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     top = service.MultiService()
     index = NetworkIndex(require_ready=config.require_ready)
     top.index = index  # type: ignore[attr-defined]
+    apply_changes = conflict_warner(index, WarningLimiter(log, reactor.seconds))
+    watch_lag = LatencyHistogram(LAG_BUCKETS)
 
     upstreams = list(config.upstreams)
     if not upstreams:
@@ -75,7 +119,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout))
     fast_path = FastPath(resolver, reactor.seconds) if config.fast_path else None
-    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path)
+    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path,
+                                       latency_sample_every=config.latency_sample_every)
     factory.verbose = int(config.verbose)
     top.dns_factory = factory  # type: ignore[attr-defined]
     dns_service = service.MultiService()
@@ -88,13 +133,14 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     if pod_source is not None:
         pod_source(index).setServiceParent(top)
     elif config.pods_file:
-        PodsFileService(config.pods_file, index).setServiceParent(top)
+        PodsFileService(config.pods_file, apply_changes).setServiceParent(top)
     else:
         from kubedock_dns.watcher import WatcherConfig, WatcherService
 
         watcher = WatcherService.for_cluster(
-            reactor, WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
-            index.apply, kubeconfig=config.kubeconfig,
+            StampedHandOver(reactor, watch_lag),
+            WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
+            apply_changes, kubeconfig=config.kubeconfig,
         )
         watcher.setServiceParent(top)
 
@@ -117,9 +163,17 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
                 values["watcher_" + name] = value
         return values
 
+    def histograms() -> dict[str, LatencyHistogram]:
+        found = {"answer_duration_seconds": factory.answer_latency,
+                 "forward_duration_seconds": factory.forward_latency}
+        if watcher_service is not None:
+            found["watch_lag_seconds"] = watch_lag
+        return found
+
+    from kubedock_dns.metrics import ServerCollector, registry
     from kubedock_dns.ops import OpsApp
 
-    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, metrics).app.resource()),
+    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms))).app.resource()),
                              interface=config.ops_interface)
     ops.setName("ops")
     ops.setServiceParent(top)
