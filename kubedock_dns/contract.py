@@ -6,6 +6,13 @@ kubedock creates every Docker container as a pod labelled ``kubedock: "true"`` a
 ``kubedock.containerid`` (the 12-hex short ID).  This module turns the raw JSON of such a pod into
 a small frozen :class:`PodRecord` holding only what the index needs, and checks annotations for the
 admission webhook.  It is pure: no Twisted, no kubernetes client.
+
+Docker accepts names that cannot be DNS names (longer than 63 characters, ``db:5432``): such a
+container runs but cannot be found by that name.  So a name that is not a DNS name never makes a pod
+invalid: it is left out of ``PodRecord.names`` and kept, with the reason, in
+``PodRecord.refused_names``.  Only a malformed *network* annotation is an error
+(:class:`AnnotationError`).  Every other annotation (kubedock copies the container's labels into
+annotations) is none of our business.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ DEFAULT_OPT_IN_LABEL = "kubedock"
 # in labels of at most 63 octets and 253 in all.
 _DOCKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What glibc accepts as the target of a PTR record (res_hnok): letters, digits and '-' per label.
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
@@ -40,6 +49,9 @@ class PodRecord:
 
     ``names`` are lower-cased DNS names, the primary name (``hostalias/0``) first.  ``networks``
     keep annotation index order, which decides which network wins for an asker in several.
+    ``reverse_name`` is what a PTR query for its address answers (the container name when it is a
+    host name, else ``hostalias/0``); ``refused_names`` the ``(name, reason)`` pairs that cannot be
+    DNS names, for the networks view.
     """
 
     uid: str
@@ -48,6 +60,8 @@ class PodRecord:
     ips: tuple[str, ...] = ()
     networks: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
+    reverse_name: str | None = None
+    refused_names: tuple[tuple[str, str], ...] = ()
     phase: str = "Pending"
     terminating: bool = False
     host_network: bool = False
@@ -59,6 +73,8 @@ class PodRecord:
         object.__setattr__(self, "ips", tuple(canonical_ip(ip) for ip in self.ips))
         object.__setattr__(self, "names", tuple(dict.fromkeys(n.lower() for n in self.names)))
         object.__setattr__(self, "networks", tuple(dict.fromkeys(self.networks)))
+        if self.reverse_name is not None:
+            object.__setattr__(self, "reverse_name", self.reverse_name.lower())
 
     @property
     def primary_name(self) -> str | None:
@@ -70,10 +86,12 @@ class PodRecord:
         return bool(self.ips) and self.phase in PHASES_ASKING and not self.host_network
 
     def is_answer(self, require_ready: bool = False) -> bool:
-        """Its names resolve to its IPs: Running with an IP (ready, if so configured)."""
+        """Its names resolve to its IPs: Running with an IP (ready, if so configured), and not
+        being deleted (``docker rm`` removes the name at once, whatever the grace period)."""
         return (
             bool(self.ips)
             and self.phase == "Running"
+            and not self.terminating
             and not self.host_network
             and (self.ready or not require_ready)
         )
@@ -145,24 +163,6 @@ def indexed_annotations(annotations: Mapping[str, str], prefix: str) -> list[tup
     return found
 
 
-def check_dns_name(key: str, value: Any) -> str:
-    """The value of a name annotation, checked to be a Docker name usable as a DNS name."""
-    if not isinstance(value, str) or not value:
-        raise AnnotationError(f"annotation {key!r} must be a non-empty host name (got {value!r})")
-    if len(value) > 253 or not _DOCKER_NAME.match(value) or value.endswith("."):
-        raise AnnotationError(
-            f"annotation {key}={value!r} is not a valid host name: use letters, digits, '-', '_' "
-            f"and '.', starting with a letter or digit, at most 253 characters"
-        )
-    for label in value.split("."):
-        if not label or len(label) > 63:
-            raise AnnotationError(
-                f"annotation {key}={value!r} is not a valid host name: every dot-separated part "
-                f"must have 1 to 63 characters"
-            )
-    return value
-
-
 def check_network(key: str, value: Any) -> str:
     """The value of a network annotation (a Docker network ID or name), checked."""
     if not isinstance(value, str) or not value:
@@ -180,24 +180,96 @@ def networks_from(annotations: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(check_network(k, v) for _, k, v in indexed_annotations(annotations, NETWORK_PREFIX))
 
 
-def names_from(annotations: Mapping[str, str], labels: Mapping[str, str]) -> tuple[str, ...]:
+@dataclass(frozen=True, slots=True)
+class Names:
+    """A pod's names as Docker gives them, sorted into those DNS can carry and those it cannot."""
+
+    names: tuple[str, ...]                     # usable DNS names, hostalias/0 first
+    reverse_name: str | None                   # what a PTR query answers, if anything
+    refused: tuple[tuple[str, str, str], ...]  # (annotation or label key, value, reason)
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a DNS name for a container, or None when it can."""
+    if not isinstance(value, str) or not value:
+        return "it is empty"
+    if len(value) > 253:
+        return f"it has {len(value)} characters, more than the 253 a DNS name may have"
+    if not _DOCKER_NAME.match(value) or value.endswith("."):
+        return "DNS names use letters, digits, '-', '_' and '.', starting with a letter or digit"
+    for label in value.split("."):
+        if not label:
+            return "it has an empty part between dots"
+        if len(label) > 63:
+            part = "it" if label == value else f"its part {label[:16]!r}..."
+            return f"{part} has {len(label)} characters, more than the 63 a DNS label may have"
+    return None
+
+
+def check_dns_name(key: str, value: Any) -> str:
+    """The value of a name annotation, checked to be a Docker name usable as a DNS name."""
+    problem = name_problem(value)
+    if problem is not None:
+        raise AnnotationError(f"annotation {key}={value!r} is not a valid host name: {problem}")
+    return value
+
+
+def is_host_name(name: str) -> bool:
+    """Whether resolvers accept ``name`` as the target of a PTR record (no '_')."""
+    return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
+
+
+def sort_names(annotations: Mapping[str, str], labels: Mapping[str, str]) -> Names:
     """Every name Docker would resolve for the container, the primary (``hostalias/0``) first:
-    host name and aliases, the container name, the short container ID."""
-    names = [check_dns_name(k, v) for _, k, v in indexed_annotations(annotations, HOSTALIAS_PREFIX)]
+    host name and aliases, the container name, the short container ID; names that cannot be
+    DNS names go to ``refused`` with the reason."""
+    candidates: list[tuple[str, Any]] = []
+    refused: list[tuple[str, str, str]] = []
+    try:
+        candidates.extend((k, v) for _, k, v in indexed_annotations(annotations, HOSTALIAS_PREFIX))
+    except AnnotationError:
+        # A copied container label that merely looks like ours: take the well-formed keys only.
+        for key, value in annotations.items():
+            if key.startswith(HOSTALIAS_PREFIX):
+                suffix = key[len(HOSTALIAS_PREFIX):]
+                if suffix.isdigit() and (len(suffix) == 1 or not suffix.startswith("0")):
+                    candidates.append((key, value))
+                else:
+                    refused.append((key, str(value), "the part after 'kubedock.hostalias/' is not an index"))
+        candidates.sort(key=lambda kv: int(kv[0][len(HOSTALIAS_PREFIX):]))
     container_name = annotations.get(CONTAINER_NAME_ANNOTATION)
     if container_name:
         # Docker reports names with a leading '/'; kubedock may keep it.
-        names.append(check_dns_name(CONTAINER_NAME_ANNOTATION, container_name.lstrip("/")))
+        candidates.append((CONTAINER_NAME_ANNOTATION, container_name.lstrip("/")))
     container_id = labels.get(CONTAINER_ID_LABEL)
     if container_id:
-        names.append(check_dns_name(CONTAINER_ID_LABEL, container_id))
-    return tuple(names)
+        candidates.append((CONTAINER_ID_LABEL, container_id))
+    names: list[str] = []
+    for key, value in candidates:
+        problem = name_problem(value)
+        if problem is None:
+            names.append(value)
+        else:
+            refused.append((key, str(value), problem))
+    reverse = None
+    if container_name and is_host_name(container_name.lstrip("/")):
+        reverse = container_name.lstrip("/")
+    else:
+        primary = annotations.get(HOSTALIAS_PREFIX + "0")
+        if primary and name_problem(primary) is None:
+            reverse = primary
+    return Names(tuple(names), reverse, tuple(refused))
+
+
+def names_from(annotations: Mapping[str, str], labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The usable DNS names of the container, the primary (``hostalias/0``) first."""
+    return sort_names(annotations, labels).names
 
 
 def check_pod_annotations(annotations: Mapping[str, str], labels: Mapping[str, str]) -> None:
-    """Raise :class:`AnnotationError` naming the first annotation that breaks the contract."""
+    """Raise :class:`AnnotationError` naming the first network annotation that breaks the
+    contract.  Names never do: see :func:`sort_names`."""
     networks_from(annotations)
-    names_from(annotations, labels)
 
 
 def contract_view(annotations: Mapping[str, str], labels: Mapping[str, str], opt_in_label: str) -> dict[str, str]:
@@ -215,9 +287,10 @@ def contract_view(annotations: Mapping[str, str], labels: Mapping[str, str], opt
 def pod_record_from_dict(raw: Mapping[str, Any]) -> PodRecord:
     """Trim a pod, as the API server's JSON, to a :class:`PodRecord`.
 
-    A pod whose annotations break the contract gets no names and no networks (it can neither
-    answer nor be answered) rather than poisoning the whole index: the webhook refuses such pods,
-    so this only happens to pods created while the webhook was absent.
+    A pod whose network annotations break the contract gets no networks (it can neither answer
+    nor be answered) rather than poisoning the whole index: the webhook refuses such pods, so this
+    only happens to pods created while the webhook was absent.  Names that cannot be DNS names
+    are left out (see :func:`sort_names`).
     """
     metadata = raw.get("metadata") or {}
     spec = raw.get("spec") or {}
@@ -226,9 +299,9 @@ def pod_record_from_dict(raw: Mapping[str, Any]) -> PodRecord:
     labels = metadata.get("labels") or {}
     try:
         networks = networks_from(annotations)
-        names = names_from(annotations, labels)
     except AnnotationError:
-        networks, names = (), ()
+        networks = ()
+    sorted_names = sort_names(annotations, labels)
     ips = [entry.get("ip") for entry in status.get("podIPs") or () if entry.get("ip")]
     if not ips and status.get("podIP"):
         ips = [status["podIP"]]
@@ -242,7 +315,9 @@ def pod_record_from_dict(raw: Mapping[str, Any]) -> PodRecord:
         name=metadata.get("name") or "",
         ips=tuple(ips),
         networks=networks,
-        names=names,
+        names=sorted_names.names,
+        reverse_name=sorted_names.reverse_name,
+        refused_names=tuple((value, f"{key}: {reason}") for key, value, reason in sorted_names.refused),
         phase=status.get("phase") or "Pending",
         terminating=bool(metadata.get("deletionTimestamp")),
         host_network=bool(spec.get("hostNetwork")),

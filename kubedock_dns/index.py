@@ -9,15 +9,17 @@ that changed, whatever the number of pods:
 - (network, address) -> the answering pods.
 
 Membership rules (DESIGN section 3): pods in phase Succeeded, Failed or Unknown are dropped at once,
-because the network plugin hands their IP to new pods; two live pods claiming one address make that
-address *conflicted*, and the index then answers nothing for it.  The index is owned by one thread
-(the reactor's); it does no locking.
+because the network plugin hands their IP to new pods; a pod being deleted still asks but no longer
+answers; two live pods claiming one address make that address *conflicted*, and the index then
+answers nothing for it.  Networks named in ``unresolved_networks`` (full ID or a prefix of at least
+12 characters, e.g. kubedock's default ``bridge``) are left out of every pod: Docker resolves no
+names there.  The index is owned by one thread (the reactor's); it does no locking.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted
@@ -74,8 +76,9 @@ def network_labels(network: str) -> tuple[str, ...]:
 class NetworkIndex:
     """Pods by address, names by network; see the module docstring for the rules."""
 
-    def __init__(self, require_ready: bool = False) -> None:
+    def __init__(self, require_ready: bool = False, unresolved_networks: Iterable[str] = ()) -> None:
         self.require_ready = require_ready
+        self.unresolved_networks = tuple(n.lower() for n in unresolved_networks)
         self.synced = False
         self.generation = 0
         self._pods: dict[str, PodRecord] = {}
@@ -86,6 +89,10 @@ class NetworkIndex:
         self._labels: dict[str, set[str]] = {}
         self._label_refs: dict[str, int] = {}
         self._awaiting_ip: set[str] = set()
+        # name -> how many (network, pod) entries carry it; address -> likewise: "some network
+        # holds it", which decides whether an unknown asker's question may become local.
+        self._name_refs: dict[str, int] = {}
+        self._address_refs: dict[str, int] = {}
         self._listeners: dict[Callable[[], None], None] = {}  # ordered set: O(1) forget
         self.conflicts_seen = 0
 
@@ -122,7 +129,19 @@ class NetworkIndex:
             self._upsert(record)
         self.synced = True
 
+    def _resolved(self, record: PodRecord) -> PodRecord:
+        """``record`` without the networks that are never resolved."""
+        if not self.unresolved_networks or not record.networks:
+            return record
+        kept = tuple(n for n in record.networks if not self.is_unresolved(n))
+        return record if kept == record.networks else replace(record, networks=kept)
+
+    def is_unresolved(self, network: str) -> bool:
+        lowered = network.lower()
+        return any(lowered == u or (len(u) >= 12 and lowered.startswith(u)) for u in self.unresolved_networks)
+
     def _upsert(self, record: PodRecord) -> None:
+        record = self._resolved(record)
         old = self._pods.get(record.uid)
         if old == record:
             return
@@ -152,8 +171,10 @@ class NetworkIndex:
             for network in record.networks:
                 for name in record.names:
                     self._names.setdefault((network, name), set()).add(record.uid)
+                    self._name_refs[name] = self._name_refs.get(name, 0) + 1
                 for ip in record.ips:
                     self._reverse.setdefault((network, ip), set()).add(record.uid)
+                    self._address_refs[ip] = self._address_refs.get(ip, 0) + 1
         for network in record.networks:
             self._label_refs[network] = self._label_refs.get(network, 0) + 1
             if self._label_refs[network] == 1:
@@ -169,8 +190,10 @@ class NetworkIndex:
             for network in record.networks:
                 for name in record.names:
                     _discard(self._names, (network, name), record.uid)
+                    _release(self._name_refs, name)
                 for ip in record.ips:
                     _discard(self._reverse, (network, ip), record.uid)
+                    _release(self._address_refs, ip)
         for network in record.networks:
             self._label_refs[network] -= 1
             if not self._label_refs[network]:
@@ -195,6 +218,18 @@ class NetworkIndex:
         """Opted-in pods without an address yet: an unknown asker may be one of them."""
         return len(self._awaiting_ip)
 
+    def namespaces_awaiting_ip(self) -> set[str]:
+        """The namespaces of the pods awaiting their address (whose search suffixes they use)."""
+        return {self._pods[uid].namespace for uid in self._awaiting_ip}
+
+    def holds_name(self, name: str) -> bool:
+        """Whether some network has a pod answering to ``name`` (lower case)."""
+        return name in self._name_refs
+
+    def holds_address(self, ip: str) -> bool:
+        """Whether some network has a pod answering at ``ip``."""
+        return ip in self._address_refs
+
     def lookup(self, networks: tuple[str, ...], name: str) -> ForwardAnswer | None:
         """The first of ``networks`` (in order) holding ``name`` (lower case), with its addresses.
 
@@ -215,13 +250,14 @@ class NetworkIndex:
         return None
 
     def reverse(self, networks: tuple[str, ...], ip: str) -> str | None:
-        """The primary name of the pod holding ``ip`` in the first of ``networks`` that has it."""
+        """The reverse name (container name, else hostname) of the pod holding ``ip`` in the first
+        of ``networks`` that has it."""
         for network in networks:
             uids = self._reverse.get((network, ip))
             if uids:
                 if len(uids) > 1 or len(self._askers.get(ip, ())) > 1:
                     raise Conflict(ip, uids | self._askers.get(ip, set()))
-                return self._pods[next(iter(uids))].primary_name
+                return self._pods[next(iter(uids))].reverse_name
         return None
 
     def _addresses(self, uids: set[str]) -> tuple[str, ...]:
@@ -263,6 +299,8 @@ class NetworkIndex:
                         "phase": pod.phase,
                         "answers": pod.is_answer(self.require_ready),
                         "asks": pod.is_asker,
+                        "terminating": pod.terminating,
+                        "refused_names": [{"name": n, "reason": r} for n, r in pod.refused_names],
                     }
                 )
         return {
@@ -270,8 +308,17 @@ class NetworkIndex:
             "pods": len(self._pods),
             "pods_awaiting_ip": len(self._awaiting_ip),
             "conflicted_addresses": self.conflicted_addresses(),
+            "unresolved_networks": list(self.unresolved_networks),
             "networks": {k: sorted(v, key=lambda m: m["pod"]) for k, v in sorted(networks.items())},
         }
+
+
+def _release(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _discard(mapping: dict, key, uid: str) -> None:

@@ -29,6 +29,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "answered_local": (COUNTER, "Queries answered with records from the asking pod's networks."),
     "answered_nodata": (COUNTER, "Queries for a name of the asker's networks answered NOERROR with no record "
                                  "of the asked type (NODATA)."),
+    "nxdomain": (COUNTER, "Queries answered NXDOMAIN: a single-label name that no network of the asker "
+                          "holds (Docker: not found), after any hold."),
     "forwarded": (COUNTER, "Queries relayed to the upstream resolvers."),
     "servfail": (COUNTER, "Queries answered SERVFAIL (index not synced, duplicate pod IP, every upstream "
                           "failed)."),

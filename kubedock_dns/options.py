@@ -28,6 +28,8 @@ class Config:
     kubeconfig: str | None = None
     opt_in_label: str = DEFAULT_OPT_IN_LABEL
     require_ready: bool = False
+    forward_single_label: bool = False
+    unresolved_networks: tuple[str, ...] = ()
     pods_file: str | None = None
     webhook_port: int = 8443
     webhook_interface: str = ""
@@ -108,6 +110,10 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["require-ready", None, "Answer for pods only once they are Ready (Docker does not wait)."],
+        ["forward-single-label", None,
+         "Forward single-label names that no network of the asker holds (db, db.<ns>.svc.<domain>) "
+         "to the cluster DNS instead of answering NXDOMAIN, so the namespace's Services answer them. "
+         "Risk: a Service called like a missing container answers in its place."],
         ["no-fast-path", None, "Answer every query through the full twisted.names path."],
         ["verbose", "v", "Log one structured debug line per decision (answers through the full path)."],
     ]
@@ -115,6 +121,18 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["upstream"] = []
+        self["unresolved-network"] = []
+
+    def opt_unresolved_network(self, value: str) -> None:
+        """Docker network ID (64 hex, or a prefix of 12 or more, as `docker network ls` shows)
+        whose names are never resolved, as on Docker's default bridge; repeat for several."""
+        lowered = value.strip().lower()
+        if not 12 <= len(lowered) <= 64 or any(c not in "0123456789abcdef" for c in lowered):
+            raise usage.UsageError(
+                f"--unresolved-network {value!r}: expected a Docker network ID, 64 hexadecimal "
+                f"characters or the first 12 or more of them (docker network inspect bridge -f '{{{{.Id}}}}')"
+            )
+        self["unresolved-network"].append(lowered)
 
     def opt_upstream(self, value: str) -> None:
         """Upstream nameserver HOST[:PORT]; repeat for several (default: from --resolv-conf)."""
@@ -180,6 +198,8 @@ class Options(usage.Options):
             kubeconfig=self["kubeconfig"],
             opt_in_label=self["opt-in-label"],
             require_ready=bool(self["require-ready"]),
+            forward_single_label=bool(self["forward-single-label"]),
+            unresolved_networks=tuple(self["unresolved-network"]),
             pods_file=self["pods-file"],
             webhook_port=self["webhook-port"],
             webhook_interface=self["webhook-interface"],

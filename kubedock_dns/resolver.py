@@ -32,6 +32,9 @@ class ResolverConfig:
     hold_seconds: float = 1.5
     miss_memory_seconds: float = 30.0
     miss_memory_size: int = 65536
+    # Let single-label names that no network of the asker holds through to the cluster DNS, so
+    # the namespace's Services answer them.  Off: a Service must never stand in for a container.
+    forward_single_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,13 @@ class Answer:
 
 @dataclass(frozen=True)
 class ServFail:
+    reason: str
+
+
+@dataclass(frozen=True)
+class NotFound:
+    """NXDOMAIN: a container name that no network of the asker holds (Docker: not found)."""
+
     reason: str
 
 
@@ -65,7 +75,7 @@ class Hold:
     miss_key: tuple[str, str] | None = None
 
 
-Decision = Union[Answer, ServFail, Forward, Hold]
+Decision = Union[Answer, ServFail, NotFound, Forward, Hold]
 
 NOT_SYNCED = ServFail("the pod index is not synced with the API server yet")
 
@@ -131,12 +141,7 @@ class Resolver:
         except Conflict as conflict:
             return ServFail(str(conflict))
         if asker is None:
-            if index.pods_awaiting_ip and not held:
-                return Hold("unknown asker while opted-in pods wait for their address")
-            return Forward("asker is not a known pod")
-        if not asker.networks:
-            # Admitted with a warning: it is on no network, so nothing can ever be local to it.
-            return Forward("asker is on no kubedock network")
+            return self._decide_unknown(source_ip, name, qtype, held, now)
         if qtype == TYPE_PTR:
             address = reverse_name_to_ip(name.split("."))
             if address is None:
@@ -149,6 +154,9 @@ class Resolver:
                 return Forward("address not in the asker's networks")
             return Answer(TYPE_PTR, (owner,))
         base = self.strip_search_suffix(name, asker.namespace)
+        if not asker.networks:
+            # On no (resolved) network: nothing can ever be local to it, so nothing is held.
+            return self._not_local(base, "the asker is on no resolved network")
         try:
             found = index.lookup(asker.networks, base)
             if found is None and "." in base:
@@ -164,11 +172,41 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
-        miss_key = (source_ip, base)
-        if "." in base:
+        if "." in base and not index.holds_name(base):
             # Multi-label names are almost always outside names (example.com, a Service): holding
             # them would delay every outside lookup of every test container.
             return Forward("name not in the asker's networks")
+        miss_key = (source_ip, base)
         if held or self.misses.recently_missed(miss_key, now):
-            return Forward("name did not appear while held", cacheable=False)
+            return self._not_local(base, "name did not appear while held", cacheable=False)
         return Hold("name not known yet", miss_key)
+
+    def _not_local(self, base: str, why: str, cacheable: bool = True) -> Decision:
+        """A name that is not in the asker's networks: NXDOMAIN for a single label (no Service
+        may stand in for a missing container), forwarded otherwise."""
+        if "." not in base and not self.config.forward_single_label:
+            return NotFound(f"{why}: single-label name {base!r}")
+        return Forward(why, cacheable=cacheable)
+
+    def _decide_unknown(self, source_ip: str, name: str, qtype: int, held: bool, now: float) -> Decision:
+        """An address that is no pod's: a plain forwarder, except that while opted-in pods wait
+        for their address it may be one of them, so a question that could become local (a single
+        label, or a name or address some network holds) is held once per (asker, name)."""
+        index = self.index
+        if held or not index.pods_awaiting_ip:
+            return Forward("asker is not a known pod", cacheable=not held)
+        if qtype == TYPE_PTR:
+            address = reverse_name_to_ip(name.split("."))
+            if address is None or not index.holds_address(address):
+                return Forward("asker is not a known pod; the address is no network's")
+            base = name
+        else:
+            candidates = {self.strip_search_suffix(name, ns) for ns in index.namespaces_awaiting_ip()}
+            local = sorted(b for b in candidates if "." not in b or index.holds_name(b))
+            if not local:
+                return Forward("asker is not a known pod; the name is no network's")
+            base = local[0]
+        miss_key = (source_ip, base)
+        if self.misses.recently_missed(miss_key, now):
+            return Forward("asker is not a known pod; held once already", cacheable=False)
+        return Hold("unknown asker while opted-in pods wait for their address", miss_key)

@@ -42,6 +42,7 @@ from kubedock_dns.resolver import (
     Decision,
     Forward,
     Hold,
+    NotFound,
     Resolver,
     ServFail,
 )
@@ -53,10 +54,19 @@ QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "
 def qtype_name(qtype: int) -> str:
     return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
 
+
+def outcome_name(decision: Decision) -> str:
+    """answered, nodata, nxdomain, forward, hold or servfail: the ``outcome`` of log events."""
+    if isinstance(decision, Answer):
+        return "answered" if decision.values else "nodata"
+    if isinstance(decision, NotFound):
+        return "nxdomain"
+    return type(decision).__name__.lower()
+
 log = Logger()
 
 CLASS_IN = 1
-RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 4, 5
+RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 3, 4, 5
 _HEADER = struct.Struct("!6H")
 
 
@@ -68,6 +78,7 @@ class Counters:
     queries_tcp: int = 0
     answered_local: int = 0
     answered_nodata: int = 0
+    nxdomain: int = 0
     forwarded: int = 0
     servfail: int = 0
     refused: int = 0
@@ -98,8 +109,10 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
     must produce the same bytes; a differential test holds the two together.
     """
     question = query.queries[0]
+    # Our own answers and our NXDOMAIN (a container name no network of the asker holds) are
+    # authoritative; failures are not.
     response = dns.Message(
-        id=query.id, answer=True, opCode=dns.OP_QUERY, auth=decision is not None,
+        id=query.id, answer=True, opCode=dns.OP_QUERY, auth=decision is not None or rcode == RCODE_NXDOMAIN,
         recDes=query.recDes, recAv=1, rCode=rcode, maxSize=0,
     )
     response.queries = [question]
@@ -280,10 +293,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
 
     def _log_decision(self, source_ip: str, name: str, qtype: int, decision: Decision) -> None:
         """One structured debug line per decision (--verbose): every field is an event field."""
-        if isinstance(decision, Answer):
-            outcome = "answered" if decision.values else "nodata"
-        else:
-            outcome = type(decision).__name__.lower()
+        outcome = outcome_name(decision)
         log.debug(
             "{client} asked {name} {qtype}: {outcome} {detail}",
             client=source_ip, name=name, qtype=qtype_name(qtype), outcome=outcome,
@@ -340,6 +350,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 self.answer_latency.observe(self.clock() - started)
         elif isinstance(decision, Forward):
             self._forward(message, data, proto, address, started)
+        elif isinstance(decision, NotFound):
+            self.counters.nxdomain += 1
+            self._write_answer(message, proto, address, RCODE_NXDOMAIN, None)
+            if started:
+                self.answer_latency.observe(self.clock() - started)
         else:
             assert isinstance(decision, ServFail)
             self.counters.servfail += 1

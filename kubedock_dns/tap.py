@@ -104,7 +104,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     """The whole server.  ``pod_source(index)`` may supply the service feeding the index
     (tests); by default it is the pods file or the API watcher, as configured."""
     top = service.MultiService()
-    index = NetworkIndex(require_ready=config.require_ready)
+    index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
     top.index = index  # type: ignore[attr-defined]
     apply_changes = conflict_warner(index, WarningLimiter(log, reactor.seconds))
     watch_lag = LatencyHistogram(LAG_BUCKETS)
@@ -117,7 +117,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     ForwarderService(forwarder).setServiceParent(top)
 
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
-                                              hold_seconds=config.hold_timeout))
+                                              hold_seconds=config.hold_timeout,
+                                              forward_single_label=config.forward_single_label))
     fast_path = FastPath(resolver, reactor.seconds) if config.fast_path else None
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path,
                                        latency_sample_every=config.latency_sample_every)

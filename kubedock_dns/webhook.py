@@ -10,9 +10,13 @@ Contract (DESIGN section 5):
   AdmissionReview response echoing the request ``uid``.
 - Only pods whose opt-in label (default ``kubedock``) is exactly ``"true"`` are ours; every other
   pod is allowed untouched.
-- CREATE of an opted-in pod: the ``kubedock.*`` annotations must follow the contract
+- Every pod kubedock creates from a valid Docker request is admitted.  CREATE of an opted-in pod:
+  the ``kubedock.network/N`` annotations must follow the contract
   (:func:`kubedock_dns.contract.check_pod_annotations`; denial code 400 naming key and value),
-  ``spec.hostNetwork: true`` is refused (code 403), and the pod is mutated with a JSON patch setting
+  ``spec.hostNetwork: true`` is refused (code 403); a name that cannot be a DNS name (an alias
+  ``db:5432``, a container name longer than 63 characters) is admitted with an admission warning
+  naming the container and the name (it is simply not resolvable, as in Docker); other annotations
+  (kubedock copies the container's labels into them) are left alone.  The pod is mutated with a JSON patch setting
   ``spec.dnsPolicy: None`` and ``spec.dnsConfig``.  In that ``dnsConfig`` kubedock-dns owns
   ``nameservers`` (exactly the configured IP) and ``searches`` (``<ns>.svc.<domain>``,
   ``svc.<domain>``, ``<domain>``: the cluster's usual list) and the ``ndots`` option; the pod's other
@@ -57,8 +61,10 @@ from kubedock_dns.contract import (
     NETWORK_PREFIX,
     AnnotationError,
     canonical_ip,
+    CONTAINER_NAME_ANNOTATION,
     check_pod_annotations,
     contract_view,
+    sort_names,
 )
 from kubedock_dns.tls import ReloadingServerTLS
 
@@ -287,6 +293,23 @@ def _describe_changes(old: Mapping[str, str], new: Mapping[str, str]) -> str:
     return "; ".join(changes)
 
 
+def _name_warnings(request: Mapping[str, Any], annotations: Mapping[str, str],
+                   labels: Mapping[str, str]) -> list[str]:
+    """One warning per name that cannot be a DNS name: the pod runs, that name does not resolve."""
+    container = annotations.get(CONTAINER_NAME_ANNOTATION)
+    who = f"container {_shorten(container.lstrip('/'))!r} ({_describe(request)})" if container else _describe(request)
+    return [
+        f"{who}: {key}={_shorten(value)!r} cannot be a DNS name ({reason}); the container runs, "
+        f"but no other container can resolve it by this name: use a name of letters, digits, "
+        f"'-', '_' and '.', at most 63 characters between dots, to make it resolvable"
+        for key, value, reason in sort_names(annotations, labels).refused
+    ]
+
+
+def _shorten(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
 def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
     """The AdmissionResponse for a request checked by :func:`parse_review`."""
     uid = request["uid"]
@@ -315,11 +338,14 @@ def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
         if patch:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
+        warnings = _name_warnings(request, annotations, labels)
         if not any(key.startswith(NETWORK_PREFIX) for key in annotations):
-            response["warnings"] = [
+            warnings.append(
                 f"{_describe(request)} has no {NETWORK_PREFIX}N annotation, so it is on no "
                 f"kubedock network and no other pod can resolve its names"
-            ]
+            )
+        if warnings:
+            response["warnings"] = warnings
         return response
     if operation == "UPDATE" and (_opted_in(obj, label) or _opted_in(old, label)):
         assert obj is not None and old is not None

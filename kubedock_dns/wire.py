@@ -110,7 +110,7 @@ class FastPath:
     a hit is a dictionary look-up and a concatenation with the client's ID; multi-address answers
     are shuffled per reply.  Questions the index plainly does not answer are reported as
     :data:`FORWARD` (relayed without a parse); anything else returns None and the full path
-    decides (holds, SERVFAIL, truncation, malformed or unusual queries).  A differential test
+    decides (holds, NXDOMAIN, SERVFAIL, truncation, malformed or unusual queries).  A differential test
     holds its bytes equal to the full path's.
     """
 

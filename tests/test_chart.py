@@ -39,7 +39,7 @@ PLUGIN_OPTIONS = {
     "--forward-timeout", "--max-forwards", "--namespace", "--kubeconfig", "--opt-in-label",
     "--require-ready", "--pods-file", "--webhook-port", "--webhook-interface", "--tls-cert",
     "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
-    "--ops-port", "--ops-interface",
+    "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -56,6 +56,8 @@ OPTIONS: dict[str, list[str]] = {
     "three-replicas": ["--set", "replicaCount=3"],
     "upstreams": ["--set", "dns.upstreams={10.96.0.10,9.9.9.9:53}", "--set", "dns.requireReady=true"],
     "custom-opt-in-label": ["--set", "optInLabel=example.com/kubedock"],
+    "docker-fidelity": ["--set", "dns.forwardSingleLabel=true",
+                        "--set", "dns.unresolvedNetworks={" + "ab" * 32 + ",0123456789ab}"],
 }
 
 CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
@@ -344,6 +346,16 @@ def test_upstreams_and_require_ready(helm: str) -> None:
     assert args["--require-ready"] == [""]
 
 
+def test_single_label_and_unresolved_network_options(helm: str, default: list[dict[str, Any]]) -> None:
+    """By default missing single-label names are NXDOMAIN and every network resolves;
+    ``dns.forwardSingleLabel`` and ``dns.unresolvedNetworks`` become the server's options."""
+    assert "--forward-single-label" not in args_of(default)
+    assert "--unresolved-network" not in args_of(default)
+    args = args_of(render(helm, *OPTIONS["docker-fidelity"]))
+    assert args["--forward-single-label"] == [""]
+    assert args["--unresolved-network"] == ["ab" * 32, "0123456789ab"]
+
+
 # --- TLS --------------------------------------------------------------------------------------
 
 
@@ -428,6 +440,7 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "replicaCount=0",
     "service.clusterIP=not-an-ip",
     "no.such.value=1",
+    "dns.unresolvedNetworks={bridge}",
 ])
 def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
     """values.schema.json catches misspelt or out-of-range values before anything is applied."""

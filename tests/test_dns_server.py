@@ -8,6 +8,7 @@ thread so the server keeps serving.  The index is changed in the reactor thread,
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import time
@@ -321,6 +322,126 @@ class HoldTests(DNSServerTestCase):
         self.index.synced = False
         r = yield self.ask(A_SVC, "db")
         self.assertEqual(r.rcode(), dns.rcode.SERVFAIL)
+
+
+class MissingContainerTests(DNSServerTestCase):
+    """Docker's view of a name no container of the asker's networks holds: not found."""
+
+    hold_timeout = 0.5
+
+    def upstream_asked(self, name):
+        return [q for q in self.dnsmasq.queries() if q.name.rstrip(".").lower() == name]
+
+    @defer.inlineCallbacks
+    def test_removed_container_is_nxdomain_and_no_service_stands_in(self):
+        """After ``docker rm -f db`` run A's ``db`` in every search form is NXDOMAIN (AA, after
+        one hold), never the namespace's Service ``db`` of the cluster DNS, which is not even
+        asked; run B still gets its own ``db``."""
+        self.index.apply([Deleted("a-db")])
+        decoy = f"db.{NS}.svc.cluster.local"
+        for tcp in (False, True):
+            for name in (decoy, "db.svc.cluster.local", "db.cluster.local", "db"):
+                r = yield self.ask(A_SVC, name, tcp=tcp)
+                self.assertEqual((r.rcode(), r.answer), (dns.rcode.NXDOMAIN, []), name)
+                self.assertTrue(r.flags & dns.flags.AA)
+        self.assertEqual(self.upstream_asked(decoy), [])
+        r = yield self.ask(B_SVC, decoy)
+        self.assertEqual(addresses(r), [B_DB])
+        self.assertEqual(self.top.dns_factory.counters.nxdomain, 8)
+
+    @defer.inlineCallbacks
+    def test_terminating_pod_is_not_found_at_once_but_still_asks(self):
+        """A pod with a deletion timestamp (kubedock deletes with the default grace period) no
+        longer answers: its peers get NXDOMAIN, not its address; it still resolves its peers."""
+        import dataclasses
+        self.index.apply([Upserted(dataclasses.replace(base_pods()[0], terminating=True))])
+        r = yield self.ask(A_SVC, "db")
+        self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        r = yield self.ask(A_SVC, dns.reversename.from_address(A_DB), "PTR")
+        self.assertEqual(r.answer, [])
+        r = yield self.ask(A_DB, "service")
+        self.assertEqual(addresses(r), [A_SVC])
+
+    @defer.inlineCallbacks
+    def test_outside_and_multi_label_names_are_still_forwarded(self):
+        """Multi-label names are not ours to deny: ``kubernetes.default`` reaches the cluster DNS."""
+        r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local")
+        self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+
+    @defer.inlineCallbacks
+    def test_ptr_answers_the_container_name(self):
+        """A reverse lookup answers the container's name, as Docker does."""
+        self.index.apply([Upserted(record("cache", [NET_A], ip="127.10.1.8", namespace=NS, uid="a-cache",
+                                          container_name="/run-a-cache"))])
+        r = yield self.ask(A_SVC, dns.reversename.from_address("127.10.1.8"), "PTR")
+        self.assertEqual([x.target.to_text() for x in r.answer[0]], ["run-a-cache."])
+
+
+class MissingContainerFullPathTests(MissingContainerTests):
+    """Full path only."""
+
+    fast_path = False
+
+
+class ForwardSingleLabelTests(DNSServerTestCase):
+    hold_timeout = 0.5
+
+    def setUp(self):
+        super().setUp()
+        self.top.dns_factory.resolver.config = dataclasses.replace(
+            self.top.dns_factory.resolver.config, forward_single_label=True)
+
+    @defer.inlineCallbacks
+    def test_option_lets_the_namespace_service_answer(self):
+        """With --forward-single-label a missing container name falls through to the
+        namespace's Service, as the user asked (the risk the option documents)."""
+        self.index.apply([Deleted("a-db")])
+        r = yield self.ask(A_SVC, f"db.{NS}.svc.cluster.local")
+        self.assertEqual(addresses(r), [self.dnsmasq.service_ip])
+
+
+class UnknownAskerTests(DNSServerTestCase):
+    hold_timeout = 1.5
+
+    def setUp(self):
+        super().setUp()
+        self.index.apply([Upserted(record("newbie", [NET_B], phase="Pending", namespace=NS, uid="newbie"))])
+
+    @defer.inlineCallbacks
+    def test_outside_names_are_forwarded_at_once_while_a_pod_awaits_its_address(self):
+        """An unknown source's outside names are not held even while some pod awaits its IP."""
+        started = time.monotonic()
+        for _ in range(3):
+            r = yield self.ask(OUTSIDER, "kubernetes.default.svc.cluster.local")
+            self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+        self.assertLess(time.monotonic() - started, 1.4)
+        self.assertEqual(self.top.dns_factory.counters.held, 0)
+
+    @defer.inlineCallbacks
+    def test_a_name_that_could_become_local_is_held_once_per_asker_and_name(self):
+        """``db`` from an unknown source is held once (it may be the pod awaiting its IP); asked
+        again, and in its other search forms, it is forwarded at once."""
+        started = time.monotonic()
+        r = yield self.ask(OUTSIDER, f"db.{NS}.svc.cluster.local")
+        self.assertGreaterEqual(time.monotonic() - started, 1.4)
+        self.assertEqual(addresses(r), [self.dnsmasq.service_ip])  # a plain forwarder for a non-pod
+        started = time.monotonic()
+        for name in (f"db.{NS}.svc.cluster.local", "db.svc.cluster.local", "db"):
+            yield self.ask(OUTSIDER, name)
+        self.assertLess(time.monotonic() - started, 1.4)
+        self.assertEqual(self.top.dns_factory.counters.held, 1)
+
+    @defer.inlineCallbacks
+    def test_held_question_is_decided_when_the_askers_ip_is_indexed(self):
+        """The moment the pod that awaited its address gets the asker's IP, its held question is
+        answered from its network, well before the hold bound."""
+        started = time.monotonic()
+        pending = self.ask("127.10.2.50", "db")
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.index.apply([Upserted(record("newbie", [NET_B], ip="127.10.2.50", namespace=NS, uid="newbie"))])
+        r = yield pending
+        self.assertEqual(addresses(r), [B_DB])
+        self.assertLess(time.monotonic() - started, 1.2)
 
 
 class ForwardingTests(DNSServerTestCase):

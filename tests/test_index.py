@@ -47,10 +47,61 @@ def test_pending_pod_without_ip_is_counted_as_awaiting():
     assert index.pods_awaiting_ip == 0
 
 
-def test_terminating_running_pod_still_answers():
-    """A pod being deleted keeps answering until it is gone (Docker answers until removal)."""
-    index = index_with(record("db", [NET_A], ip="10.0.0.1", deleting=True))
-    assert index.lookup((NET_A,), "db").addresses == ("10.0.0.1",)
+def test_terminating_pod_no_longer_answers_but_still_asks():
+    """A pod with a deletion timestamp is no longer answered for (``docker rm`` removes the name
+    at once; kubedock deletes with the default grace period), but it still asks from its address
+    until it is gone."""
+    index = index_with(record("db", [NET_A], ip="10.0.0.1", deleting=True),
+                       record("app", [NET_A], ip="10.0.0.2"))
+    assert index.lookup((NET_A,), "db") is None
+    assert index.reverse((NET_A,), "10.0.0.1") is None
+    assert not index.holds_name("db")
+    assert index.asker("10.0.0.1").networks == (NET_A,)
+    assert index.lookup(index.asker("10.0.0.1").networks, "app").addresses == ("10.0.0.2",)
+
+
+def test_names_that_cannot_be_dns_names_are_skipped_and_listed():
+    """A container name longer than 63 characters or an alias such as ``db:5432`` is not indexed
+    (the pod's other names are) and the networks view lists it with the reason."""
+    long_name = "c" * 70
+    pod = record("db", [NET_A], aliases=["db:5432", "postgres"], ip="10.0.0.1",
+                 container_name="/" + long_name, container_id="0123456789ab")
+    index = index_with(pod)
+    assert pod.names == ("db", "postgres", "0123456789ab")
+    assert index.lookup((NET_A,), "postgres").addresses == ("10.0.0.1",)
+    assert index.lookup((NET_A,), "db:5432") is None
+    [member] = index.describe()["networks"][NET_A]
+    refused = {r["name"]: r["reason"] for r in member["refused_names"]}
+    assert set(refused) == {"db:5432", long_name}
+    assert "kubedock.hostalias/1" in refused["db:5432"]
+    assert "70 characters" in refused[long_name] and "kubedock.containername" in refused[long_name]
+
+
+def test_reverse_name_is_the_container_name_when_it_is_a_host_name():
+    """PTR answers carry the container's name (Docker's answer) where resolvers accept it as a
+    host name, else the hostname (``hostalias/0``)."""
+    index = index_with(record("db", [NET_A], ip="10.0.0.1", container_name="/run-a-DB"),
+                       record("web", [NET_A], ip="10.0.0.2", container_name="/run_a_web"),
+                       record("api", [NET_A], ip="10.0.0.3"))
+    assert index.reverse((NET_A,), "10.0.0.1") == "run-a-db"
+    assert index.reverse((NET_A,), "10.0.0.2") == "web"
+    assert index.reverse((NET_A,), "10.0.0.3") == "api"
+
+
+def test_unresolved_networks_are_left_out_of_every_pod():
+    """A network named as never resolved (kubedock's default ``bridge``, by full ID or 12-hex
+    prefix) holds no names, and its members ask as if they were not in it."""
+    bridge = NET_B
+    for spelling in (bridge, bridge[:12].upper()):
+        index = NetworkIndex(unresolved_networks=[spelling])
+        index.apply([Relisted((record("a", [bridge], ip="10.0.0.1"),
+                               record("b", [bridge, NET_A], ip="10.0.0.2"),
+                               record("c", [NET_A], ip="10.0.0.3")))])
+        assert index.asker("10.0.0.1").networks == ()
+        assert index.asker("10.0.0.2").networks == (NET_A,)
+        assert index.lookup((bridge,), "a") is None
+        assert index.lookup((NET_A,), "b").addresses == ("10.0.0.2",)
+        assert bridge not in index.describe()["networks"]
 
 
 def test_finished_pod_ip_reused_in_other_network_never_leaks_old_name():

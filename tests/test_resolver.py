@@ -14,6 +14,7 @@ from kubedock_dns.resolver import (
     Answer,
     Forward,
     Hold,
+    NotFound,
     Resolver,
     ResolverConfig,
     ServFail,
@@ -96,21 +97,104 @@ def test_not_synced_is_not_not_found():
     assert isinstance(r.decide("10.0.1.2", "db", TYPE_A, held=True), ServFail)
 
 
-def test_unknown_short_name_is_held_once_then_remembered():
-    """A name that never appears costs one hold per asker, not one per search suffix."""
+def test_unknown_short_name_is_held_once_then_not_found():
+    """A single-label name that never appears costs one hold per asker, not one per search
+    suffix, and is then NXDOMAIN in every search form: never forwarded, so no Service of the
+    namespace can stand in for the missing container."""
     r = two_runs()
     first = r.decide("10.0.1.2", "cache.ci.svc.cluster.local", TYPE_A, now=100.0)
     assert isinstance(first, Hold)
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, held=True, now=101.5), NotFound)
     r.misses.remember(first.miss_key, 101.5)
-    assert isinstance(r.decide("10.0.1.2", "cache.svc.cluster.local", TYPE_A, now=101.6), Forward)
-    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=101.7), Forward)
+    for name in ("cache.svc.cluster.local", "cache.cluster.local", "cache"):
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_A, now=101.6), NotFound), name
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=200.0), Hold)
 
 
-def test_asker_on_no_network_is_forwarded_without_holding():
-    """A pod admitted without network annotations can have no local names: nothing is held."""
+def test_removed_container_name_is_not_found_not_forwarded():
+    """After ``docker rm -f db`` the name ``db`` is NXDOMAIN for the run that had it (after the
+    hold), whatever search form glibc sends, while the other run still resolves its own ``db``."""
+    r = two_runs()
+    db_a = next(p for p in r.index.pods() if p.names[0] == "db" and p.networks == (NET_A,))
+    from kubedock_dns.contract import Deleted
+    r.index.apply([Deleted(db_a.uid)])
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Hold)
+    for name in ("db", "db.ci.svc.cluster.local", "db.svc.cluster.local", "db.cluster.local"):
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_A, held=True), NotFound), name
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_AAAA, held=True), NotFound), name
+    assert r.decide("10.0.2.2", "db", TYPE_A).values == ("10.0.2.1",)
+
+
+def test_option_lets_single_label_names_through_to_the_cluster_dns():
+    """With ``forward_single_label`` a missing single-label name goes to the cluster DNS (where
+    a namespace Service may answer it), after the same hold."""
+    r = resolver_with(record("service", [NET_A], ip="10.0.1.2", namespace="ci"),
+                      forward_single_label=True)
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Hold)
+    assert isinstance(r.decide("10.0.1.2", "db.ci.svc.cluster.local", TYPE_A, held=True), Forward)
+
+
+def test_asker_on_no_network_gets_not_found_without_holding():
+    """A pod on no (resolved) network can have no local names: nothing is held; single-label
+    names are NXDOMAIN (no Service stands in), other names are forwarded."""
     r = resolver_with(record("lonely", [], ip="10.0.3.1"), record("db", [NET_A], ip="10.0.1.1"))
-    assert isinstance(r.decide("10.0.3.1", "db", TYPE_A), Forward)
+    assert isinstance(r.decide("10.0.3.1", "db", TYPE_A), NotFound)
+    assert isinstance(r.decide("10.0.3.1", "db.svc.cluster.local", TYPE_A), NotFound)
+    assert isinstance(r.decide("10.0.3.1", "example.com", TYPE_A), Forward)
+
+
+def test_default_bridge_network_resolves_nothing():
+    """On a network named as never resolved (kubedock's ``bridge``), as on Docker's default
+    bridge, containers do not resolve each other; a second, user-defined network still does."""
+    bridge = network_id("bridge")
+    index = NetworkIndex(unresolved_networks=[bridge])
+    index.apply([Relisted((record("a", [bridge], ip="10.0.4.1"), record("b", [bridge], ip="10.0.4.2"),
+                           record("c", [bridge, NET_A], ip="10.0.4.3"),
+                           record("d", [NET_A], ip="10.0.4.4")))])
+    r = Resolver(index, ResolverConfig())
+    assert isinstance(r.decide("10.0.4.1", "b", TYPE_A), NotFound)
+    assert isinstance(r.decide("10.0.4.1", "2.4.0.10.in-addr.arpa", TYPE_PTR), Forward)
+    assert isinstance(r.decide("10.0.4.3", "a", TYPE_A), Hold)
+    assert r.decide("10.0.4.3", "d", TYPE_A).values == ("10.0.4.4",)
+    assert r.decide("10.0.4.4", "c", TYPE_A).values == ("10.0.4.3",)
+
+
+def test_ptr_answers_the_container_name():
+    """Reverse lookups answer the container's name (Docker's answer) when it is a host name,
+    else the hostname."""
+    r = resolver_with(record("db", [NET_A], ip="10.0.1.1", container_name="/run-a-db"),
+                      record("app", [NET_A], ip="10.0.1.2", container_name="/run_a_app"))
+    assert r.decide("10.0.1.2", "1.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("run-a-db",))
+    assert r.decide("10.0.1.1", "2.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("app",))
+
+
+def test_terminating_pod_is_not_found_but_still_asks():
+    """A pod being deleted is no longer answered for, while it still resolves its peers."""
+    r = resolver_with(record("db", [NET_A], ip="10.0.1.1", deleting=True),
+                      record("app", [NET_A], ip="10.0.1.2"))
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A, held=True), NotFound)
+    assert r.decide("10.0.1.1", "app", TYPE_A).values == ("10.0.1.2",)
+
+
+def test_unknown_asker_holds_only_names_that_could_become_local_once():
+    """While a pod awaits its address, an unknown asker's outside names are forwarded at once;
+    a single label, or a name some network holds, is held once per (asker, name), then
+    forwarded at once."""
+    r = resolver_with(record("db", [NET_A], aliases=["db.internal"], ip="10.0.1.1", namespace="ci"),
+                      record("late", [NET_A], phase="Pending", namespace="ci"))
+    for outside in ("example.com", "kubernetes.default.svc.cluster.local", "example.com.ci.svc.cluster.local"):
+        assert r.decide("10.9.9.9", outside, TYPE_A, now=10.0) == Forward(
+            "asker is not a known pod; the name is no network's"), outside
+    assert isinstance(r.decide("10.9.9.9", "1.2.3.4.in-addr.arpa", TYPE_PTR, now=10.0), Forward)
+    for local in ("cache.ci.svc.cluster.local", "db.internal", "1.1.0.10.in-addr.arpa"):
+        qtype = TYPE_PTR if local.endswith("arpa") else TYPE_A
+        first = r.decide("10.9.9.9", local, qtype, now=10.0)
+        assert isinstance(first, Hold), local
+        r.misses.remember(first.miss_key, 11.5)
+        again = r.decide("10.9.9.9", local, qtype, now=12.0)
+        assert isinstance(again, Forward) and not again.cacheable, local
+    for other_suffix in ("cache", "cache.svc.cluster.local"):  # one hold per name, not per suffix
+        assert isinstance(r.decide("10.9.9.9", other_suffix, TYPE_A, now=12.0), Forward)
 
 
 def test_outside_names_are_forwarded_without_holding():
@@ -118,6 +202,7 @@ def test_outside_names_are_forwarded_without_holding():
     r = two_runs()
     assert isinstance(r.decide("10.0.1.2", "example.com", TYPE_A), Forward)
     assert isinstance(r.decide("10.0.1.2", "kubernetes.default.svc.cluster.local", TYPE_A), Forward)
+    assert isinstance(r.decide("10.0.1.2", "kubernetes.default", TYPE_A, held=True), Forward)
 
 
 def test_conflicting_asker_gets_servfail():
@@ -176,4 +261,4 @@ def test_no_answer_ever_crosses_networks(pods, qtype, name):
                     if qtype == TYPE_A:
                         assert name in owner.names
                     else:
-                        assert value == owner.names[0]
+                        assert value == owner.reverse_name

@@ -92,3 +92,28 @@ def test_twistd_rejects_bad_options_with_the_expected_form(tmp_path):
     argv[-1] = "dns.example"
     proc = subprocess.run(argv, env=twistd_env(), capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
     assert "--upstream 'dns.example': expected an IP address" in proc.stdout + proc.stderr
+
+
+def test_docker_fidelity_options_parse_into_the_config(tmp_path):
+    """``--forward-single-label`` and repeated ``--unresolved-network`` reach the config (IDs
+    lower-cased); a value that is no network ID is refused naming it and the expected form."""
+    import pytest
+    from twisted.python import usage
+
+    from kubedock_dns.options import Options
+
+    pods = tmp_path / "pods.json"
+    pods.write_text("[]")
+    options = Options()
+    options.parseOptions(["--pods-file", str(pods), "--upstream", "127.0.0.1"])
+    assert (options.config().forward_single_label, options.config().unresolved_networks) == (False, ())
+    bridge = "AB" * 32
+    options = Options()
+    options.parseOptions(["--pods-file", str(pods), "--upstream", "127.0.0.1", "--forward-single-label",
+                          "--unresolved-network", bridge, "--unresolved-network", "0123456789ab"])
+    config = options.config()
+    assert config.forward_single_label is True
+    assert config.unresolved_networks == ("ab" * 32, "0123456789ab")
+    for bad in ("bridge", "0123456789a", "g" * 64):
+        with pytest.raises(usage.UsageError, match=f"--unresolved-network '{bad}': expected a Docker network ID"):
+            Options().parseOptions(["--pods-file", str(pods), "--unresolved-network", bad])

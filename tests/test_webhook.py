@@ -272,18 +272,15 @@ def test_delete_is_allowed(client: Client) -> None:
     [
         ({"kubedock.network/0": "net work"}, ["kubedock.network/0", "'net work'", "network ID"]),
         ({"kubedock.network/first": "n1"}, ["'kubedock.network/first'", "'first'", "index"]),
-        ({"kubedock.hostalias/0": "-db"}, ["kubedock.hostalias/0", "'-db'", "host name"]),
-        ({"kubedock.hostalias/01": "db"}, ["'kubedock.hostalias/01'", "'01'", "index"]),
-        ({"kubedock.hostalias/1": "a" * 64}, ["kubedock.hostalias/1", "63 characters"]),
-        ({"kubedock.containername": "/my db"}, ["kubedock.containername", "'my db'"]),
+        ({"kubedock.network/1": ""}, ["'kubedock.network/1'", "must name a network"]),
     ],
-    ids=["bad-network", "network-index", "bad-alias", "leading-zero", "long-label", "container-name"],
+    ids=["bad-network", "network-index", "empty-network"],
 )
-def test_bad_annotations_are_refused_naming_key_and_value(
+def test_malformed_network_annotations_are_refused_naming_key_and_value(
     client: Client, annotations: dict[str, str], expected: list[str]
 ) -> None:
-    """A pod whose kubedock annotations break the contract is refused with code 400 and a message
-    naming the pod, the annotation and its value."""
+    """A pod whose network annotations are malformed (kubedock never writes such) is refused with
+    code 400 and a message naming the pod, the annotation and its value."""
     base = {"kubedock.hostalias/0": "db", "kubedock.network/0": NETWORK_ID}
     response = client.post_review(admission_review("CREATE", pod(annotations={**base, **annotations})))
     assert response["allowed"] is False
@@ -295,13 +292,56 @@ def test_bad_annotations_are_refused_naming_key_and_value(
     assert "patch" not in response
 
 
-def test_bad_container_id_label_is_refused(client: Client) -> None:
-    """The container ID label becomes a name, so a bad one is refused, naming it."""
-    obj = pod(labels={"kubedock": "true", "kubedock.containerid": "_bad"})
+@pytest.mark.parametrize(
+    ("annotations", "labels", "expected"),
+    [
+        ({"kubedock.hostalias/1": "db:5432"}, {}, ["kubedock.hostalias/1='db:5432'", "letters, digits"]),
+        ({"kubedock.hostalias/1": "a" * 64}, {}, ["kubedock.hostalias/1", "64 characters", "63"]),
+        ({"kubedock.containername": "/" + "c" * 70}, {}, ["kubedock.containername", "70 characters"]),
+        ({"kubedock.hostalias/0": "-db"}, {}, ["kubedock.hostalias/0='-db'", "starting with a letter"]),
+        ({"kubedock.containername": "/my db"}, {}, ["kubedock.containername='my db'"]),
+        ({}, {"kubedock.containerid": "_bad"}, ["kubedock.containerid='_bad'"]),
+    ],
+    ids=["alias-with-port", "long-alias", "long-container-name", "leading-dash", "space", "container-id"],
+)
+def test_names_that_cannot_be_dns_names_are_admitted_with_a_warning(
+    client: Client, annotations: dict[str, str], labels: dict[str, str], expected: list[str]
+) -> None:
+    """Docker runs a container whose name or alias cannot be a DNS name (it just cannot be found
+    by it), so the webhook admits and mutates the pod, with one warning naming the container, the
+    annotation, the value and why, and what to do."""
+    base = {"kubedock.hostalias/0": "db", "kubedock.network/0": NETWORK_ID,
+            "kubedock.containername": "/my_db"}
+    obj = pod(annotations={**base, **annotations},
+              labels={"kubedock": "true", "kubedock.containerid": "0123456789ab", **labels})
     response = client.post_review(admission_review("CREATE", obj))
-    assert response["allowed"] is False
-    assert "kubedock.containerid" in response["status"]["message"]
-    assert "'_bad'" in response["status"]["message"]
+    stored = admitted(response, copy.deepcopy(obj))
+    assert stored["spec"]["dnsConfig"] == EXPECTED_DNS_CONFIG
+    [warning] = response["warnings"]
+    container = obj["metadata"]["annotations"]["kubedock.containername"].lstrip("/")
+    assert warning.startswith(f"container '{container[:20]}")
+    assert "pod team-a/db" in warning
+    for fragment in expected:
+        assert fragment in warning
+    assert "resolve it by this name" in warning
+
+
+def test_copied_container_labels_are_left_alone(client: Client) -> None:
+    """kubedock copies the container's labels into annotations (org.testcontainers.* and any
+    key or value): the pod is admitted with no warning, and the patch touches only the DNS
+    settings."""
+    copied = {"org.testcontainers": "true", "org.testcontainers.sessionId": "2f0c-11ef",
+              "org.testcontainers.copied_files.hash": "x" * 300,
+              "com.example/description": "a db: with spaces, colons & 'quotes'",
+              "kubedock.hostalias": "not an index key", "empty": ""}
+    obj = pod()
+    obj["metadata"]["annotations"].update(copied)
+    response = client.post_review(admission_review("CREATE", obj))
+    assert "warnings" not in response
+    stored = admitted(response, copy.deepcopy(obj))
+    assert stored["metadata"] == obj["metadata"]
+    assert {k: v for k, v in stored["spec"].items() if k not in ("dnsPolicy", "dnsConfig")} == {
+        k: v for k, v in obj["spec"].items() if k not in ("dnsPolicy", "dnsConfig")}
 
 
 def test_host_network_opt_in_is_refused(client: Client) -> None:
