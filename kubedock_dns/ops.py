@@ -3,7 +3,9 @@
 Plain HTTP on its own port, so kubelet probes and scrapers need no certificate:
 ``/healthz`` (the process serves), ``/readyz`` (the index holds a complete list of pods),
 ``/metrics`` (Prometheus or OpenMetrics text, by prometheus_client; see docs/metrics.md), ``/debug/networks`` (JSON: every network, its pods, their
-names and addresses; the first place to look when a name does not resolve).
+names and addresses; the first place to look when a name does not resolve), ``/networks`` and
+``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, JSON, for ``kubedock-dns
+networks``), and ``/`` (the same as a small read-only HTML page).
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from kubedock_dns import views
+
 
 class OpsApp:
     app = Klein()
 
-    def __init__(self, index, registry: CollectorRegistry) -> None:
+    def __init__(self, index, registry: CollectorRegistry, explainer=None) -> None:
         self.index = index
         self.registry = registry
+        # explainer(asker, name, type) -> Deferred of the JSON-ready account (kubedock_dns.explain).
+        self.explainer = explainer
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
@@ -46,3 +52,49 @@ class OpsApp:
     def networks(self, request):
         request.setHeader("Content-Type", "application/json")
         return json.dumps(self.index.describe(), indent=2).encode()
+
+    @app.route("/", methods=["GET"])
+    def page(self, request):
+        request.setHeader("Content-Type", "text/html; charset=utf-8")
+        return views.render_html(self.index.describe()).encode()
+
+    @app.route("/networks", methods=["GET"])
+    def network_list(self, request):
+        request.setHeader("Content-Type", "application/json")
+        described = self.index.describe()
+        return _json({"synced": described["synced"], "conflicted_addresses": described["conflicted_addresses"],
+                      "networks": views.summaries(described)})
+
+    @app.route("/networks/<network>", methods=["GET"])
+    def network_inspect(self, request, network: str):
+        request.setHeader("Content-Type", "application/json")
+        try:
+            return _json([views.inspect(self.index.describe(), network)])
+        except views.NoSuchNetwork as missing:
+            request.setResponseCode(404)
+            return _json({"error": str(missing)})
+
+    @app.route("/explain", methods=["GET"])
+    def explain(self, request):
+        request.setHeader("Content-Type", "application/json")
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
+        missing = [k for k in ("from", "name") if not args.get(k)]
+        if missing or self.explainer is None:
+            request.setResponseCode(400)
+            return _json({"error": f"missing query parameter(s) {', '.join(missing)}: "
+                                   "/explain?from=<pod name or IP>&name=<name>[&type=A|AAAA|PTR]"
+                          if missing else "this server cannot explain"})
+
+        def failed(failure):
+            from kubedock_dns.explain import ExplainError
+
+            failure.trap(ExplainError)
+            request.setResponseCode(400)
+            return _json({"error": str(failure.value)})
+
+        d = self.explainer(args["from"], args["name"], args.get("type", "A"))
+        return d.addCallback(_json).addErrback(failed)
+
+
+def _json(value) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()

@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from twisted.application import internet, service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -171,10 +172,15 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
             found["watch_lag_seconds"] = watch_lag
         return found
 
+    def explainer(asker: str, name: str, qtype: str):
+        return defer.maybeDeferred(explain, resolver, forwarder, asker, name, qtype, reactor.seconds(),
+                                   ndots=config.ndots)
+
+    from kubedock_dns.explain import explain
     from kubedock_dns.metrics import ServerCollector, registry
     from kubedock_dns.ops import OpsApp
 
-    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms))).app.resource()),
+    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer).app.resource()),
                              interface=config.ops_interface)
     ops.setName("ops")
     ops.setServiceParent(top)
