@@ -108,8 +108,8 @@ def _upstream_view(answer: bytes) -> dict[str, Any]:
         if isinstance(payload, (dns.Record_A, dns.Record_AAAA)):
             records.append(payload.dottedQuad() if isinstance(payload, dns.Record_A) else
                            socket.inet_ntop(socket.AF_INET6, payload.address))
-        elif hasattr(payload, "name"):  # PTR, CNAME, NS: the name they point to
-            records.append(payload.name.name.decode("ascii", "replace"))
+        elif isinstance(payload, (dns.Record_PTR, dns.Record_CNAME, dns.Record_NS)):
+            records.append(payload.name.name.decode("ascii", "replace"))  # the name they point to
         else:
             records.append(f"{dns.QUERY_TYPES.get(rr.type, rr.type)} {payload}")
     return {"rcode": RCODES.get(message.rCode, str(message.rCode)), "records": records}
