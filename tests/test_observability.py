@@ -205,3 +205,25 @@ def test_watch_lag_is_measured_from_hand_over_to_application():
     assert delivered == [("batch",)]
     assert lag.cumulative() == [("0.1", 0), ("0.5", 1), ("+Inf", 1)]
     assert handover.seconds() == 42.0  # everything else is the real reactor's
+
+
+def test_observability_options_are_validated(tmp_path):
+    """--latency-sample-every takes 0 (off) or a count, --log-format text or json; anything else is
+    refused naming the option and the expected form, before anything starts."""
+    from twisted.python import usage
+
+    from kubedock_dns.options import Options
+
+    pods = tmp_path / "pods.json"
+    pods.write_text("[]")
+    base = ["--pods-file", str(pods), "--upstream", "127.0.0.1"]
+    options = Options()
+    options.parseOptions(base)
+    assert (options.config().latency_sample_every, options.config().log_format) == (16, "text")
+    options = Options()
+    options.parseOptions(base + ["--latency-sample-every", "0"])
+    assert options.config().latency_sample_every == 0
+    with pytest.raises(usage.UsageError, match="--latency-sample-every -1: must be 0 .off. or a positive count"):
+        Options().parseOptions(base + ["--latency-sample-every", "-1"])
+    with pytest.raises(usage.UsageError, match="--log-format 'xml': expected text or json"):
+        Options().parseOptions(base + ["--log-format", "xml"])
