@@ -5,7 +5,12 @@ every query, the default 16), loads each with dnsperf from one pod address askin
 and repeats the settings interleaved so that a busy machine disturbs them alike.  Prints the
 median QPS of each and its ratio to "never timed"; docs/metrics.md quotes a run.
 
-    python -m bench.sampling [--rounds 3] [--duration 5]
+On a shared machine dnsperf's QPS swings by more than the difference sought, so ``--micro`` also
+measures the CPU cost per query in-process: the server's ``query_received`` on the fast path,
+with a socket that discards the reply, best of many repeats (the minimum is what the code costs
+when nothing else interferes).
+
+    python -m bench.sampling [--rounds 3] [--duration 5] [--micro]
 """
 
 from __future__ import annotations
@@ -49,13 +54,71 @@ def serve(every: int, port: int, ops_port: int, upstream: str) -> subprocess.Pop
     raise RuntimeError("kubedock-dns did not become ready")
 
 
+def micro(settings: list[int], repeats: int = 30, number: int = 20000) -> dict[int, float]:
+    """Nanoseconds per fast-path query for each sampling setting (best of ``repeats``)."""
+    import json as json_
+    import timeit
+
+    from twisted.internet.task import Clock
+
+    from kubedock_dns.contract import Relisted, pod_record_from_dict
+    from kubedock_dns.forwarder import Forwarder, Upstream
+    from kubedock_dns.index import NetworkIndex
+    from kubedock_dns.resolver import Resolver, ResolverConfig
+    from kubedock_dns.server import KubedockDNSServerFactory
+    from kubedock_dns.wire import FastPath
+
+    class Discard:
+        def sendto(self, data, address):
+            return len(data)
+
+    class Transport:
+        socket = Discard()
+
+    class Proto:
+        transport = Transport()
+
+    pods = json_.loads((REPO / "examples" / "pods.json").read_text())
+    query = bytes.fromhex("12340100000100000000000002646200000100 01".replace(" ", ""))
+    out = {}
+    timings: dict[int, list[float]] = {s: [] for s in settings}
+    factories = {}
+    for every in settings:
+        clock = Clock()
+        index = NetworkIndex()
+        index.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
+        resolver = Resolver(index, ResolverConfig())
+        factories[every] = KubedockDNSServerFactory(
+            clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]),
+            fast_path=FastPath(resolver, clock.seconds), latency_sample_every=every)
+    address = (SOURCE, 40000)
+    for _ in range(repeats):  # interleaved, so that interference hits every setting alike
+        for every in settings:
+            receive = factories[every].query_received
+            timings[every].append(timeit.timeit(lambda: receive(query, Proto, address, SOURCE), number=number))
+    for every in settings:
+        assert factories[every].counters.answered_local == repeats * number
+        out[every] = min(timings[every]) / number * 1e9
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--settings", default="0,1,16")
+    parser.add_argument("--micro", action="store_true", help="also the in-process CPU cost per query")
+    parser.add_argument("--micro-only", action="store_true", help="only the in-process CPU cost")
     args = parser.parse_args(argv)
     settings = [int(s) for s in args.settings.split(",")]
+    if args.micro or args.micro_only:
+        costs = micro(settings)
+        print("in-process fast-path cost per query (best of 30 x 20,000):")
+        for every in settings:
+            print(f"  --latency-sample-every {every:<3}: {costs[every]:,.0f} ns "
+                  f"(+{costs[every] - costs[settings[0]]:,.0f} ns, {costs[every] / costs[settings[0]]:.3f}x)")
+        if args.micro_only:
+            return 0
     work = Path(tempfile.mkdtemp(prefix="kubedock-dns-sampling-"))
     queries = work / "queries.txt"
     queries.write_text("".join(f"{n} A\n" for n in NAMES))
