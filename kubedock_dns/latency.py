@@ -2,10 +2,9 @@
 
 :class:`LatencyHistogram` keeps per-bucket counts and a sum, updated by the reactor thread only
 (no lock: the scrape runs on the reactor thread too); :meth:`LatencyHistogram.cumulative` gives
-the Prometheus form.  :class:`Sampler` decides which queries are timed: one in ``every`` (a
-countdown, so the untimed queries pay one decrement and one comparison), because a clock read
-and a bucket search on every query of the fast path cost measurable QPS (docs/metrics.md).
-Stdlib only.
+the Prometheus form.  Which queries are timed is the server's business (one in
+``--latency-sample-every``: timing every query of the fast path costs measurable CPU, see
+docs/metrics.md).  Stdlib only.
 """
 
 from __future__ import annotations
@@ -49,24 +48,3 @@ class LatencyHistogram:
             out.append((repr(float(bound)), running))
         out.append(("+Inf", running + self.counts[-1]))
         return out
-
-
-class Sampler:
-    """``take()`` is true for one call in ``every`` (never when ``every`` is 0)."""
-
-    __slots__ = ("every", "_countdown")
-
-    def __init__(self, every: int) -> None:
-        if every < 0:
-            raise ValueError(f"sampling interval must be 0 (off) or more, got {every}")
-        self.every = every
-        self._countdown = every
-
-    def take(self) -> bool:
-        if not self.every:
-            return False
-        self._countdown -= 1
-        if self._countdown:
-            return False
-        self._countdown = self.every
-        return True

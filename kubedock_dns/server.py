@@ -33,7 +33,7 @@ from kubedock_dns.wire import (
     parse_question,
 )
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
-from kubedock_dns.latency import DNS_BUCKETS, LatencyHistogram, Sampler
+from kubedock_dns.latency import DNS_BUCKETS, LatencyHistogram
 from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.resolver import (
     TYPE_A,
@@ -200,7 +200,9 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         # upstream that failed before one answered.
         # A countdown inlined in query_received (a method call per query would cost more than the
         # sampled timing itself); infinity never reaches zero: sampling off.
-        self.sample_every = Sampler(latency_sample_every).every  # validated
+        if latency_sample_every < 0:
+            raise ValueError(f"latency_sample_every must be 0 (off) or more, got {latency_sample_every}")
+        self.sample_every = latency_sample_every
         self._countdown: float = latency_sample_every or float("inf")
         self.clock = clock
         self.answer_latency = LatencyHistogram(DNS_BUCKETS)

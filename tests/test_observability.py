@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
-from kubedock_dns.latency import LatencyHistogram, Sampler
+from kubedock_dns.latency import LatencyHistogram
 from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.metrics import HISTOGRAMS, METRICS, PREFIX
 from kubedock_dns.tap import StampedHandOver
@@ -156,12 +156,42 @@ def test_histogram_buckets_are_cumulative_with_inf_last():
         LatencyHistogram((0.1, 0.01))
 
 
-def test_sampler_takes_one_in_n_and_zero_means_none():
-    """--latency-sample-every N times exactly every Nth query; 0 times none."""
-    every_4 = Sampler(4)
-    assert [every_4.take() for _ in range(8)] == [False, False, False, True] * 2
-    assert not any(Sampler(0).take() for _ in range(100))
-    assert all(Sampler(1).take() for _ in range(5))
+def test_one_query_in_n_is_timed_and_zero_times_none():
+    """--latency-sample-every N times exactly every Nth query (one clock read each, observed into
+    the answer histogram); 0 times none."""
+    from kubedock_dns.contract import Relisted
+    from kubedock_dns.forwarder import Forwarder, Upstream
+    from kubedock_dns.index import NetworkIndex
+    from kubedock_dns.resolver import Resolver, ResolverConfig
+    from kubedock_dns.server import KubedockDNSServerFactory
+    from kubedock_dns.wire import FastPath
+    from tests.podfactory import record
+
+    class Socket:
+        def sendto(self, data, address):
+            return len(data)
+
+    class Proto:
+        transport = type("Transport", (), {"socket": Socket()})()
+
+    net = network_id("sampling")
+    query = dns.message.make_query("db.", "A").to_wire()
+    for every, timed in ((4, 2), (1, 8), (0, 0)):
+        clock = Clock()
+        index = NetworkIndex()
+        index.apply([Relisted((record("db", [net], ip="10.0.0.1", uid="db"),
+                               record("app", [net], ip="10.0.0.2", uid="app")))])
+        resolver = Resolver(index, ResolverConfig())
+        reads = []
+        factory = KubedockDNSServerFactory(clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]),
+                                           fast_path=FastPath(resolver, clock.seconds), latency_sample_every=every,
+                                           clock=lambda: reads.append(1) or 1.0 + len(reads) * 0.001)
+        for _ in range(8):
+            factory.query_received(query, Proto, ("10.0.0.2", 5353), "10.0.0.2")
+        assert factory.counters.answered_local == 8
+        assert factory.answer_latency.count == timed and len(reads) == 2 * timed
+    with pytest.raises(ValueError, match="0 .off. or more"):
+        KubedockDNSServerFactory(clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]), latency_sample_every=-1)
 
 
 def test_warning_limiter_reports_once_per_interval_with_the_number_swallowed():
