@@ -323,7 +323,12 @@ def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
         try:
             check_pod_annotations(annotations, labels)
         except AnnotationError as e:
-            return _deny(uid, 400, f"{_describe(request)}: {e}")
+            return _deny(
+                uid, 400,
+                f"{_describe(request)}: {e}; kubedock writes {NETWORK_PREFIX}N annotations from the "
+                f"container's Docker networks: remove or correct this annotation (or the container "
+                f"label it was copied from) and create the pod again",
+            )
         spec = obj["spec"]
         if spec.get("hostNetwork") is True:
             return _deny(

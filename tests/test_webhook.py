@@ -289,6 +289,7 @@ def test_malformed_network_annotations_are_refused_naming_key_and_value(
     assert message.startswith("pod team-a/db: ")
     for fragment in expected:
         assert fragment in message
+    assert "remove or correct this annotation" in message
     assert "patch" not in response
 
 
