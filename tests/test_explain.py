@@ -132,12 +132,12 @@ class SemanticsTableTests(ExplainTestCase):
         """Rows 7 and 8: PTR of a peer's address is answered with its name; PTR of an address outside
         the asker's networks is forwarded and the upstream's answer is shown."""
         report = yield self.both(B_SVC, "1.2.10.127.in-addr.arpa.", "PTR")
-        self.assertEqual(report["result"]["records"], ["db"])  # test_db_b is no host name
+        self.assertEqual(report["result"]["records"], ["test_db_b"])  # the container name
         report = yield self.both(A_SVC, "8.8.10.127.in-addr.arpa.", "PTR")
         self.assertEqual(report["forms"][0]["decision"]["rule"], "Forward")
         self.assertIn("outside.example", report["forms"][0]["upstream"]["records"][0])
         by_address = yield self.explain(B_SVC, B_DB, "PTR")  # an address is turned into its reverse name
-        self.assertEqual(by_address["result"]["records"], ["db"])
+        self.assertEqual(by_address["result"]["records"], ["test_db_b"])
 
     @defer.inlineCallbacks
     def test_unknown_asker_is_a_plain_forwarder(self):

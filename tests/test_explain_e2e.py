@@ -94,7 +94,7 @@ def test_the_story_ends_with_what_glibc_got(bed: EndToEndBed) -> None:
     assert a_db.ip is not None
     report = explain(bed, a_app, a_db.ip, "--type", "PTR")
     rc, out, _ = bed.exec(a_app, ["getent", "hosts", a_db.ip])
-    assert rc == 0 and out.split()[1] == report["result"]["records"][0] == "db"
+    assert rc == 0 and out.split()[1] == report["result"]["records"][0] == "run-a_db"  # the container name
 
 
 def test_networks_command_and_watch_lag(bed: EndToEndBed) -> None:
