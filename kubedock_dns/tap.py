@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from twisted.application import internet, service
@@ -84,10 +85,14 @@ class StampedHandOver:
         return getattr(self._reactor, name)
 
 
-def conflict_warner(index: NetworkIndex, warnings: WarningLimiter) -> Callable[[Iterable], None]:
-    """``index.apply`` that warns (rate-limited, per address) when a change makes two live pods
-    claim one address; such pods are answered SERVFAIL until one of them goes."""
+def apply_and_warn(index: NetworkIndex, warnings: WarningLimiter, remembered: int = 4096) -> Callable[[Iterable], None]:
+    """``index.apply`` that also warns, rate-limited, about what a user must act on: two live pods
+    claiming one address (answered SERVFAIL until one goes; one warning per address) and names
+    refused as invalid (not resolvable, as in Docker; one warning a minute in all, each pod once)."""
+    warned: OrderedDict[str, None] = OrderedDict()  # pods whose refused names were reported
+
     def apply(changes: Iterable) -> None:
+        changes = tuple(changes)
         seen = index.conflicts_seen
         index.apply(changes)
         if index.conflicts_seen != seen:
@@ -98,6 +103,21 @@ def conflict_warner(index: NetworkIndex, warnings: WarningLimiter) -> Callable[[
                     "involving it get SERVFAIL until the stale pod is deleted",
                     ip=ip, pods=", ".join(index.claimants(ip)),
                 )
+        for change in changes:
+            records = change.records if isinstance(change, Relisted) else (getattr(change, "record", None),)
+            for record in records:
+                if record is None or not record.refused_names or record.uid in warned:
+                    continue
+                warned[record.uid] = None
+                if len(warned) > remembered:
+                    warned.popitem(last=False)
+                name, reason = record.refused_names[0]
+                warnings.warn(
+                    "refused-name",
+                    "pod {namespace}/{pod}: name {name!r} cannot be resolved ({reason}); Docker would "
+                    "not resolve it either; `kubedock-dns networks` lists every refused name",
+                    namespace=record.namespace, pod=record.name, name=name, reason=reason,
+                )
     return apply
 
 
@@ -107,7 +127,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     top = service.MultiService()
     index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
     top.index = index  # type: ignore[attr-defined]
-    apply_changes = conflict_warner(index, WarningLimiter(log, reactor.seconds))
+    apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
     watch_lag = LatencyHistogram(LAG_BUCKETS)
 
     upstreams = list(config.upstreams)

@@ -257,3 +257,30 @@ def test_observability_options_are_validated(tmp_path):
         Options().parseOptions(base + ["--latency-sample-every", "-1"])
     with pytest.raises(usage.UsageError, match="--log-format 'xml': expected text or json"):
         Options().parseOptions(base + ["--log-format", "xml"])
+
+
+def test_index_changes_warn_about_duplicate_ips_and_refused_names_rate_limited():
+    """Applying pod changes warns once per duplicated address (naming both pods), and about names
+    refused as invalid at most once a minute in all, each pod once however often it changes."""
+    from kubedock_dns.contract import Relisted, Upserted, pod_record_from_dict
+    from kubedock_dns.index import NetworkIndex
+    from kubedock_dns.tap import apply_and_warn
+    from tests.podfactory import record
+
+    seen = []
+    clock = Clock()
+    index = NetworkIndex()
+    apply = apply_and_warn(index, WarningLimiter(Logger(observer=seen.append), clock.seconds))
+    net = network_id("warn")
+    bad = [pod_record_from_dict(kubedock_pod(f"bad{i}", [net], aliases=["db:5432"], ip=f"10.0.1.{i}",
+                                             uid=f"bad{i}")) for i in range(3)]
+    apply([Relisted((record("one", [net], ip="10.0.0.1", uid="one"), bad[0]))])
+    apply([Upserted(record("two", [net], ip="10.0.0.1", uid="two"))])
+    apply([Upserted(bad[1])])
+    apply([Upserted(bad[0])])
+    warnings = [(e["warning"], e.get("ip") or e.get("pod")) for e in seen]
+    assert warnings == [("refused-name", "bad0"), ("duplicate-ip", "10.0.0.1")]
+    assert "tests/one, tests/two" == seen[1]["pods"]
+    clock.advance(61)
+    apply([Upserted(bad[2])])
+    assert (seen[-1]["pod"], seen[-1]["suppressed"]) == ("bad2", 1)  # bad1 was swallowed, bad0 not re-counted
