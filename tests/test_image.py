@@ -303,7 +303,8 @@ def test_build_context_holds_only_what_the_wheel_needs() -> None:
 def test_dockerfile_install_steps_produce_a_working_entrypoint(dockerfile: Dockerfile, tmp_path: Path) -> None:
     """Replaying the image's install steps in a clean virtual environment gives an environment in
     which the image's entrypoint starts and knows every option the Helm chart passes to it; the
-    installed set holds the package and plugin but not the tests or test bed."""
+    installed set holds the package, plugin and the ``kubedock-dns`` command but not the tests or
+    test bed."""
     env = replay(dockerfile, REPO, tmp_path)
     image_venv = Path(env["VENV"])
     assert (image_venv / "bin" / "twistd").exists()
@@ -329,6 +330,13 @@ def test_dockerfile_install_steps_produce_a_working_entrypoint(dockerfile: Docke
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["True", "True"]
+    # `kubectl exec deploy/kubedock-dns -- kubedock-dns explain ...`: the console command is on
+    # the image's PATH and asks the ops port (here nothing listens: a clear error, status 2).
+    command = image_venv / "bin" / "kubedock-dns"
+    assert command.exists(), "the kubedock-dns console command is not installed"
+    asked = subprocess.run([str(command), "--ops", "http://127.0.0.1:1", "networks"], cwd=run_dir, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 2 and "cannot ask the server at http://127.0.0.1:1" in asked.stderr, asked
     # The plugin cache was written at build time, so a read-only root filesystem costs nothing.
     caches = list((image_venv / "lib").glob("python3*/site-packages/twisted/plugins/dropin.cache"))
     assert caches, "Twisted's plugin cache was not written during the install"
