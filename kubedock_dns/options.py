@@ -105,7 +105,7 @@ class Options(usage.Options):
         ["ops-port", None, 8080, "Plain HTTP port for /healthz, /readyz, /metrics, /debug/networks.", _port],
         ["ops-interface", None, "", "Address the ops endpoint binds."],
         ["latency-sample-every", None, 16,
-         "Time one query in N for the latency histograms (1: every query, 0: none).", int],
+         "Time one query in N (a power of two) for the latency histograms (1: every query, 0: none).", int],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
     ]
     optFlags = [
@@ -164,9 +164,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{flag} {self[flag]}: no such file")
         if not self["upstream"] and not os.path.exists(self["resolv-conf"]):
             raise usage.UsageError(f"--resolv-conf {self['resolv-conf']}: no such file (or give --upstream)")
-        if self["latency-sample-every"] < 0:
+        every = self["latency-sample-every"]
+        if every < 0 or every & (every - 1):
             raise usage.UsageError(
-                f"--latency-sample-every {self['latency-sample-every']}: must be 0 (off) or a positive count"
+                f"--latency-sample-every {every}: must be 0 (off) or a power of two (1, 2, 4, ... 16, ...)"
             )
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")

@@ -166,6 +166,9 @@ class Resolver:
                 owner = index.reverse(asker.networks, address)
             except Conflict as conflict:
                 return ServFail(str(conflict))
+            if trace is not None:
+                trace.append(f"{address} looked up in {', '.join(asker.networks) or 'no network'}: "
+                             + (f"the pod named {owner}" if owner else "in none of them"))
             if owner is None:
                 return Forward("address not in the asker's networks")
             return Answer(TYPE_PTR, (owner,))

@@ -198,12 +198,12 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         # Receipt to reply, for one query in ``latency_sample_every`` (docs/metrics.md: timing
         # every query costs fast-path QPS).  Local answers include any hold; forwarded ones any
         # upstream that failed before one answered.
-        # A countdown inlined in query_received (a method call per query would cost more than the
-        # sampled timing itself); infinity never reaches zero: sampling off.
-        if latency_sample_every < 0:
-            raise ValueError(f"latency_sample_every must be 0 (off) or more, got {latency_sample_every}")
+        # Query number & mask == 0 picks one in N (N a power of two) from the counter the query
+        # increments anyway: the untimed queries pay one AND.  Mask -1 never matches: off.
+        if latency_sample_every < 0 or latency_sample_every & (latency_sample_every - 1):
+            raise ValueError(f"latency_sample_every must be 0 (off) or a power of two, got {latency_sample_every}")
         self.sample_every = latency_sample_every
-        self._countdown: float = latency_sample_every or float("inf")
+        self._sample_mask = latency_sample_every - 1 if latency_sample_every else -1
         self.clock = clock
         self.answer_latency = LatencyHistogram(DNS_BUCKETS)
         self.forward_latency = LatencyHistogram(DNS_BUCKETS)
@@ -219,17 +219,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     def query_received(self, data: bytes, proto, address, host: str) -> None:
         counters = self.counters
         if address is None:
-            counters.queries_tcp += 1
+            number = counters.queries_tcp = counters.queries_tcp + 1
         else:
-            counters.queries_udp += 1
-        self._countdown -= 1
-        if self._countdown:
-            started = 0.0
-        else:
-            self._countdown = self.sample_every
-            started = self.clock()
-        if self.fast_path is not None and not self.verbose:
-            # --verbose takes the full path: it logs every decision, which the fast path skips.
+            number = counters.queries_udp = counters.queries_udp + 1
+        started = 0.0 if number & self._sample_mask else self.clock()
+        if self.fast_path is not None:
             reply = self.fast_path.answer(data, host, address is None)
             if reply is not None:
                 counters.fast_path += 1

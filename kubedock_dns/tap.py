@@ -140,7 +140,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout,
                                               forward_single_label=config.forward_single_label))
-    fast_path = FastPath(resolver, reactor.seconds) if config.fast_path else None
+    # --verbose takes the full path: it logs every decision, and a fast-path hit makes none.
+    fast_path = FastPath(resolver, reactor.seconds) if config.fast_path and not config.verbose else None
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path,
                                        latency_sample_every=config.latency_sample_every)
     factory.verbose = int(config.verbose)

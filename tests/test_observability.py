@@ -157,8 +157,8 @@ def test_histogram_buckets_are_cumulative_with_inf_last():
 
 
 def test_one_query_in_n_is_timed_and_zero_times_none():
-    """--latency-sample-every N times exactly every Nth query (one clock read each, observed into
-    the answer histogram); 0 times none."""
+    """--latency-sample-every N (a power of two) times exactly every Nth query (one clock read
+    each, observed into the answer histogram); 0 times none."""
     from kubedock_dns.contract import Relisted
     from kubedock_dns.forwarder import Forwarder, Upstream
     from kubedock_dns.index import NetworkIndex
@@ -190,7 +190,7 @@ def test_one_query_in_n_is_timed_and_zero_times_none():
             factory.query_received(query, Proto, ("10.0.0.2", 5353), "10.0.0.2")
         assert factory.counters.answered_local == 8
         assert factory.answer_latency.count == timed and len(reads) == 2 * timed
-    with pytest.raises(ValueError, match="0 .off. or more"):
+    with pytest.raises(ValueError, match="0 .off. or a power of two"):
         KubedockDNSServerFactory(clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]), latency_sample_every=-1)
 
 
@@ -238,7 +238,7 @@ def test_watch_lag_is_measured_from_hand_over_to_application():
 
 
 def test_observability_options_are_validated(tmp_path):
-    """--latency-sample-every takes 0 (off) or a count, --log-format text or json; anything else is
+    """--latency-sample-every takes 0 (off) or a power of two, --log-format text or json; anything else is
     refused naming the option and the expected form, before anything starts."""
     from twisted.python import usage
 
@@ -253,8 +253,9 @@ def test_observability_options_are_validated(tmp_path):
     options = Options()
     options.parseOptions(base + ["--latency-sample-every", "0"])
     assert options.config().latency_sample_every == 0
-    with pytest.raises(usage.UsageError, match="--latency-sample-every -1: must be 0 .off. or a positive count"):
-        Options().parseOptions(base + ["--latency-sample-every", "-1"])
+    for bad in ("-1", "3", "12"):
+        with pytest.raises(usage.UsageError, match=f"--latency-sample-every {bad}: must be 0 .off. or a power of two"):
+            Options().parseOptions(base + ["--latency-sample-every", bad])
     with pytest.raises(usage.UsageError, match="--log-format 'xml': expected text or json"):
         Options().parseOptions(base + ["--log-format", "xml"])
 
