@@ -2,10 +2,12 @@
 
 Plain HTTP on its own port, so kubelet probes and scrapers need no certificate:
 ``/healthz`` (the process serves), ``/readyz`` (the index holds a complete list of pods),
-``/metrics`` (Prometheus or OpenMetrics text, by prometheus_client; see docs/metrics.md), ``/debug/networks`` (JSON: every network, its pods, their
-names and addresses; the first place to look when a name does not resolve), ``/networks`` and
-``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, JSON, for ``kubedock-dns
-networks``), and ``/`` (the same as a small read-only HTML page).
+``/metrics`` (Prometheus or OpenMetrics text by prometheus_client; docs/metrics.md),
+``/debug/networks`` (JSON: every network, its pods, their names and addresses), ``/networks`` and
+``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, for ``kubedock-dns
+networks``), ``/`` (the same as a small read-only HTML page) and ``/explain?from=&name=&type=``
+(:mod:`kubedock_dns.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
+with ``{"error": ...}`` saying what to give instead.
 """
 
 from __future__ import annotations
