@@ -281,6 +281,10 @@ class NetworkIndex:
     def conflicted_addresses(self) -> list[str]:
         return sorted(ip for ip, uids in self._askers.items() if len(uids) > 1)
 
+    def claimants(self, ip: str) -> list[str]:
+        """``namespace/name`` of every live pod claiming ``ip``."""
+        return sorted(f"{self._pods[uid].namespace}/{self._pods[uid].name}" for uid in self._askers.get(ip, ()))
+
     def describe(self) -> dict:
         """What the server believes, for humans: networks, their members, names and addresses."""
         networks: dict[str, list[dict]] = {}

@@ -2,24 +2,33 @@
 
 Plain HTTP on its own port, so kubelet probes and scrapers need no certificate:
 ``/healthz`` (the process serves), ``/readyz`` (the index holds a complete list of pods),
-``/metrics`` (Prometheus text format), ``/debug/networks`` (JSON: every network, its pods, their
-names and addresses; the first place to look when a name does not resolve).
+``/metrics`` (Prometheus or OpenMetrics text by prometheus_client; docs/metrics.md),
+``/debug/networks`` (JSON: every network, its pods, their names and addresses), ``/networks`` and
+``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, for ``kubedock-dns
+networks``), ``/`` (the same as a small read-only HTML page) and ``/explain?from=&name=&type=``
+(:mod:`kubedock_dns.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
+with ``{"error": ...}`` saying what to give instead.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable, Mapping
 
 from klein import Klein
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from kubedock_dns import views
 
 
 class OpsApp:
     app = Klein()
 
-    def __init__(self, index, metrics: Callable[[], Mapping[str, float]]) -> None:
+    def __init__(self, index, registry: CollectorRegistry, explainer=None) -> None:
         self.index = index
-        self.metrics = metrics
+        self.registry = registry
+        # explainer(asker, name, type) -> Deferred of the JSON-ready account (kubedock_dns.explain).
+        self.explainer = explainer
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
@@ -36,20 +45,58 @@ class OpsApp:
 
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request):
-        request.setHeader("Content-Type", "text/plain; version=0.0.4")
-        lines = []
-        for name, value in sorted(self.metrics().items()):
-            gauge = name in GAUGES
-            metric = "kubedock_dns_" + name + ("" if gauge else "_total")
-            lines.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
-            lines.append(f"{metric} {value}")
-        return ("\n".join(lines) + "\n").encode()
+        accept = request.getHeader("Accept")
+        encode, content_type = choose_encoder(accept or "")
+        request.setHeader("Content-Type", content_type)
+        return encode(self.registry)
 
     @app.route("/debug/networks", methods=["GET"])
     def networks(self, request):
         request.setHeader("Content-Type", "application/json")
         return json.dumps(self.index.describe(), indent=2).encode()
 
+    @app.route("/", methods=["GET"])
+    def page(self, request):
+        request.setHeader("Content-Type", "text/html; charset=utf-8")
+        return views.render_html(self.index.describe()).encode()
 
-GAUGES = frozenset({"pods", "pods_awaiting_ip", "conflicted_addresses", "synced", "forwards_in_flight",
-                    "holding"})
+    @app.route("/networks", methods=["GET"])
+    def network_list(self, request):
+        request.setHeader("Content-Type", "application/json")
+        described = self.index.describe()
+        return _json({"synced": described["synced"], "conflicted_addresses": described["conflicted_addresses"],
+                      "networks": views.summaries(described)})
+
+    @app.route("/networks/<network>", methods=["GET"])
+    def network_inspect(self, request, network: str):
+        request.setHeader("Content-Type", "application/json")
+        try:
+            return _json([views.inspect(self.index.describe(), network)])
+        except views.NoSuchNetwork as missing:
+            request.setResponseCode(404)
+            return _json({"error": str(missing)})
+
+    @app.route("/explain", methods=["GET"])
+    def explain(self, request):
+        request.setHeader("Content-Type", "application/json")
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
+        missing = [k for k in ("from", "name") if not args.get(k)]
+        if missing or self.explainer is None:
+            request.setResponseCode(400)
+            return _json({"error": f"missing query parameter(s) {', '.join(missing)}: "
+                                   "/explain?from=<pod name or IP>&name=<name>[&type=A|AAAA|PTR]"
+                          if missing else "this server cannot explain"})
+
+        def failed(failure):
+            from kubedock_dns.explain import ExplainError
+
+            failure.trap(ExplainError)
+            request.setResponseCode(400)
+            return _json({"error": str(failure.value)})
+
+        d = self.explainer(args["from"], args["name"], args.get("type", "A"))
+        return d.addCallback(_json).addErrback(failed)
+
+
+def _json(value) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()

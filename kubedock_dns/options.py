@@ -43,6 +43,8 @@ class Config:
     ops_interface: str = ""
     fast_path: bool = True
     verbose: bool = False
+    latency_sample_every: int = 16
+    log_format: str = "text"
 
     @property
     def webhook_enabled(self) -> bool:
@@ -107,6 +109,9 @@ class Options(usage.Options):
         ["ndots", None, 5, "ndots option injected into opted-in pods.", _count],
         ["ops-port", None, 8080, "Plain HTTP port for /healthz, /readyz, /metrics, /debug/networks.", _port],
         ["ops-interface", None, "", "Address the ops endpoint binds."],
+        ["latency-sample-every", None, 16,
+         "Time one query in N (a power of two) for the latency histograms (1: every query, 0: none).", int],
+        ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
     ]
     optFlags = [
         ["require-ready", None, "Answer for pods only once they are Ready (Docker does not wait)."],
@@ -115,7 +120,7 @@ class Options(usage.Options):
          "to the cluster DNS instead of answering NXDOMAIN, so the namespace's Services answer them. "
          "Risk: a Service called like a missing container answers in its place."],
         ["no-fast-path", None, "Answer every query through the full twisted.names path."],
-        ["verbose", "v", "Log why each SERVFAIL happened (one line per failed query)."],
+        ["verbose", "v", "Log one structured debug line per decision (answers through the full path)."],
     ]
 
     def __init__(self) -> None:
@@ -164,6 +169,19 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{flag} {self[flag]}: no such file")
         if not self["upstream"] and not os.path.exists(self["resolv-conf"]):
             raise usage.UsageError(f"--resolv-conf {self['resolv-conf']}: no such file (or give --upstream)")
+        every = self["latency-sample-every"]
+        if every < 0 or every & (every - 1):
+            raise usage.UsageError(
+                f"--latency-sample-every {every}: must be 0 (off) or a power of two (1, 2, 4, ... 16, ...)"
+            )
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")
+        if self["log-format"] == "json" and self.parent is not None:
+            # twistd starts its logging after makeService, from its own --logger option.
+            from kubedock_dns import logs
+
+            logs.use_json_log_file(self.parent.get("logfile"))
+            self.parent["logger"] = "kubedock_dns.logs.json_observer"
         namespace = self["namespace"]
         if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
             with open(SERVICE_ACCOUNT_NAMESPACE) as f:
@@ -201,4 +219,6 @@ class Options(usage.Options):
             ops_interface=self["ops-interface"],
             fast_path=not self["no-fast-path"],
             verbose=bool(self["verbose"]),
+            latency_sample_every=self["latency-sample-every"],
+            log_format=self["log-format"],
         )

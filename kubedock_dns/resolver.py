@@ -2,6 +2,9 @@
 
 Pure decisions (no I/O, no Twisted) over a :class:`~kubedock_dns.index.NetworkIndex`; the DNS
 semantics table of DESIGN section 4 lives here.  The server turns a :data:`Decision` into bytes.
+Given a ``trace`` list, :meth:`Resolver.decide` also appends what it looked at and why it decided
+(``kubedock-dns explain`` shows it): the explanation comes from the code that answers, not from a
+second implementation of the rules.
 """
 
 from __future__ import annotations
@@ -131,37 +134,62 @@ class Resolver:
                 return name[: -len(suffix)]
         return name
 
-    def decide(self, source_ip: str, name: str, qtype: int, held: bool = False, now: float = 0.0) -> Decision:
-        """``name`` is the question name in lower case without the trailing dot."""
+    def decide(self, source_ip: str, name: str, qtype: int, held: bool = False, now: float = 0.0,
+               trace: list[str] | None = None) -> Decision:
+        """``name`` is the question name in lower case without the trailing dot.  ``trace``, when
+        given, receives one line per step taken."""
         index = self.index
         if not index.synced:
+            if trace is not None:
+                trace.append("the index has no complete list of pods yet")
             return NOT_SYNCED if held else Hold("index not synced")
         try:
             asker = index.asker(source_ip)
         except Conflict as conflict:
+            if trace is not None:
+                trace.append(f"the asker's address {source_ip} is claimed by several live pods")
             return ServFail(str(conflict))
         if asker is None:
-            return self._decide_unknown(source_ip, name, qtype, held, now)
+            if trace is not None:
+                trace.append(f"no live pod has the address {source_ip}: the asker is unknown")
+            return self._decide_unknown(source_ip, name, qtype, held, now, trace)
+        if trace is not None:
+            trace.append(f"asker: pod uid {asker.uid} in namespace {asker.namespace or '-'}, networks in order: "
+                         f"{', '.join(asker.networks) or 'none'}")
         if qtype == TYPE_PTR:
             address = reverse_name_to_ip(name.split("."))
             if address is None:
                 return Forward("not a reverse name")
+            if trace is not None:
+                trace.append(f"reverse name of {address}")
             try:
                 owner = index.reverse(asker.networks, address)
             except Conflict as conflict:
                 return ServFail(str(conflict))
+            if trace is not None:
+                trace.append(f"{address} looked up in {', '.join(asker.networks) or 'no network'}: "
+                             + (f"the pod named {owner}" if owner else "in none of them"))
             if owner is None:
                 return Forward("address not in the asker's networks")
             return Answer(TYPE_PTR, (owner,))
         base = self.strip_search_suffix(name, asker.namespace)
+        if trace is not None and base != name:
+            trace.append(f"cluster search suffix stripped: {name} -> {base}")
         if not asker.networks:
             # On no (resolved) network: nothing can ever be local to it, so nothing is held.
             return self._not_local(base, "the asker is on no resolved network")
         try:
             found = index.lookup(asker.networks, base)
+            if trace is not None:
+                checked = asker.networks if found is None else asker.networks[: asker.networks.index(found.network) + 1]
+                trace.append(f"{base} looked up in {', '.join(checked)}: "
+                             + (f"found in {found.network}" if found else "in none of them"))
             if found is None and "." in base:
                 head, _, label = base.rpartition(".")
                 found = index.lookup_in_network(asker.networks, label, head)
+                if trace is not None:
+                    trace.append(f"as name.<network>: {head} in a network of the asker labelled {label}: "
+                                 + (f"found in {found.network}" if found else "no"))
         except Conflict as conflict:
             return ServFail(str(conflict))
         if found is not None:
@@ -178,6 +206,9 @@ class Resolver:
             return Forward("name not in the asker's networks")
         miss_key = (source_ip, base)
         if held or self.misses.recently_missed(miss_key, now):
+            if trace is not None and not held:
+                trace.append(f"already held once for this asker within {self.config.miss_memory_seconds:g} s: "
+                             "not held again")
             return self._not_local(base, "name did not appear while held", cacheable=False)
         return Hold("name not known yet", miss_key)
 
@@ -188,13 +219,16 @@ class Resolver:
             return NotFound(f"{why}: single-label name {base!r}")
         return Forward(why, cacheable=cacheable)
 
-    def _decide_unknown(self, source_ip: str, name: str, qtype: int, held: bool, now: float) -> Decision:
+    def _decide_unknown(self, source_ip: str, name: str, qtype: int, held: bool, now: float,
+                        trace: list[str] | None = None) -> Decision:
         """An address that is no pod's: a plain forwarder, except that while opted-in pods wait
         for their address it may be one of them, so a question that could become local (a single
         label, or a name or address some network holds) is held once per (asker, name)."""
         index = self.index
         if held or not index.pods_awaiting_ip:
             return Forward("asker is not a known pod", cacheable=not held)
+        if trace is not None:
+            trace.append(f"{index.pods_awaiting_ip} opted-in pod(s) wait for their address: the asker may be one")
         if qtype == TYPE_PTR:
             address = reverse_name_to_ip(name.split("."))
             if address is None or not index.holds_address(address):

@@ -14,8 +14,9 @@ records; an EDNS version above 0 gets BADVERS (RFC 6891).
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +37,8 @@ from kubedock_dns.wire import (
     scan_records,
 )
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
+from kubedock_dns.latency import DNS_BUCKETS, LatencyHistogram
+from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.resolver import (
     TYPE_A,
     TYPE_AAAA,
@@ -47,6 +50,22 @@ from kubedock_dns.resolver import (
     Resolver,
     ServFail,
 )
+
+QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
+               33: "SRV", 65: "HTTPS", 255: "ANY"}
+
+
+def qtype_name(qtype: int) -> str:
+    return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
+
+
+def outcome_name(decision: Decision) -> str:
+    """answered, nodata, nxdomain, forward, hold or servfail: the ``outcome`` of log events."""
+    if isinstance(decision, Answer):
+        return "answered" if decision.values else "nodata"
+    if isinstance(decision, NotFound):
+        return "nxdomain"
+    return type(decision).__name__.lower()
 
 log = Logger()
 
@@ -211,7 +230,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     protocol = QueryStreamProtocol
 
     def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder,
-                 fast_path=None, max_held: int = 4096, max_tcp_connections: int = 256) -> None:
+                 fast_path=None, max_held: int = 4096, max_tcp_connections: int = 256,
+                 latency_sample_every: int = 16, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
         self.max_tcp_connections = max_tcp_connections
         self.tcp_open = 0
@@ -223,6 +243,19 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         self.fast_path = fast_path
         self.holding = 0
         self.max_held = max_held
+        # Receipt to reply, for one query in ``latency_sample_every`` (docs/metrics.md: timing
+        # every query costs fast-path QPS).  Local answers include any hold; forwarded ones any
+        # upstream that failed before one answered.
+        # Query number & mask == 0 picks one in N (N a power of two) from the counter the query
+        # increments anyway: the untimed queries pay one AND.  Mask -1 never matches: off.
+        if latency_sample_every < 0 or latency_sample_every & (latency_sample_every - 1):
+            raise ValueError(f"latency_sample_every must be 0 (off) or a power of two, got {latency_sample_every}")
+        self.sample_every = latency_sample_every
+        self._sample_mask = latency_sample_every - 1 if latency_sample_every else -1
+        self.clock = clock
+        self.answer_latency = LatencyHistogram(DNS_BUCKETS)
+        self.forward_latency = LatencyHistogram(DNS_BUCKETS)
+        self.warnings = WarningLimiter(log, reactor.seconds)
 
     def buildProtocol(self, addr):
         if self.tcp_open >= self.max_tcp_connections:
@@ -241,17 +274,21 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     def query_received(self, data: bytes, proto, address, host: str) -> None:
         counters = self.counters
         if address is None:
-            counters.queries_tcp += 1
+            number = counters.queries_tcp = counters.queries_tcp + 1
         else:
-            counters.queries_udp += 1
+            number = counters.queries_udp = counters.queries_udp + 1
+        started = 0.0 if number & self._sample_mask else self.clock()
         if self.fast_path is not None:
             reply = self.fast_path.answer(data, host, address is None)
             if reply is not None:
                 counters.fast_path += 1
                 if reply is FORWARD:
-                    return self._forward(None, data, proto, address)
+                    return self._forward(None, data, proto, address, started)
                 counters.answered_local += 1
-                return self._write(proto, address, reply)
+                self._write(proto, address, reply)
+                if started:
+                    self.answer_latency.observe(self.clock() - started)
+                return
         if len(data) < 12:
             counters.dropped += 1
             return
@@ -287,13 +324,16 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if edns_versions and edns_versions[0] != 0:
             counters.badvers += 1  # RFC 6891 6.1.3: we speak EDNS version 0 only
             return self._write(proto, address, badvers_reply(message))
-        self._handle(message, data, proto, address, source_ip)
+        self._handle(message, data, proto, address, source_ip, started)
 
-    def _handle(self, message: dns.Message, data: bytes, proto, address, source_ip: str) -> None:
+    def _handle(self, message: dns.Message, data: bytes, proto, address, source_ip: str,
+                started: float = 0.0) -> None:
         question = message.queries[0]
         name = question.name.name.lower().decode("latin-1")
         if question.cls != CLASS_IN:
-            return self._forward(message, data, proto, address)
+            if self.verbose:
+                self._log_decision(source_ip, name, question.type, Forward("class is not IN"))
+            return self._forward(message, data, proto, address, started)
         now = self.reactor.seconds()
         decision = self.resolver.decide(source_ip, name, question.type, now=now)
         if isinstance(decision, Hold):
@@ -304,11 +344,32 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 decision = self.resolver.decide(source_ip, name, question.type, held=True, now=now)
             else:
                 self.counters.held += 1
+                if self.verbose:
+                    self._log_decision(source_ip, name, question.type, decision)
                 self._hold(source_ip, name, question.type, decision).addCallback(
-                    self._respond, message, data, proto, address
+                    self._decided, source_ip, name, question.type, message, data, proto, address, started
                 )
                 return
-        self._respond(decision, message, data, proto, address)
+        self._decided(decision, source_ip, name, question.type, message, data, proto, address, started)
+
+    def _decided(self, decision: Decision, source_ip: str, name: str, qtype: int, message: dns.Message,
+                 data: bytes, proto, address, started: float) -> None:
+        if self.verbose:
+            self._log_decision(source_ip, name, qtype, decision)
+        self._respond(decision, message, data, proto, address, started)
+
+    def _log_decision(self, source_ip: str, name: str, qtype: int, decision: Decision) -> None:
+        """One structured debug line per decision (--verbose): every field is an event field."""
+        outcome = outcome_name(decision)
+        log.debug(
+            "{client} asked {name} {qtype}: {outcome} {detail}",
+            client=source_ip, name=name, qtype=qtype_name(qtype), outcome=outcome,
+            network=getattr(decision, "network", "") or None,
+            records=list(decision.values) if isinstance(decision, Answer) else None,
+            reason=getattr(decision, "reason", None),
+            detail=(f"from network {decision.network[:12]}: {', '.join(decision.values) or 'no record of that type'}"
+                    if isinstance(decision, Answer) else f"({decision.reason})"),
+        )
 
     # -- holding -----------------------------------------------------------------------------------
 
@@ -343,7 +404,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
 
     # -- answering ---------------------------------------------------------------------------------
 
-    def _respond(self, decision: Decision, message: dns.Message, data: bytes, proto, address) -> None:
+    def _respond(self, decision: Decision, message: dns.Message, data: bytes, proto, address,
+                 started: float = 0.0) -> None:
         if isinstance(decision, Answer):
             counters = self.counters
             if decision.values:
@@ -351,17 +413,17 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             else:
                 counters.answered_nodata += 1
             self._write_answer(message, proto, address, RCODE_OK, decision)
+            if started:
+                self.answer_latency.observe(self.clock() - started)
         elif isinstance(decision, Forward):
-            self._forward(message, data, proto, address)
+            self._forward(message, data, proto, address, started)
         elif isinstance(decision, NotFound):
-            if self.verbose:
-                log.debug("NXDOMAIN: {reason}", reason=decision.reason)
             self.counters.nxdomain += 1
             self._write_answer(message, proto, address, RCODE_NXDOMAIN, None)
+            if started:
+                self.answer_latency.observe(self.clock() - started)
         else:
             assert isinstance(decision, ServFail)
-            if self.verbose:
-                log.debug("SERVFAIL: {reason}", reason=decision.reason)
             self.counters.servfail += 1
             self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
 
@@ -376,13 +438,15 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self.counters.truncated += 1
         self._write(proto, address, wire)
 
-    def _forward(self, message: dns.Message | None, data: bytes, proto, address) -> None:
+    def _forward(self, message: dns.Message | None, data: bytes, proto, address, started: float = 0.0) -> None:
         """Relay ``data``; ``message`` (its parsed form) is needed only to answer a failure."""
         self.counters.forwarded += 1
         d = self.forwarder.forward(data, over_tcp=address is None)
 
         def relay(answer: bytes) -> None:
             self._write(proto, address, answer)
+            if started:
+                self.forward_latency.observe(self.clock() - started)
 
         def failed(failure) -> None:
             nonlocal message
@@ -391,16 +455,22 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
                 message.fromStr(data)  # the fast path vetted it already
             if failure.check(Overloaded):
                 self.counters.refused += 1
+                self.warnings.warn(
+                    "overloaded", "REFUSED: {why}; raise --max-forwards or find the client flooding "
+                    "outside names", why=str(failure.value))
                 self._write_answer(message, proto, address, RCODE_REFUSED, None)
             elif failure.check(UpstreamsFailed):
-                if self.verbose:
-                    log.debug("upstreams failed: {why}", why=failure.value)
+                self.warnings.warn(
+                    "upstreams-failed", "SERVFAIL for a forwarded question: no upstream answered "
+                    "({why}); check the cluster DNS and --upstream / --resolv-conf", why=str(failure.value))
                 self.counters.servfail += 1
                 self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
             else:
                 log.failure("forwarding failed", failure)
                 self.counters.servfail += 1
                 self._write_answer(message, proto, address, RCODE_SERVFAIL, None)
+            if started:
+                self.forward_latency.observe(self.clock() - started)
 
         d.addCallbacks(relay, failed)
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
 
 from twisted.application import internet, service
 from twisted.internet.error import CannotListenError
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from kubedock_dns.contract import Relisted, pod_record_from_dict
 from kubedock_dns.forwarder import Forwarder, upstreams_from_resolv_conf
 from kubedock_dns.index import NetworkIndex
+from kubedock_dns.latency import LAG_BUCKETS, LatencyHistogram
+from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
@@ -101,9 +107,9 @@ class LoggedTCPServer(internet.TCPServer):
 class PodsFileService(service.Service):
     """Feeds the index from a JSON list of pods once, instead of watching an API server."""
 
-    def __init__(self, path: str, index: NetworkIndex) -> None:
+    def __init__(self, path: str, apply: Callable[[Iterable], None]) -> None:
         self.path = path
-        self.index = index
+        self.apply = apply
 
     def startService(self) -> None:
         super().startService()
@@ -111,8 +117,65 @@ class PodsFileService(service.Service):
             pods = json.load(f)
         if isinstance(pods, dict):
             pods = pods.get("items", [])
-        self.index.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
+        self.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
         log.info("loaded {count} pods from {path}", count=len(pods), path=self.path)
+
+
+class StampedHandOver:
+    """The reactor as the watcher thread sees it: every batch handed over with ``callFromThread``
+    is stamped on the watcher thread, and ``lag`` observes how long it waited for the reactor
+    thread to apply it (the watch lag metric).  Everything else goes to the real reactor."""
+
+    def __init__(self, reactor: Any, lag: LatencyHistogram, clock: Callable[[], float] = time.monotonic) -> None:
+        self._reactor = reactor
+        self._lag = lag
+        self._clock = clock
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self._reactor.callFromThread(self._timed, self._clock(), f, args)
+
+    def _timed(self, stamp: float, f: Callable[..., Any], args: tuple) -> None:
+        f(*args)
+        self._lag.observe(self._clock() - stamp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def apply_and_warn(index: NetworkIndex, warnings: WarningLimiter, remembered: int = 4096) -> Callable[[Iterable], None]:
+    """``index.apply`` that also warns, rate-limited, about what a user must act on: two live pods
+    claiming one address (answered SERVFAIL until one goes; one warning per address) and names
+    refused as invalid (not resolvable, as in Docker; one warning a minute in all, each pod once)."""
+    warned: OrderedDict[str, None] = OrderedDict()  # pods whose refused names were reported
+
+    def apply(changes: Iterable) -> None:
+        changes = tuple(changes)
+        seen = index.conflicts_seen
+        index.apply(changes)
+        if index.conflicts_seen != seen:
+            for ip in index.conflicted_addresses():
+                warnings.warn(
+                    "duplicate-ip:" + ip,
+                    "address {ip} is claimed by several live pods ({pods}): names and questions "
+                    "involving it get SERVFAIL until the stale pod is deleted",
+                    ip=ip, pods=", ".join(index.claimants(ip)),
+                )
+        for change in changes:
+            records = change.records if isinstance(change, Relisted) else (getattr(change, "record", None),)
+            for record in records:
+                if record is None or not record.refused_names or record.uid in warned:
+                    continue
+                warned[record.uid] = None
+                if len(warned) > remembered:
+                    warned.popitem(last=False)
+                name, reason = record.refused_names[0]
+                warnings.warn(
+                    "refused-name",
+                    "pod {namespace}/{pod}: name {name!r} cannot be resolved ({reason}); Docker would "
+                    "not resolve it either; `kubedock-dns networks` lists every refused name",
+                    namespace=record.namespace, pod=record.name, name=name, reason=reason,
+                )
+    return apply
 
 
 def build_service(config: Config, reactor, pod_source=None) -> service.MultiService:
@@ -121,6 +184,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     top = service.MultiService()
     index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
     top.index = index  # type: ignore[attr-defined]
+    apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
+    watch_lag = LatencyHistogram(LAG_BUCKETS)
 
     upstreams = list(config.upstreams)
     if not upstreams:
@@ -142,8 +207,10 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout,
                                               forward_single_label=config.forward_single_label))
-    fast_path = FastPath(resolver, reactor.seconds) if config.fast_path else None
-    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path)
+    # --verbose takes the full path: it logs every decision, and a fast-path hit makes none.
+    fast_path = FastPath(resolver, reactor.seconds) if config.fast_path and not config.verbose else None
+    factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path,
+                                       latency_sample_every=config.latency_sample_every)
     factory.verbose = int(config.verbose)
     top.dns_factory = factory  # type: ignore[attr-defined]
     dns_service = DNSListeners(reactor, config.dns_port, config.dns_interface,
@@ -155,13 +222,14 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     if pod_source is not None:
         pod_source(index).setServiceParent(top)
     elif config.pods_file:
-        PodsFileService(config.pods_file, index).setServiceParent(top)
+        PodsFileService(config.pods_file, apply_changes).setServiceParent(top)
     else:
         from kubedock_dns.watcher import WatcherConfig, WatcherService
 
         watcher = WatcherService.for_cluster(
-            reactor, WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
-            index.apply, kubeconfig=config.kubeconfig,
+            StampedHandOver(reactor, watch_lag),
+            WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
+            apply_changes, kubeconfig=config.kubeconfig,
         )
         watcher.setServiceParent(top)
 
@@ -184,9 +252,22 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
                 values["watcher_" + name] = value
         return values
 
+    def histograms() -> dict[str, LatencyHistogram]:
+        found = {"answer_duration_seconds": factory.answer_latency,
+                 "forward_duration_seconds": factory.forward_latency}
+        if watcher_service is not None:
+            found["watch_lag_seconds"] = watch_lag
+        return found
+
+    def explainer(asker: str, name: str, qtype: str):
+        return defer.maybeDeferred(explain, resolver, forwarder, asker, name, qtype, reactor.seconds(),
+                                   ndots=config.ndots)
+
+    from kubedock_dns.explain import explain
+    from kubedock_dns.metrics import ServerCollector, registry
     from kubedock_dns.ops import OpsApp
 
-    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, metrics).app.resource()),
+    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer).app.resource()),
                              interface=config.ops_interface)
     ops.setName("ops")
     ops.setServiceParent(top)

@@ -3,7 +3,7 @@
 # helm) from the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path
 # of each binary.  Nothing is built inside the repository and nothing built is ever committed.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool]
 #
 # A binary already in the cache is reused, so reruns take no time.  Versions are pinned here and
 # can be overridden by environment variables of the same name (KUBE_VERSION=v1.36.3 ...).
@@ -13,6 +13,8 @@ KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.6}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.13.1}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
+# Prometheus tags its Go module v0.3XY.Z for release 3.XY.Z.
+PROMTOOL_VERSION=${PROMTOOL_VERSION:-v0.316.0}
 CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -96,6 +98,16 @@ build_helm() {
     echo "$out"
 }
 
+build_promtool() {
+    local out=$CACHE/promtool-$PROMTOOL_VERSION/promtool
+    if [ ! -x "$out" ]; then
+        # promtool checks the chart's PrometheusRule groups (promtool check rules, test rules).
+        (build_in_scratch_module github.com/prometheus/prometheus "$PROMTOOL_VERSION" \
+            github.com/prometheus/prometheus/cmd/promtool "$out" </dev/null)
+    fi
+    echo "$out"
+}
+
 [ $# -gt 0 ] || set -- kube-apiserver
 # One build at a time per cache: parallel test sessions would otherwise compile twice.
 mkdir -p "$CACHE"
@@ -107,6 +119,7 @@ for tool in "$@"; do
         etcd) build_etcd ;;
         coredns) build_coredns ;;
         helm) build_helm ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns or helm)"; exit 2 ;;
+        promtool) build_promtool ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm or promtool)"; exit 2 ;;
     esac
 done

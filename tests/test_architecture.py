@@ -22,6 +22,12 @@ FORBIDDEN = {
     "ops": {"kubernetes"},
     "limits": {"kubernetes", "kubedock_dns"},
     "reviewing": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server"},
+    "latency": {"twisted", "kubernetes", "klein", "treq", "prometheus_client"},
+    "views": {"twisted", "kubernetes", "klein", "treq"},
+    "cli": {"twisted", "kubernetes", "klein", "treq", "kubedock_dns.index", "kubedock_dns.resolver"},
+    "explain": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
+    "metrics": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
+    "logs": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
 }
 
 

@@ -1,0 +1,287 @@
+"""What an operator sees of a running server: Prometheus metrics (every one documented, with
+HELP, histograms and process metrics) and logs (one JSON event a line with ``--log-format json``,
+a structured debug line per decision with ``--verbose``, warnings rate-limited).
+
+The end-to-end test runs the real ``twistd kubedock-dns`` with a pods file, asks it real
+questions from pod addresses with dnspython, and scrapes and reads what it published; the unit
+tests pin down the pieces the end-to-end run cannot show deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
+
+from kubedock_dns.latency import LatencyHistogram
+from kubedock_dns.logs import WarningLimiter
+from kubedock_dns.metrics import HISTOGRAMS, METRICS, PREFIX
+from kubedock_dns.tap import StampedHandOver
+from testbed.upstream import free_port
+from tests.podfactory import kubedock_pod, network_id
+from tests.scripted_upstream import ScriptedUpstream
+from tests.test_twistd import twistd_env, urlopen, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Names published before prometheus_client replaced the hand-written text; dashboards use them.
+PUBLISHED_BEFORE = [
+    "kubedock_dns_queries_udp_total", "kubedock_dns_queries_tcp_total", "kubedock_dns_answered_local_total",
+    "kubedock_dns_answered_nodata_total", "kubedock_dns_forwarded_total", "kubedock_dns_servfail_total",
+    "kubedock_dns_refused_total", "kubedock_dns_formerr_total", "kubedock_dns_notimp_total",
+    "kubedock_dns_dropped_total", "kubedock_dns_held_total", "kubedock_dns_hold_overflow_total",
+    "kubedock_dns_hold_expired_total", "kubedock_dns_truncated_total", "kubedock_dns_fast_path_total",
+    "kubedock_dns_ip_conflicts_seen_total", "kubedock_dns_forwards_failed_total",
+    "kubedock_dns_forwards_refused_overload_total", "kubedock_dns_pods", "kubedock_dns_pods_awaiting_ip",
+    "kubedock_dns_conflicted_addresses", "kubedock_dns_synced", "kubedock_dns_forwards_in_flight",
+    "kubedock_dns_holding",
+]
+
+
+def samples(text: str) -> dict[str, float]:
+    return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture
+def served(tmp_path):
+    """twistd kubedock-dns with two pods of one network, JSON logs, debug decisions, every query
+    timed, and an upstream that answers SERVFAIL to everything."""
+    net = network_id("obs")
+    pods = [kubedock_pod("db", [net], ip="127.21.0.1", uid="db"),
+            kubedock_pod("app", [net], ip="127.21.0.2", uid="app")]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    upstream = ScriptedUpstream(rcode=2)
+    dns_port, ops_port = free_port(), free_port()
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+            "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
+            "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+            "--ops-interface", "127.0.0.1", "--log-format", "json", "--verbose",
+            "--latency-sample-every", "1", "--forward-timeout", "0.5"]
+    proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(tmp_path))
+    ops = f"http://127.0.0.1:{ops_port}"
+    try:
+        wait_for(lambda: urlopen(ops + "/readyz", timeout=1).status == 200, what="/readyz")
+        yield proc, dns_port, ops
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        upstream.close()
+
+
+def ask(dns_port: int, name: str, source: str = "127.21.0.2"):
+    return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=dns_port, source=source,
+                         timeout=5)
+
+
+def test_metrics_keep_their_names_and_every_one_has_help(served):
+    """The scrape (prometheus_client's format) keeps every previously published name, gives each
+    family a HELP text, adds process metrics, and the sampled latency histograms count the
+    answered and forwarded questions that were asked."""
+    _, dns_port, ops = served
+    assert ask(dns_port, "db").rcode() == dns.rcode.NOERROR
+    assert ask(dns_port, "db").rcode() == dns.rcode.NOERROR
+    assert ask(dns_port, "outside.example").rcode() == dns.rcode.SERVFAIL
+    text = urlopen(ops + "/metrics", timeout=5).read().decode()
+    values = samples(text)
+    for name in PUBLISHED_BEFORE:
+        assert name in values, f"{name} is no longer published"
+    assert values["kubedock_dns_answered_local_total"] == 2
+    assert values["kubedock_dns_forwards_failed_total"] == 1
+    assert values["kubedock_dns_answer_duration_seconds_count"] == 2
+    assert values["kubedock_dns_forward_duration_seconds_count"] == 1
+    assert values['kubedock_dns_answer_duration_seconds_bucket{"le": "+Inf"}'] == 2
+    assert values["process_resident_memory_bytes"] > 1e6
+    assert values["process_open_fds"] > 0
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no HELP text"
+
+
+def test_json_logs_carry_one_event_per_line_and_one_line_per_decision(served):
+    """With --log-format json every line of output is one twisted.logger JSON event; with
+    --verbose each decision is a debug event whose fields say who asked what and what happened;
+    three failing forwards give one upstream warning, not three."""
+    proc, dns_port, _ = served
+    ask(dns_port, "db")
+    for _ in range(3):
+        assert ask(dns_port, "outside.example").rcode() == dns.rcode.SERVFAIL
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line parses
+    decisions = [e for e in events if e.get("outcome")]
+    answered = [e for e in decisions if e["name"] == "db"]
+    assert answered and answered[0]["outcome"] == "answered"
+    assert answered[0]["client"] == "127.21.0.2" and answered[0]["records"] == ["127.21.0.1"]
+    assert answered[0]["log_level"]["name"] == "debug"
+    forwarded = [e for e in decisions if e["name"] == "outside.example"]
+    assert [e["outcome"] for e in forwarded] == ["forward"] * 3
+    warnings = [e for e in events if e.get("warning") == "upstreams-failed"]
+    assert len(warnings) == 1 and warnings[0]["log_level"]["name"] == "warn"
+    assert "Traceback" not in out + err
+
+
+def test_every_metric_is_documented():
+    """docs/metrics.md names every metric the collector can publish."""
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    names = [PREFIX + n + ("_total" if METRICS[n][0] == "counter" else "") for n in METRICS]
+    names += [PREFIX + n for n in HISTOGRAMS]
+    missing = [n for n in names if f"`{n}`" not in doc]
+    assert not missing, f"docs/metrics.md does not list {missing}"
+
+
+def test_histogram_buckets_are_cumulative_with_inf_last():
+    """Observations land in the first bucket whose bound is not below them; the Prometheus form
+    is cumulative, ending with +Inf = count."""
+    h = LatencyHistogram((0.001, 0.01))
+    for seconds in (0.0005, 0.001, 0.005, 3.0):
+        h.observe(seconds)
+    assert h.cumulative() == [("0.001", 2), ("0.01", 3), ("+Inf", 4)]
+    assert h.count == 4 and h.sum == pytest.approx(3.0065)
+    with pytest.raises(ValueError, match="ascending"):
+        LatencyHistogram((0.1, 0.01))
+
+
+def test_one_query_in_n_is_timed_and_zero_times_none():
+    """--latency-sample-every N (a power of two) times exactly every Nth query (one clock read
+    each, observed into the answer histogram); 0 times none."""
+    from kubedock_dns.contract import Relisted
+    from kubedock_dns.forwarder import Forwarder, Upstream
+    from kubedock_dns.index import NetworkIndex
+    from kubedock_dns.resolver import Resolver, ResolverConfig
+    from kubedock_dns.server import KubedockDNSServerFactory
+    from kubedock_dns.wire import FastPath
+    from tests.podfactory import record
+
+    class Socket:
+        def sendto(self, data, address):
+            return len(data)
+
+    class Proto:
+        transport = type("Transport", (), {"socket": Socket()})()
+
+    net = network_id("sampling")
+    query = dns.message.make_query("db.", "A").to_wire()
+    for every, timed in ((4, 2), (1, 8), (0, 0)):
+        clock = Clock()
+        index = NetworkIndex()
+        index.apply([Relisted((record("db", [net], ip="10.0.0.1", uid="db"),
+                               record("app", [net], ip="10.0.0.2", uid="app")))])
+        resolver = Resolver(index, ResolverConfig())
+        reads = []
+        factory = KubedockDNSServerFactory(clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]),
+                                           fast_path=FastPath(resolver, clock.seconds), latency_sample_every=every,
+                                           clock=lambda: reads.append(1) or 1.0 + len(reads) * 0.001)
+        for _ in range(8):
+            factory.query_received(query, Proto, ("10.0.0.2", 5353), "10.0.0.2")
+        assert factory.counters.answered_local == 8
+        assert factory.answer_latency.count == timed and len(reads) == 2 * timed
+    with pytest.raises(ValueError, match="0 .off. or a power of two"):
+        KubedockDNSServerFactory(clock, resolver, Forwarder(clock, [Upstream("127.0.0.1")]), latency_sample_every=-1)
+
+
+def test_warning_limiter_reports_once_per_interval_with_the_number_swallowed():
+    """A repeated problem is logged once per interval per key; the next report says how many
+    were swallowed; a different key is reported at once."""
+    seen = []
+    log = Logger(observer=seen.append)
+    clock = Clock()
+    limiter = WarningLimiter(log, clock.seconds, interval=60)
+    assert limiter.warn("upstreams-failed", "no upstream answered ({why})", why="timeout")
+    assert not limiter.warn("upstreams-failed", "no upstream answered ({why})", why="timeout")
+    assert not limiter.warn("upstreams-failed", "no upstream answered ({why})", why="timeout")
+    assert limiter.warn("duplicate-ip:10.0.0.1", "address {ip} twice", ip="10.0.0.1")
+    clock.advance(61)
+    assert limiter.warn("upstreams-failed", "no upstream answered ({why})", why="timeout")
+    assert [e["log_level"] for e in seen] == [LogLevel.warn] * 3
+    assert seen[-1]["suppressed"] == 2
+    assert re.search(r"2 more like this", seen[-1]["log_format"].format(**seen[-1]))
+
+
+def test_watch_lag_is_measured_from_hand_over_to_application():
+    """A batch the watcher hands over at t=10 and the reactor applies at t=10.25 is a 0.25 s
+    watch lag; the batch itself reaches the delivery function unchanged."""
+    queued = []
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            queued.append((f, args))
+
+        def seconds(self):
+            return 42.0
+
+    now = [10.0]
+    lag = LatencyHistogram((0.1, 0.5))
+    handover = StampedHandOver(Reactor(), lag, clock=lambda: now[0])
+    delivered = []
+    handover.callFromThread(delivered.append, ("batch",))
+    now[0] = 10.25
+    f, args = queued.pop()
+    f(*args)
+    assert delivered == [("batch",)]
+    assert lag.cumulative() == [("0.1", 0), ("0.5", 1), ("+Inf", 1)]
+    assert handover.seconds() == 42.0  # everything else is the real reactor's
+
+
+def test_observability_options_are_validated(tmp_path):
+    """--latency-sample-every takes 0 (off) or a power of two, --log-format text or json; anything else is
+    refused naming the option and the expected form, before anything starts."""
+    from twisted.python import usage
+
+    from kubedock_dns.options import Options
+
+    pods = tmp_path / "pods.json"
+    pods.write_text("[]")
+    base = ["--pods-file", str(pods), "--upstream", "127.0.0.1"]
+    options = Options()
+    options.parseOptions(base)
+    assert (options.config().latency_sample_every, options.config().log_format) == (16, "text")
+    options = Options()
+    options.parseOptions(base + ["--latency-sample-every", "0"])
+    assert options.config().latency_sample_every == 0
+    for bad in ("-1", "3", "12"):
+        with pytest.raises(usage.UsageError, match=f"--latency-sample-every {bad}: must be 0 .off. or a power of two"):
+            Options().parseOptions(base + ["--latency-sample-every", bad])
+    with pytest.raises(usage.UsageError, match="--log-format 'xml': expected text or json"):
+        Options().parseOptions(base + ["--log-format", "xml"])
+
+
+def test_index_changes_warn_about_duplicate_ips_and_refused_names_rate_limited():
+    """Applying pod changes warns once per duplicated address (naming both pods), and about names
+    refused as invalid at most once a minute in all, each pod once however often it changes."""
+    from kubedock_dns.contract import Relisted, Upserted, pod_record_from_dict
+    from kubedock_dns.index import NetworkIndex
+    from kubedock_dns.tap import apply_and_warn
+    from tests.podfactory import record
+
+    seen = []
+    clock = Clock()
+    index = NetworkIndex()
+    apply = apply_and_warn(index, WarningLimiter(Logger(observer=seen.append), clock.seconds))
+    net = network_id("warn")
+    bad = [pod_record_from_dict(kubedock_pod(f"bad{i}", [net], aliases=["db:5432"], ip=f"10.0.1.{i}",
+                                             uid=f"bad{i}")) for i in range(3)]
+    apply([Relisted((record("one", [net], ip="10.0.0.1", uid="one"), bad[0]))])
+    apply([Upserted(record("two", [net], ip="10.0.0.1", uid="two"))])
+    apply([Upserted(bad[1])])
+    apply([Upserted(bad[0])])
+    warnings = [(e["warning"], e.get("ip") or e.get("pod")) for e in seen]
+    assert warnings == [("refused-name", "bad0"), ("duplicate-ip", "10.0.0.1")]
+    assert "tests/one, tests/two" == seen[1]["pods"]
+    clock.advance(61)
+    apply([Upserted(bad[2])])
+    assert (seen[-1]["pod"], seen[-1]["suppressed"]) == ("bad2", 1)  # bad1 was swallowed, bad0 not re-counted
