@@ -35,6 +35,9 @@ _DOCKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What glibc accepts as the target of a PTR record (res_hnok): letters, digits and '-' per label.
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ASCII_DIGITS = re.compile(r"[0-9]+")  # not \d: that matches every script's digits
+# Annotation indexes: kubedock counts from 0; nine digits is far beyond any real pod.
+MAX_INDEX_DIGITS = 9
 
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
@@ -135,6 +138,20 @@ def canonical_ip(text: str) -> str:
     return str(address)
 
 
+def ascii_decimal(text: str, max_digits: int) -> int:
+    """The number ``text`` spells in 1 to ``max_digits`` ASCII digits; ValueError otherwise.
+
+    The one parser for numbers taken from outside (annotation keys, PTR names, ports, flags):
+    ``str.isdigit`` accepts superscripts that ``int`` then rejects, ``int`` itself accepts other
+    scripts' digits, signs, ``_`` and whitespace, and thousands of digits trip Python's
+    int-conversion limit.  Leading zeros are the caller's policy.
+    """
+    if not isinstance(text, str) or not 0 < len(text) <= max_digits or not _ASCII_DIGITS.fullmatch(text):
+        shown = text if not isinstance(text, str) or len(text) <= 20 else text[:20] + "..."
+        raise ValueError(f"{shown!r} is not a number of at most {max_digits} digits 0-9")
+    return int(text)
+
+
 def _is_ip(text: str) -> bool:
     try:
         canonical_ip(text)
@@ -153,12 +170,17 @@ def indexed_annotations(annotations: Mapping[str, str], prefix: str) -> list[tup
         if not key.startswith(prefix):
             continue
         suffix = key[len(prefix):]
-        if not suffix.isdigit() or (len(suffix) > 1 and suffix.startswith("0")):
+        try:
+            number = ascii_decimal(suffix, MAX_INDEX_DIGITS)
+        except ValueError:
+            number = -1
+        if number < 0 or (len(suffix) > 1 and suffix.startswith("0")):
+            shown = suffix if len(suffix) <= 20 else suffix[:20] + "..."
             raise AnnotationError(
-                f"annotation {key!r}: the part after {prefix!r} must be an index such as 0, 1, 2 "
-                f"(got {suffix!r})"
+                f"annotation {prefix + shown!r}: the part after {prefix!r} must be an index such as "
+                f"0, 1, 2 (digits 0-9, at most {MAX_INDEX_DIGITS}, no leading zero; got {shown!r})"
             )
-        found.append((int(suffix), key, value))
+        found.append((number, key, value))
     found.sort()
     return found
 

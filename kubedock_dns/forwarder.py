@@ -20,6 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
+from kubedock_dns.contract import ascii_decimal
+
 log = Logger()
 
 RCODE_SERVFAIL = 2
@@ -53,10 +55,12 @@ def parse_upstream(text: str) -> Upstream:
     if host.startswith("["):
         host, _, rest = host[1:].partition("]")
         if rest:
-            port = int(rest.lstrip(":"))
+            if not rest.startswith(":"):
+                raise ValueError(f"upstream {text!r}: expected ':PORT' after ']'")
+            port = ascii_decimal(rest[1:], 5)
     elif host.count(":") == 1:
         host, port_text = host.split(":")
-        port = int(port_text)
+        port = ascii_decimal(port_text, 5)
     ipaddress.ip_address(host)  # raises ValueError for names: upstreams must be addresses
     if not 0 < port < 65536:
         raise ValueError(f"upstream {text!r}: port out of range")
@@ -234,6 +238,11 @@ class _TCPQuery(Int16StringReceiver):
             self.deferred.errback(reason)
 
 
+def _close_connection(proto: _TCPQuery | None) -> None:
+    if proto is not None and proto.transport is not None:
+        proto.transport.loseConnection()
+
+
 class Forwarder:
     """Sends queries to each upstream in turn until one answers usefully."""
 
@@ -324,7 +333,9 @@ class Forwarder:
         def finish(result):
             if timer.active():
                 timer.cancel()
-            connecting.addCallback(lambda proto: proto.transport.loseConnection())
+            # ``connecting`` carries None after a failed connection (``fail`` consumed the error);
+            # a connection that succeeds only after our timeout is closed as soon as it exists.
+            connecting.addCallback(_close_connection)
             return result
 
         return d.addBoth(finish)

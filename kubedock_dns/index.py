@@ -22,7 +22,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
-from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted
+from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted, ascii_decimal
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -329,7 +329,11 @@ def reverse_name_to_ip(labels: list[str]) -> str | None:
     """The address a PTR name (``d.c.b.a.in-addr.arpa`` or nibbles ``.ip6.arpa``) stands for."""
     if len(labels) == 6 and labels[-2:] == ["in-addr", "arpa"]:
         octets = labels[:4]
-        if all(o.isdigit() and len(o) <= 3 and int(o) < 256 and (o == "0" or not o.startswith("0")) for o in octets):
+        try:
+            values = [ascii_decimal(o, 3) for o in octets]
+        except ValueError:
+            return None
+        if all(v < 256 and (o == "0" or not o.startswith("0")) for v, o in zip(values, octets)):
             return ".".join(reversed(octets))
         return None
     if len(labels) == 34 and labels[-2:] == ["ip6", "arpa"]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from twisted.python import usage
 
-from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL
+from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
 from kubedock_dns.forwarder import Upstream, parse_upstream
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -49,8 +49,13 @@ class Config:
         return bool(self.tls_cert and self.tls_key)
 
 
+def _count(text: str) -> int:
+    """A whole number of at most nine ASCII digits (see ``contract.ascii_decimal``)."""
+    return ascii_decimal(text.strip(), 9)
+
+
 def _port(text: str) -> int:
-    value = int(text)
+    value = ascii_decimal(text.strip(), 5)
     if not 0 <= value < 65536:
         raise ValueError(f"{text} is not a port number (0-65535)")
     return value
@@ -64,7 +69,7 @@ def _positive_float(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _count(text)
     if value <= 0:
         raise ValueError(f"{text} must be greater than 0")
     return value
@@ -84,7 +89,7 @@ class Options(usage.Options):
         ["dns-port", None, 5353, "UDP and TCP port of the DNS server.", _port],
         ["dns-interface", None, "", "Address the DNS server binds ('' = all IPv4, '::' = IPv4 and IPv6)."],
         ["resolv-conf", None, "/etc/resolv.conf", "resolv.conf whose nameservers are the upstreams."],
-        ["ttl", None, 5, "TTL in seconds of local answers.", int],
+        ["ttl", None, 5, "TTL in seconds of local answers.", _count],
         ["hold-timeout", None, 1.5, "Seconds a question for a not-yet-known name waits for it.", _positive_float],
         ["forward-timeout", None, 2.0, "Seconds to wait for one upstream before trying the next.", _positive_float],
         ["max-forwards", None, 1024, "Forwarded queries in flight before REFUSED.", _positive_int],
@@ -99,7 +104,7 @@ class Options(usage.Options):
         ["dns-service-ip", None, None, "Address the webhook injects as the pods' nameserver."],
         ["dns-service-name", None, None, "Service whose cluster IP the webhook injects."],
         ["cluster-domain", None, "cluster.local", "Cluster DNS domain (search suffixes are stripped)."],
-        ["ndots", None, 5, "ndots option injected into opted-in pods.", int],
+        ["ndots", None, 5, "ndots option injected into opted-in pods.", _count],
         ["ops-port", None, 8080, "Plain HTTP port for /healthz, /readyz, /metrics, /debug/networks.", _port],
         ["ops-interface", None, "", "Address the ops endpoint binds."],
     ]

@@ -6,7 +6,9 @@ what to do, holds questions whose answer may be about to appear, relays the rest
 :class:`~kubedock_dns.forwarder.Forwarder`, and owns the mapping from every outcome to an rcode.
 
 Malformed input never raises out of a protocol: a datagram too short for a header, or a response
-(QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR.
+(QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR, and so
+does a message holding other records than its header counts, bytes after them, or two OPT
+records; an EDNS version above 0 gets BADVERS (RFC 6891).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from twisted.names import server as names_server
 from twisted.protocols.policies import TimeoutMixin
 
 from kubedock_dns.contract import canonical_ip
+from kubedock_dns.limits import RateLimitedLog
 # SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
 from kubedock_dns.wire import (
     FORWARD,
@@ -30,6 +33,7 @@ from kubedock_dns.wire import (
     UDP_PLAIN_LIMIT,
     WireError,
     parse_question,
+    scan_records,
 )
 from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
 from kubedock_dns.resolver import (
@@ -64,6 +68,7 @@ class Counters:
     servfail: int = 0
     refused: int = 0
     formerr: int = 0
+    badvers: int = 0
     notimp: int = 0
     dropped: int = 0
     held: int = 0
@@ -119,6 +124,17 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
     return response.toStr(), True
 
 
+def badvers_reply(query: dns.Message) -> bytes:
+    """RFC 6891 6.1.3: the question echoed, extended rcode BADVERS (16), and our OPT record
+    saying which version we do speak (0)."""
+    response = dns.Message(id=query.id, answer=True, opCode=dns.OP_QUERY, recDes=query.recDes,
+                           recAv=1, rCode=dns.EBADVERSION & 0xF, maxSize=0)
+    response.queries = list(query.queries)
+    opt = dns._OPTHeader(udpPayloadSize=SERVER_UDP_PAYLOAD, extendedRCODE=dns.EBADVERSION >> 4, version=0)
+    response.additional.append(opt)  # type: ignore[arg-type]  # encodes like an RRHeader
+    return response.toStr()
+
+
 def edns_payload_size(message: dns.Message) -> int | None:
     """The client's advertised UDP payload size, or None when the query has no OPT record."""
     for record in message.additional:
@@ -138,20 +154,49 @@ class QueryDatagramProtocol(dns.DNSDatagramProtocol):
 
 class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
     """TCP: queries are attributed to the connection's peer address.  An idle connection is
-    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out)."""
+    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out), and one whose
+    started message is not whole within ``MESSAGE_SECONDS`` (however its bytes trickle in: the
+    idle timer restarts with every byte, this one does not) is closed too."""
 
     IDLE_SECONDS = 30
+    MESSAGE_SECONDS = 10
+
+    _message_deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.factory.tcp_open += 1
         self.setTimeout(self.IDLE_SECONDS)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
+        if self._unprocessed:  # part of a message: it must be whole in time
+            if self._message_deadline is None and self.transport is not None:
+                self._message_deadline = self.factory.reactor.callLater(self.MESSAGE_SECONDS, self._too_slow)
+        else:
+            self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._message_deadline = self._message_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self) -> None:
+        self._message_deadline = None
+        assert self.transport is not None
+        peer: Any = self.transport.getPeer()
+        self.factory.limits_log.bite(
+            "dns tcp slow message",
+            f"DNS over TCP: closed the connection of {peer.host}: a message did not arrive whole "
+            f"within {self.MESSAGE_SECONDS}s",
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)
+        self._cancel_deadline()
+        self.factory.tcp_open -= 1
         super().connectionLost(reason)
 
     def stringReceived(self, data: bytes) -> None:
@@ -166,8 +211,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     protocol = QueryStreamProtocol
 
     def __init__(self, reactor, resolver: Resolver, forwarder: Forwarder,
-                 fast_path=None, max_held: int = 4096) -> None:
+                 fast_path=None, max_held: int = 4096, max_tcp_connections: int = 256) -> None:
         super().__init__()
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_open = 0
+        self.limits_log = RateLimitedLog(reactor)
         self.reactor = reactor
         self.resolver = resolver
         self.forwarder = forwarder
@@ -177,6 +225,13 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         self.max_held = max_held
 
     def buildProtocol(self, addr):
+        if self.tcp_open >= self.max_tcp_connections:
+            self.limits_log.bite(
+                "dns tcp connection cap",
+                f"DNS over TCP: refused a connection from {getattr(addr, 'host', addr)}: "
+                f"{self.max_tcp_connections} connections are open already",
+            )
+            return None  # the reactor closes it at once
         p = self.protocol(self, self.reactor)
         p.factory = self
         return p
@@ -200,7 +255,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if len(data) < 12:
             counters.dropped += 1
             return
-        _, flags, qdcount, _, _, _ = _HEADER.unpack_from(data)
+        _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if flags & 0x8000:
             counters.dropped += 1  # a response: answering it could start a loop
             return
@@ -217,13 +272,21 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
         message = dns.Message()
         try:
-            parse_question(data)  # strict and bounded; twisted.names' parser is lenient
+            # Strict and bounded, and the message must hold exactly what its header counts:
+            # twisted.names' parser is lenient about missing records and trailing bytes.
+            end = parse_question(data)[0]
+            edns_versions = scan_records(data, end, ancount, nscount, arcount)
+            if len(edns_versions) > 1:
+                raise WireError("more than one OPT record")  # RFC 6891 6.1.1
             message.fromStr(data)
             if len(message.queries) != 1:
                 raise WireError("no question")
         except Exception:  # WireError, or twisted.names' EOFError, ValueError, struct.error...
             counters.formerr += 1
             return self._write(proto, address, error_reply(data, RCODE_FORMERR))
+        if edns_versions and edns_versions[0] != 0:
+            counters.badvers += 1  # RFC 6891 6.1.3: we speak EDNS version 0 only
+            return self._write(proto, address, badvers_reply(message))
         self._handle(message, data, proto, address, source_ip)
 
     def _handle(self, message: dns.Message, data: bytes, proto, address, source_ip: str) -> None:

@@ -138,15 +138,35 @@ def webhook_child(config: Config, reactor, ready) -> service.Service:
         from kubedock_dns.watcher import service_cluster_ip
 
         nameserver = service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
-    app = WebhookApp(
-        WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
-                      ndots=config.ndots, opt_in_label=config.opt_in_label),
-        ready=ready,
-    )
+    from kubedock_dns.reviewing import ReviewPool
+
+    webhook_config = WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
+                                   ndots=config.ndots, opt_in_label=config.opt_in_label)
+    # Reviews are decoded and decided in a worker process: in this one they would stall DNS.
+    pool = ReviewPool(webhook_config, reactor)
+    app = WebhookApp(webhook_config, ready=ready, reviewer=pool.review)
     child = webhook_service(app.resource(), config.webhook_port, config.webhook_interface,
                             config.tls_cert, config.tls_key, reactor)
     child.setName("webhook")
-    return child
+    child.review_pool = pool  # type: ignore[attr-defined]
+    top = service.MultiService()
+    top.setName("webhook")
+    child.setServiceParent(top)
+    ReviewPoolService(pool).setServiceParent(top)
+    top.review_pool = pool  # type: ignore[attr-defined]
+    top.listener = child  # type: ignore[attr-defined]
+    return top
+
+
+class ReviewPoolService(service.Service):
+    """Stops the admission review worker process when the server stops."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        self.pool.close()
 
 
 def makeService(options: Options) -> service.MultiService:

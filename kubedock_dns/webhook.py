@@ -41,17 +41,20 @@ files (:mod:`kubedock_dns.tls`).  This module never touches the network index.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from klein import Klein
 from klein.resource import KleinResource
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -66,6 +69,7 @@ from kubedock_dns.contract import (
     contract_view,
     sort_names,
 )
+from kubedock_dns.limits import ConnectionCap, RateLimitedLog
 from kubedock_dns.tls import ReloadingServerTLS
 
 __all__ = [
@@ -84,6 +88,7 @@ __all__ = [
 log = Logger()
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
+_MAX_LOG_TEXT = 2000
 _LABEL_KEY_PREFIX = "label "  # how contract_view names the opt-in label among annotation keys
 
 
@@ -131,6 +136,17 @@ class MalformedReview(ValueError):
 # -- parsing ---------------------------------------------------------------------------------------
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters and 3 levels: values from a request end up in
+    messages and log lines, and a 1 MB uid or a deeply nested label must not make them huge."""
+    return _REPR.repr(value)
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -155,38 +171,50 @@ def _string_map(metadata: Mapping[str, Any], key: str, where: str) -> dict[str, 
     return value
 
 
+def _optional(container: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> None:
+    value = container.get(key)
+    if value is not None and not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise MalformedReview(
+            f"{where}.{key} must be {names.replace('str', 'a string').replace('bool', 'a boolean').replace('dict', 'a JSON object').replace('list', 'a JSON array')} "
+            f"(got {_type_name(value)} {shown(value)})"
+        )
+
+
 def parse_review(body: bytes) -> dict[str, Any]:
     """The ``request`` of an AdmissionReview v1 about a Pod, checked; else :class:`MalformedReview`."""
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedReview(f"the request body is not JSON ({e}); expected an AdmissionReview") from None
+        raise MalformedReview(f"the request body is not JSON ({shown(str(e))}); expected an AdmissionReview") from None
+    except RecursionError:
+        raise MalformedReview("the request body is JSON nested too deeply to be an AdmissionReview") from None
     if not isinstance(document, dict):
         raise MalformedReview(f"expected an AdmissionReview JSON object, got a JSON {_type_name(document)}")
     if document.get("kind") != "AdmissionReview":
-        raise MalformedReview(f"kind must be 'AdmissionReview' (got {document.get('kind')!r})")
+        raise MalformedReview(f"kind must be 'AdmissionReview' (got {shown(document.get('kind'))})")
     if document.get("apiVersion") != ADMISSION_API_VERSION:
         raise MalformedReview(
-            f"apiVersion must be {ADMISSION_API_VERSION!r} (got {document.get('apiVersion')!r}); "
+            f"apiVersion must be {ADMISSION_API_VERSION!r} (got {shown(document.get('apiVersion'))}); "
             f"set admissionReviewVersions: [v1] in the webhook configuration"
         )
     request = _object_field(document, "request", "AdmissionReview", required=True)
     assert request is not None
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
-        raise MalformedReview(f"request.uid must be a non-empty string (got {uid!r})")
+        raise MalformedReview(f"request.uid must be a non-empty string (got {shown(uid)})")
     kind = request.get("kind")
     if kind is not None and (
         not isinstance(kind, dict) or kind.get("group", "") != "" or kind.get("kind") != "Pod"
     ):
         raise MalformedReview(
-            f"request.kind must be the core Pod kind (got {kind!r}); "
+            f"request.kind must be the core Pod kind (got {shown(kind)}); "
             f"register this webhook for pods only"
         )
     operation = request.get("operation")
     if operation not in ("CREATE", "UPDATE", "DELETE", "CONNECT"):
         raise MalformedReview(
-            f"request.operation must be CREATE, UPDATE, DELETE or CONNECT (got {operation!r})"
+            f"request.operation must be CREATE, UPDATE, DELETE or CONNECT (got {shown(operation)})"
         )
     for key, required in (
         ("object", operation in ("CREATE", "UPDATE")),
@@ -197,14 +225,27 @@ def parse_review(body: bytes) -> dict[str, Any]:
             continue
         if obj.get("kind", "Pod") != "Pod" or obj.get("apiVersion", "v1") != "v1":
             raise MalformedReview(
-                f"request.{key} must be a v1 Pod (got apiVersion {obj.get('apiVersion')!r}, "
-                f"kind {obj.get('kind')!r}); register this webhook for pods only"
+                f"request.{key} must be a v1 Pod (got apiVersion {shown(obj.get('apiVersion'))}, "
+                f"kind {shown(obj.get('kind'))}); register this webhook for pods only"
             )
         metadata = _object_field(obj, "metadata", f"request.{key}", required=True)
         assert metadata is not None
         _string_map(metadata, "labels", f"request.{key}")
         _string_map(metadata, "annotations", f"request.{key}")
-        _object_field(obj, "spec", f"request.{key}", required=key == "object")
+        for field in ("name", "generateName", "namespace"):
+            _optional(metadata, field, f"request.{key}.metadata", str)
+        spec = _object_field(obj, "spec", f"request.{key}", required=key == "object")
+        if spec is not None:
+            # Every field the decision reads has its type checked here: a wrong type anywhere
+            # is the sender's mistake (400 with the reason), never a crash (500).
+            _optional(spec, "dnsPolicy", f"request.{key}.spec", str)
+            _optional(spec, "hostNetwork", f"request.{key}.spec", bool)
+            _optional(spec, "dnsConfig", f"request.{key}.spec", dict)
+            dns_config = spec.get("dnsConfig")
+            if isinstance(dns_config, dict):
+                _optional(dns_config, "options", f"request.{key}.spec.dnsConfig", list)
+    for field in ("name", "namespace"):
+        _optional(request, field, "request", str)
     if operation in ("CREATE", "UPDATE") and not _namespace(request):
         raise MalformedReview("request.namespace is missing; pods are namespaced")
     return request
@@ -376,7 +417,9 @@ def _status(code: int, message: str) -> dict[str, Any]:
 def review(request_body: bytes, config: WebhookConfig) -> tuple[int, dict[str, Any]]:
     """``(200, AdmissionReview response)``, or ``(400, v1 Status)`` for a malformed body.
 
-    Never raises: an unexpected error (a bug) gives ``(500, v1 Status)`` and is logged.
+    Never raises, and never answers 500: whatever a request holds is either a review we decide
+    or a malformed one.  An unexpected error while deciding (a field of a type the parser did
+    not foresee, or a bug) is logged with its traceback and answered 400 naming the error.
     """
     try:
         request = parse_review(request_body)
@@ -384,10 +427,48 @@ def review(request_body: bytes, config: WebhookConfig) -> tuple[int, dict[str, A
         return 400, _status(400, str(e))
     try:
         response = admit(request, config)
-    except Exception:
-        log.failure("admission review {uid} failed", uid=request.get("uid"))
-        return 500, _status(500, "internal error while reviewing the pod; see the kubedock-dns log")
+    except RecursionError:
+        return 400, _status(400, "a field of the pod is JSON nested too deeply to review")
+    except Exception as e:
+        log.failure("admission review {uid} failed", uid=shown(request.get("uid")))
+        return 400, _status(400, f"cannot review this request ({type(e).__name__}: {shown(str(e))}); "
+                                 f"it does not look like a pod the API server would send")
     return 200, {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A finished HTTP answer to ``POST /mutate``, and the line to log about it."""
+
+    status: int
+    content_type: bytes
+    body: bytes
+    log_level: str  # "warn", "info" or "debug"
+    log_text: str
+
+
+def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
+    """:func:`review`, encoded for HTTP: a review as JSON, a refusal of the body as plain text.
+
+    Pure and picklable both ways, so that it can run in a worker process
+    (:mod:`kubedock_dns.reviewing`); the reactor then only moves bytes.
+    """
+    status, document = review(request_body, config)
+    if status != 200:
+        return Rendered(status, b"text/plain; charset=utf-8", (document["message"] + "\n").encode(),
+                        "warn", f"rejected an admission request: HTTP {status}: {document['message']}")
+    response = document["response"]
+    try:
+        body = json.dumps(document).encode()
+    except (RecursionError, ValueError) as e:
+        message = f"cannot encode the answer ({type(e).__name__}); a field of the pod is nested too deeply"
+        return Rendered(400, b"text/plain; charset=utf-8", (message + "\n").encode(), "warn",
+                        f"rejected an admission request: HTTP 400: {message}")
+    if not response["allowed"]:
+        text = f"denied {shown(response['uid'])}: {response['status']['message']}"
+        return Rendered(200, b"application/json", body, "info", text)
+    return Rendered(200, b"application/json", body, "debug",
+                    f"allowed {shown(response['uid'])} (patched: {'patch' in response})")
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -397,14 +478,19 @@ class WebhookApp:
     """The webhook's HTTP routes: ``POST /mutate``, ``GET /healthz``, ``GET /readyz``.
 
     :param ready: called for ``/readyz``; True means ready (200), anything else 503.
+    :param reviewer: turns a request body into a :class:`Rendered` answer, or a Deferred of
+        one; by default :func:`render_review` in this thread (in-memory tests), in production a
+        :class:`kubedock_dns.reviewing.ReviewPool` so that DNS never waits for a review.
     """
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, config: WebhookConfig, ready: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, config: WebhookConfig, ready: Callable[[], bool] = lambda: True,
+                 reviewer: Callable[[bytes], Rendered | Deferred[Rendered]] | None = None) -> None:
         self.config = config
         self._ready = ready
+        self._reviewer = reviewer if reviewer is not None else (lambda body: render_review(body, config))
 
     def resource(self) -> KleinResource:
         """The twisted.web resource serving these routes."""
@@ -417,23 +503,21 @@ class WebhookApp:
         return (text + "\n").encode()
 
     @app.route("/mutate", methods=["POST"])
-    def mutate(self, request: Request) -> bytes:
+    def mutate(self, request: Request) -> bytes | Deferred[bytes]:
         body = request.content.read() if request.content is not None else b""
-        status, document = review(body, self.config)
-        if status != 200:
-            self.log.warn("rejected an admission request: HTTP {status}: {message}",
-                          status=status, message=document["message"])
-            return self._text(request, status, document["message"])
-        response = document["response"]
-        if not response["allowed"]:
-            self.log.info("denied {uid}: {message}", uid=response["uid"],
-                          message=response["status"]["message"])
-        else:
-            self.log.debug("allowed {uid} (patched: {patched})", uid=response["uid"],
-                           patched="patch" in response)
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(document).encode()
+        result = self._reviewer(body)
+        if isinstance(result, Rendered):
+            return self._send(result, request)
+        return result.addCallback(self._send, request)
+
+    def _send(self, rendered: Rendered, request: Request) -> bytes:
+        text = rendered.log_text
+        if len(text) > _MAX_LOG_TEXT:  # values from the request are in it: keep lines bounded
+            text = text[:_MAX_LOG_TEXT] + f"... ({len(text) - _MAX_LOG_TEXT} more characters)"
+        getattr(self.log, rendered.log_level)("{text}", text=text)
+        request.setResponseCode(rendered.status)
+        request.setHeader(b"content-type", rendered.content_type)
+        return rendered.body
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: Request) -> bytes:
@@ -449,8 +533,149 @@ class WebhookApp:
         return self._text(request, 200, "ok") if ready else self._text(request, 503, "not ready")
 
 
+# The API server refuses request bodies over 3 MiB and etcd objects over 1.5 MiB, so a review (the
+# object, and on UPDATE its old version) stays well below this; anything larger is not from it.
+MAX_REVIEW_BYTES = 4 * 1024 * 1024
+# Bodies being received are held in memory (never spooled to /tmp, which the chart sizes at
+# 16 MiB); all of them together stay below this, past which new bytes get 503.
+MAX_BUFFERED_BYTES = 24 * 1024 * 1024
+# A request must arrive whole (headers and body) within this many seconds of its first byte,
+# however slowly its bytes trickle in (the API server's webhook timeout is 10 s by default).
+REQUEST_SECONDS = 10.0
+MAX_CONNECTIONS = 64
+
+
+def _refuse_and_close(channel: Any, code: int, phrase: str, text: str) -> None:
+    """Answer a request that will not be read to its end, and close the connection."""
+    body = (text + "\n").encode()
+    channel.transport.write(
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (code, phrase.encode(), len(body)) + body
+    )
+    channel.loseConnection()
+
+
+class _BoundedRequest(Request):
+    """A request whose body is held in memory up to :data:`MAX_REVIEW_BYTES`; a larger one is
+    answered 413 as soon as its Content-Length, or its streamed size, says so."""
+
+    _refused = False
+    _counted = 0
+    channel: Any  # a _LimitedChannel of a _Site
+    content: Any
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        self.notifyFinish().addBoth(self._release)
+        site: _Site = self.channel.site
+        if length is not None and length > site.max_body:
+            self._refuse(413, "Content Too Large",
+                         f"the request body has {length} bytes; an AdmissionReview has at most {site.max_body}")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        site: _Site = self.channel.site
+        size = self._counted + len(data)
+        if size > site.max_body:
+            self._refuse(413, "Content Too Large",
+                         f"the request body exceeds {site.max_body} bytes; an AdmissionReview is smaller")
+            return
+        if site.buffered + len(data) > site.max_buffered:
+            self._refuse(503, "Service Unavailable",
+                         "too many request bodies are being received at once; retry")
+            return
+        site.buffered += len(data)
+        self._counted = size
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        channel: Any = self.channel
+        channel.request_complete()
+        if self._refused:
+            return  # answered already; the connection is closing
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, code: int, phrase: str, text: str) -> None:
+        self._refused = True
+        self._release()
+        self.content = io.BytesIO()
+        site: _Site = self.channel.site
+        site.limits_log.bite(f"webhook {code}", f"webhook: answered {code} to {self.getClientAddress()}: {text}")
+        _refuse_and_close(self.channel, code, phrase, text)
+
+    def _release(self, result: object = None) -> object:
+        counted, self._counted = self._counted, 0
+        if counted:
+            site: _Site = self.channel.site
+            site.buffered -= counted
+        return None
+
+    def process(self) -> None:
+        self._release()  # the body is read whole by now; the review holds its own copy
+        super().process()
+
+
+class _LimitedChannel(HTTPChannel):
+    """An HTTP channel giving each request :data:`REQUEST_SECONDS` from its first byte to its
+    last; a request still incomplete then gets 408 and the connection is closed."""
+
+    _deadline: Any = None
+    _abort_call: Any = None
+    site: Any  # set by the Site that builds the channel
+    transport: Any
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._abort_call is not None:
+            return  # answered 408 and closing: read nothing more
+        if self._deadline is None and data:
+            site: _Site = self.site
+            self._deadline = site.clock.callLater(site.request_seconds, self._too_slow)
+        super().dataReceived(data)
+
+    def request_complete(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        site: _Site = self.site
+        site.limits_log.bite(
+            "webhook slow request",
+            f"webhook: closed a connection from {self.transport.getPeer().host}: its request did "
+            f"not arrive whole within {site.request_seconds:.0f}s",
+        )
+        _refuse_and_close(self, 408, "Request Timeout",
+                          f"the request did not arrive whole within {site.request_seconds:.0f}s")
+        # A client that reads nothing keeps the TLS close from completing: abort it then.
+        self._abort_call = site.clock.callLater(5, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.request_complete()
+        abort = self._abort_call
+        if abort is not None and abort.active():
+            abort.cancel()
+        super().connectionLost(reason)
+
+
 class _Site(Site):
-    """A Site without per-request access logging (probes would flood the log)."""
+    """A Site with bounded requests (see :class:`_BoundedRequest`, :class:`_LimitedChannel`)
+    and without per-request access logging (probes would flood the log)."""
+
+    protocol = _LimitedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 wrapper
+    requestFactory = _BoundedRequest
+
+    def __init__(self, resource: Resource, clock: Any, limits_log: RateLimitedLog, *,
+                 max_body: int = MAX_REVIEW_BYTES, max_buffered: int = MAX_BUFFERED_BYTES,
+                 request_seconds: float = REQUEST_SECONDS, timeout: float = 60) -> None:
+        super().__init__(resource, timeout=timeout, reactor=clock)
+        self.clock = clock
+        self.limits_log = limits_log
+        self.max_body = max_body
+        self.max_buffered = max_buffered
+        self.request_seconds = request_seconds
+        self.buffered = 0  # body bytes held by requests being received, all connections
 
     def log(self, request: object) -> None:
         pass
@@ -468,8 +693,8 @@ class _TrackedProtocol(ProtocolWrapper):
         self.closed.callback(None)
 
 
-class _ConnectionTracker(WrappingFactory):
-    protocol = _TrackedProtocol
+class _ConnectionTracker(ConnectionCap):
+    protocol = _TrackedProtocol  # type: ignore[assignment]
 
 
 class WebhookService(Service):
@@ -489,10 +714,16 @@ class WebhookService(Service):
         interface: str,
         tls: ReloadingServerTLS,
         reactor: Any,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_body: int = MAX_REVIEW_BYTES,
+        request_seconds: float = REQUEST_SECONDS,
     ) -> None:
-        self.site = _Site(resource, timeout=60)
+        self.limits_log = RateLimitedLog(reactor)
+        self.site = _Site(resource, reactor, self.limits_log, max_body=max_body,
+                          request_seconds=request_seconds)
         self.tls = tls
-        self._connections = _ConnectionTracker(self.site)
+        self._connections = _ConnectionTracker(self.site, max_connections, "webhook", self.limits_log)
         self._port = port
         self._interface = interface
         self._reactor = reactor
@@ -545,13 +776,15 @@ def webhook_service(
     reactor: Any,
     *,
     check_interval: float = 1.0,
+    **limits: Any,
 ) -> WebhookService:
     """A service serving ``app_resource`` over TLS on ``interface:port`` (``""``: all IPv4).
 
     The certificate and key are loaded now (``TLSConfigError`` names a bad file), and re-read
     at most every ``check_interval`` seconds when connections arrive.  ``reactor`` must provide
-    ``IReactorSSL`` and ``IReactorTime``.
+    ``IReactorSSL`` and ``IReactorTime``.  ``limits`` (``max_connections``, ``max_body``,
+    ``request_seconds``) override the defaults of :class:`WebhookService`.
     """
     tls = ReloadingServerTLS(cert_path, key_path, clock=reactor, check_interval=check_interval)
-    return WebhookService(app_resource, port, interface, tls, reactor)
+    return WebhookService(app_resource, port, interface, tls, reactor, **limits)
 

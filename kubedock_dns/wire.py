@@ -22,6 +22,54 @@ class WireError(ValueError):
     """The message cannot be read as a query; answer FORMERR."""
 
 
+def skip_name(data: bytes, offset: int) -> int:
+    """The offset after the (possibly compressed) name at ``offset``; :class:`WireError` when it
+    runs past the end.  A pointer ends the name; where it points is not followed (the records
+    after the question are only counted and walked, never interpreted, except OPT)."""
+    size = len(data)
+    total = 0
+    while True:
+        if offset >= size:
+            raise WireError("a record's name runs past the end of the message")
+        length = data[offset]
+        if length & 0xC0 == 0xC0:
+            if offset + 2 > size:
+                raise WireError("a compression pointer is cut off")
+            return offset + 2
+        if length & 0xC0:
+            raise WireError("extended label type in a record's name")
+        offset += 1 + length
+        total += 1 + length
+        if total > 255:
+            raise WireError("a record's name is longer than 255 octets")
+        if length == 0:
+            return offset
+
+
+def scan_records(data: bytes, offset: int, answers: int, authority: int, additional: int) -> list[int]:
+    """Walk the records the header promises after the question (which ends at ``offset``).
+
+    Returns the EDNS version of every OPT record in the additional section (normally none or
+    one).  Raises :class:`WireError` when a record is cut off, or bytes are left over after the
+    last one: a message that does not hold what its header says is malformed (FORMERR).
+    """
+    size = len(data)
+    versions: list[int] = []
+    for index in range(answers + authority + additional):
+        offset = skip_name(data, offset)
+        if offset + 10 > size:
+            raise WireError("the message holds fewer records than its header counts")
+        rtype, _cls, ttl, rdlength = struct.unpack_from("!HHIH", data, offset)
+        offset += 10 + rdlength
+        if offset > size:
+            raise WireError("a record's data runs past the end of the message")
+        if rtype == TYPE_OPT and index >= answers + authority:
+            versions.append((ttl >> 16) & 0xFF)
+    if offset != size:
+        raise WireError(f"{size - offset} bytes after the last record the header counts")
+    return versions
+
+
 def parse_question(data: bytes) -> tuple[int, bytes, int, int]:
     """``(end offset, lower-cased name in presentation form, qtype, qclass)`` of the question
     that starts at offset 12.  Raises :class:`WireError` with the reason."""
@@ -63,13 +111,13 @@ _RECORD_HEAD = struct.Struct("!HHHIH")
 
 
 def read_opt(data: bytes, offset: int) -> int | None:
-    """The client's UDP payload size from an OPT record that ends the message at ``offset``,
-    or None when the additional record is anything else."""
+    """The client's UDP payload size from a version-0 OPT record that ends the message at
+    ``offset``, or None when the additional record is anything else."""
     if offset + 11 > len(data) or data[offset] != 0:
         return None
-    rtype, payload, _ttl, rdlength = struct.unpack_from("!HHIH", data, offset + 1)
-    if rtype != TYPE_OPT or offset + 11 + rdlength != len(data):
-        return None
+    rtype, payload, ttl, rdlength = struct.unpack_from("!HHIH", data, offset + 1)
+    if rtype != TYPE_OPT or offset + 11 + rdlength != len(data) or (ttl >> 16) & 0xFF:
+        return None  # a version above 0 gets BADVERS from the full path
     return max(UDP_PLAIN_LIMIT, payload)
 
 

@@ -20,6 +20,8 @@ FORBIDDEN = {
     "webhook": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server"},
     "tls": {"kubernetes", "kubedock_dns.index"},
     "ops": {"kubernetes"},
+    "limits": {"kubernetes", "kubedock_dns"},
+    "reviewing": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server"},
 }
 
 

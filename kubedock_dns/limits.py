@@ -1,0 +1,85 @@
+"""Bounds on what clients of a listener can hold: open connections, and log lines when they bite.
+
+Contract
+--------
+- :class:`ConnectionCap` wraps a server factory: at most ``max_connections`` connections are
+  open at once; one more is closed as soon as it is accepted (before anything is read), so a
+  flood of idle or trickling clients costs a bounded number of sockets and buffers.
+- :class:`RateLimitedLog` writes a warning at most once per ``interval`` seconds per kind of
+  event, saying how many were suppressed since the last line, so an attack cannot flood the log.
+
+The time limits themselves (a request or a query must arrive whole within a total time, however
+its bytes trickle in) live in the protocols that know where a message starts and ends
+(:mod:`kubedock_dns.webhook`, :mod:`kubedock_dns.server`); they report through this log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+log = Logger()
+
+__all__ = ["ConnectionCap", "RateLimitedLog", "Refused"]
+
+
+class RateLimitedLog:
+    """One warning per ``interval`` seconds per ``kind``, with the count of the ones skipped."""
+
+    def __init__(self, clock: Any, interval: float = 60.0) -> None:
+        self._clock = clock
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+
+    def bite(self, kind: str, text: str) -> None:
+        """Count one event of ``kind``; log ``text`` unless one was logged within the interval."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = self._clock.seconds()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        skipped = self._suppressed.pop(kind, 0)
+        self._last[kind] = now
+        more = f" ({skipped} more since the last report)" if skipped else ""
+        log.warn("{text}{more}; logged at most once per {interval:.0f}s",
+                 text=text, more=more, interval=self.interval)
+
+
+class _Counted(ProtocolWrapper):
+    pass
+
+
+class Refused(Protocol):
+    """Closes its connection as soon as it is made (a factory may not return None under TLS)."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class ConnectionCap(WrappingFactory):
+    """``wrapped_factory`` with at most ``max_connections`` open connections (see the module)."""
+
+    protocol = _Counted
+
+    def __init__(self, wrapped_factory: Any, max_connections: int, what: str, limits_log: RateLimitedLog) -> None:
+        super().__init__(wrapped_factory)
+        self.max_connections = max_connections
+        self.what = what
+        self.limits_log = limits_log
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.max_connections:
+            self.limits_log.bite(
+                f"{self.what} connection cap",
+                f"{self.what}: refused a connection from {getattr(addr, 'host', addr)}: "
+                f"{self.max_connections} connections are open already",
+            )
+            return Refused()
+        return super().buildProtocol(addr)

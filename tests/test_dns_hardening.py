@@ -1,0 +1,214 @@
+"""The DNS server against bad input and faults, on real sockets (see tests/test_dns_server.py for
+the setting): every malformed message gets its RFC answer from both the fast path and the full
+path, lookalike digits never crash a PTR question, and a refused TCP upstream logs nothing."""
+
+from __future__ import annotations
+
+import gc
+import struct
+
+import dns.message
+import dns.rcode
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
+
+from tests.scripted_upstream import closed_port
+from tests.test_dns_server import A_DB, A_SVC, DNSServerTestCase, addresses
+
+
+def _query(name: str = "db", rdtype: str = "A", **make) -> bytes:
+    query = dns.message.make_query(name, rdtype, **make)
+    query.id = 0x4242
+    return query.to_wire()
+
+
+def _with_counts(wire: bytes, an: int, ns: int, ar: int) -> bytes:
+    return wire[:6] + struct.pack("!HHH", an, ns, ar) + wire[12:]
+
+
+OPT_V0 = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+
+
+def _rcode(reply: bytes) -> int:
+    """The full (extended) rcode of a reply, reading the OPT record when there is one."""
+    message = dns.message.from_wire(reply)
+    return message.rcode()
+
+
+class MalformedSectionsTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_counts_promising_missing_records_get_formerr(self):
+        """A header that counts answer, authority or additional records the message does not
+        hold is FORMERR (twisted.names alone would read the question and answer it)."""
+        plain = _query()
+        for counts in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 2)):
+            for tcp in (False, True):
+                reply = yield self.raw(A_SVC, _with_counts(plain, *counts), tcp=tcp)
+                self.assertIsNotNone(reply, counts)
+                self.assertEqual((reply[:2], reply[3] & 0xF), (b"\x42\x42", 1), counts)
+
+    @defer.inlineCallbacks
+    def test_trailing_bytes_after_the_question_get_formerr(self):
+        """Bytes after the last record the header counts make the message malformed."""
+        for wire in (_query() + b"\x00", _query() + b"\x00" * 11,
+                     _with_counts(_query(), 0, 0, 1) + OPT_V0 + b"junk"):
+            reply = yield self.raw(A_SVC, wire)
+            self.assertEqual(reply[3] & 0xF, 1)
+
+    @defer.inlineCallbacks
+    def test_two_opt_records_get_formerr(self):
+        """RFC 6891 6.1.1: more than one OPT record is FORMERR."""
+        wire = _with_counts(_query(), 0, 0, 2) + OPT_V0 + OPT_V0
+        for tcp in (False, True):
+            reply = yield self.raw(A_SVC, wire, tcp=tcp)
+            self.assertEqual(reply[3] & 0xF, 1)
+
+    @defer.inlineCallbacks
+    def test_edns_version_above_zero_gets_badvers_with_our_opt(self):
+        """RFC 6891 6.1.3: an OPT record of version 1 gets BADVERS (extended rcode 16) and an OPT
+        record of version 0 (the version this server speaks); no answer records."""
+        for name in ("db", "kubernetes.default.svc.cluster.local"):
+            wire = _query(name, use_edns=1)
+            for tcp in (False, True):
+                reply = yield self.raw(A_SVC, wire, tcp=tcp)
+                message = dns.message.from_wire(reply)
+                self.assertEqual(message.rcode(), dns.rcode.BADVERS)
+                self.assertEqual(message.edns, 0)
+                self.assertEqual(message.answer, [])
+                self.assertEqual(message.id, 0x4242)
+        r = yield self.ask(A_SVC, "db", use_edns=0)
+        self.assertEqual(addresses(r), [A_DB])
+
+    @defer.inlineCallbacks
+    def test_well_formed_records_after_the_question_are_still_answered(self):
+        """A query with one version-0 OPT record, exactly as counted, is answered."""
+        reply = yield self.raw(A_SVC, _with_counts(_query(), 0, 0, 1) + OPT_V0)
+        message = dns.message.from_wire(reply)
+        self.assertEqual(message.rcode(), dns.rcode.NOERROR)
+        self.assertEqual(addresses(message), [A_DB])
+
+
+class LookalikeDigitsTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_ptr_question_with_a_superscript_digit_gets_a_reply(self):
+        """A known pod asking PTR for '\\xb2.0.0.127.in-addr.arpa' ('²' passes isdigit) gets an
+        answer (the name is not ours: the upstream's NXDOMAIN), and no traceback is logged."""
+        errors = []
+        observer = lambda event: errors.append(event) if event.get("isError") or event.get("log_failure") else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        name = b"\x01\xb2\x010\x010\x03127\x07in-addr\x04arpa\x00"
+        wire = struct.pack("!6H", 0x4242, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", 12, 1)
+        for tcp in (False, True):
+            reply = yield self.raw(A_SVC, wire, tcp=tcp)
+            self.assertIsNotNone(reply)
+            self.assertEqual(reply[:2], b"\x42\x42")
+            self.assertEqual(reply[3] & 0xF, dns.rcode.NXDOMAIN)
+        self.assertEqual(errors, [])
+
+
+class RefusingTCPUpstreamTests(DNSServerTestCase):
+    def setUp(self):
+        self.upstream_extra = [closed_port()]
+        super().setUp()
+
+    @defer.inlineCallbacks
+    def test_tcp_forwarding_past_a_refusing_upstream_logs_no_error(self):
+        """With a first upstream that refuses TCP connections, TCP questions are answered by
+        the next one and nothing lands in the log as an unhandled error."""
+        errors = []
+        observer = lambda event: errors.append(event) if event.get("isError") or event.get("log_failure") else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        for _ in range(3):
+            r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local", tcp=True)
+            self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+        gc.collect()  # unhandled errors in Deferreds are logged when the Deferred is collected
+        yield defer.succeed(None)
+        self.assertEqual([e.get("log_format") for e in errors], [])
+
+
+# The same behaviour through the full twisted.names path alone (no wire fast path).
+for _case in (MalformedSectionsTests, LookalikeDigitsTests):
+    _name = _case.__name__.replace("Tests", "FullPathTests")
+    globals()[_name] = type(_name, (_case,), {"fast_path": False, "__doc__": "Full path only."})
+del _case, _name
+
+
+class TCPLimitsTests(DNSServerTestCase):
+    def setUp(self):
+        from kubedock_dns.server import QueryStreamProtocol
+
+        self.patch(QueryStreamProtocol, "MESSAGE_SECONDS", 1)
+        super().setUp()
+        self.top.dns_factory.max_tcp_connections = 3
+        self.warnings = []
+
+        def observer(event):
+            if "at most once per" in str(event.get("log_format", "")):
+                self.warnings.append(event["text"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def test_a_trickled_query_is_cut_off_after_the_total_time(self):
+        """A TCP client sending its query a byte every 0.2 s (each byte restarts the 30 s idle
+        timer) is disconnected once the message is not whole within the total time; the cut
+        is logged."""
+        import socket
+        import time
+
+        wire = struct.pack("!H", len(_query())) + _query()
+
+        def trickle():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                started = time.monotonic()
+                try:
+                    for byte in wire:
+                        s.sendall(bytes([byte]))
+                        time.sleep(0.2)
+                    return s.recv(100), time.monotonic() - started
+                except (ConnectionResetError, BrokenPipeError):
+                    return b"", time.monotonic() - started
+
+        from twisted.internet.threads import deferToThread
+        data, took = yield deferToThread(trickle)
+        self.assertEqual(data, b"")
+        self.assertLess(took, 4)  # the whole message would take 6 s; the cut comes after 1 s
+        self.assertTrue(any("did not arrive whole" in w for w in self.warnings), self.warnings)
+
+    @defer.inlineCallbacks
+    def test_connections_past_the_cap_are_closed_and_logged_once(self):
+        """With the cap at 3 open TCP connections, more are closed at once (logged once), and
+        the held ones are still answered."""
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        def scenario():
+            held = [socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(A_SVC, 0))
+                    for _ in range(3)]
+            try:
+                import time
+                time.sleep(0.2)
+                refused = []
+                for _ in range(3):
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=5) as extra:
+                        try:
+                            extra.sendall(struct.pack("!H", len(_query())) + _query())
+                            refused.append(extra.recv(2) == b"")
+                        except (ConnectionResetError, BrokenPipeError):
+                            refused.append(True)
+                s = held[0]
+                s.sendall(struct.pack("!H", len(_query())) + _query())
+                length = struct.unpack("!H", s.recv(2))[0]
+                return refused, s.recv(length)
+            finally:
+                for s in held:
+                    s.close()
+
+        refused, reply = yield deferToThread(scenario)
+        self.assertEqual(refused, [True, True, True])
+        self.assertEqual(addresses(dns.message.from_wire(reply)), [A_DB])
+        self.assertEqual(sum("connections are open already" in w for w in self.warnings), 1)

@@ -1,0 +1,349 @@
+"""The webhook against abusive and malformed requests, served over real TLS on loopback.
+
+Bodies are bounded (413 as soon as the length is known or the stream passes the bound), held in
+memory and never spooled to /tmp; a request must arrive whole within a total time however its
+bytes trickle in; open connections are capped; every malformed review gets a 4xx with a plain
+reason, never a 500 or Twisted's HTML page; and the review itself runs in a worker process, so a
+huge review does not stall DNS answers served by the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import pytest
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from kubedock_dns.reviewing import ReviewPool
+from kubedock_dns.tls import generate_ca_and_cert
+from kubedock_dns.webhook import MAX_REVIEW_BYTES, WebhookApp, WebhookConfig, review, webhook_service
+from tests.test_dns_server import A_SVC, DNSServerTestCase
+from tests.test_webhook import CONFIG, admission_review, pod
+
+
+def deep_review(depth: int) -> bytes:
+    """A review whose pod carries a dnsConfig option nested ``depth`` levels deep."""
+    document = admission_review("CREATE", pod())
+    text = json.dumps(document)
+    marker = '"restartPolicy": "Never"'
+    nested = "[" * depth + "]" * depth
+    return text.replace(marker, marker + ', "dnsConfig": {"options": [{"name": "x", "value": ' + nested + "}]}").encode()
+
+
+MALFORMED = {
+    "nested-body": b"[" * 100_000 + b"]" * 100_000,
+    "nested-field": deep_review(100_000),
+    "generateName-number": json.dumps(admission_review("CREATE", {**pod(), "metadata": {
+        **pod()["metadata"], "generateName": 5, "name": None}})).encode(),
+    "name-list": json.dumps({**admission_review("CREATE", pod()), "request": {
+        **admission_review("CREATE", pod())["request"], "name": ["db"]}}).encode(),
+    "hostNetwork-string": json.dumps(admission_review("CREATE", pod(hostNetwork="yes"))).encode(),
+    "dnsPolicy-number": json.dumps(admission_review("CREATE", pod(dnsPolicy=1))).encode(),
+    "dnsConfig-list": json.dumps(admission_review("CREATE", pod(dnsConfig=["x"]))).encode(),
+    "options-string": json.dumps(admission_review("CREATE", pod(dnsConfig={"options": "ndots"}))).encode(),
+    "huge-uid-list": json.dumps({**admission_review("CREATE", pod()), "request": {
+        **admission_review("CREATE", pod())["request"], "uid": ["x" * 100_000]}}).encode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_reviews_get_400_with_a_short_reason(name):
+    """Deep nesting (RecursionError), wrong types in any field the decision reads, and huge
+    values: HTTP 400 with a reason of bounded length naming the field, never a 500."""
+    status, document = review(MALFORMED[name], CONFIG)
+    assert status == 400, document
+    assert document["kind"] == "Status" and document["code"] == 400
+    assert 0 < len(document["message"]) < 600, document["message"]
+
+
+def https_exchange(port: int, ca_pem: bytes, raw: bytes, *, pause: float = 0.0,
+                   chunk: int = 1 << 16, timeout: float = 20) -> tuple[bytes, float]:
+    """Send ``raw`` (pieces of ``chunk`` bytes, ``pause`` seconds apart) over TLS and read the
+    answer until the server closes; returns what was read and how long the exchange took.
+    Sending stops when the server has closed or answered."""
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as plain:
+        with context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
+            received = b""
+            try:
+                for offset in range(0, len(raw), chunk):
+                    tls.sendall(raw[offset:offset + chunk])
+                    if pause and select.select([tls], [], [], pause)[0]:
+                        break  # the server answered (or closed): stop trickling
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass
+            try:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        break
+                    received += data
+            except (ConnectionResetError, ssl.SSLError, socket.timeout):
+                pass
+    return received, time.monotonic() - started
+
+
+def http_body(answer: bytes) -> bytes:
+    """The body of a raw HTTP/1.1 answer, de-chunked when it is chunked."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return body
+    out = b""
+    while True:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += rest[:size]
+        body = rest[size + 2:]
+
+
+def post(body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Connection": "close",
+            **({"Content-Length": str(len(body))} if headers is None else headers)}
+    return (b"POST /mutate HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+            + b"\r\n" + body)
+
+
+class TLSLimitsTests(TestCase):
+    timeout = 60
+    limits: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kubedock-dns-limits-"))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.tls = generate_ca_and_cert(["127.0.0.1"], self.dir)
+        app = WebhookApp(WebhookConfig(nameserver_ip="10.96.0.53"))
+        self.service = webhook_service(app.resource(), 0, "127.0.0.1", str(self.tls.cert_path),
+                                       str(self.tls.key_path), reactor, check_interval=0, **self.limits)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.warnings: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            if event.get("text") and "at most once per" in str(event.get("log_format", "")):
+                self.warnings.append(event["text"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def exchange(self, raw: bytes, **kwargs: Any):
+        return deferToThread(https_exchange, self.service.port, self.tls.ca_pem, raw, **kwargs)
+
+
+class BodyLimitTests(TLSLimitsTests):
+    async def test_declared_oversize_body_gets_413_before_it_is_sent(self) -> None:
+        """A Content-Length above the bound gets 413 with a reason right after the headers: the
+        server reads none of the body (the client sent only the headers)."""
+        headers = {"Content-Type": "application/json", "Content-Length": str(MAX_REVIEW_BYTES + 1)}
+        answer, _ = await self.exchange(post(b"", headers))
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"at most" in answer and b"<html" not in answer.lower()
+        assert self.service.site.buffered == 0
+
+    async def test_streamed_oversize_body_gets_413_once_it_passes_the_bound(self) -> None:
+        """A chunked body gives no length: it is refused with 413 once the bytes received pass
+        the bound, and nothing of it stays buffered."""
+        piece = b"x" * 65536
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(MAX_REVIEW_BYTES // len(piece) + 4))
+        headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        answer, _ = await self.exchange(post(chunks + b"0\r\n\r\n", headers))
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert self.service.site.buffered == 0
+
+    async def test_large_admissible_review_is_answered_without_spooling_to_tmp(self) -> None:
+        """A 1 MB review (above twisted.web's 100 KB spooling threshold) is answered correctly
+        and never written to a temporary file (the chart gives /tmp 16 MiB)."""
+        import twisted.web.http
+
+        def no_spooling(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a request body was spooled to a temporary file")
+
+        self.patch(twisted.web.http.tempfile, "TemporaryFile", no_spooling)
+        obj = pod()
+        obj["metadata"]["annotations"]["example.com/big"] = "y" * 1_000_000
+        for framing in ("length", "chunked"):
+            body = json.dumps(admission_review("CREATE", obj)).encode()
+            if framing == "chunked":
+                raw = post(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+                           {"Content-Type": "application/json", "Transfer-Encoding": "chunked", "Connection": "close"})
+            else:
+                raw = post(body)
+            answer, _ = await self.exchange(raw)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+            document = json.loads(http_body(answer))
+            assert document["response"]["allowed"] is True
+        assert self.service.site.buffered == 0
+
+    async def test_malformed_reviews_get_plain_4xx_over_the_wire(self) -> None:
+        """Over the real listener, a deeply nested body and a wrong type get 400 with a plain
+        text reason, not a 500 and not Twisted's HTML error page."""
+        for name in ("nested-body", "nested-field", "generateName-number"):
+            answer, _ = await self.exchange(post(MALFORMED[name]))
+            head, _, text = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (name, answer[:300])
+            assert b"text/plain" in head.lower() and b"<html" not in text.lower()
+
+
+class SlowClientTests(TLSLimitsTests):
+    limits = {"request_seconds": 1.0, "max_connections": 3}
+
+    async def test_trickled_headers_are_cut_off_after_the_total_time(self) -> None:
+        """A client sending its headers a byte every 0.2 s (each byte would reset an idle
+        timeout) is answered 408 and disconnected once the request is not whole within the
+        total time, not when it pleases; the cut is logged."""
+        raw = post(json.dumps(admission_review("CREATE", pod())).encode())
+        answer, took = await self.exchange(raw[:40], chunk=1, pause=0.2, timeout=10)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert took < 5  # 40 bytes at 0.2 s would take 8 s; the cut comes after 1 s
+        assert any("did not arrive whole" in w for w in self.warnings)
+
+    async def test_connections_past_the_cap_are_refused_and_logged_once(self) -> None:
+        """With the cap at 3, a fourth connection is closed at once; the bite is logged once
+        however often it happens; after the others close, connections are accepted again."""
+        context = ssl.create_default_context(cadata=self.tls.ca_pem.decode())
+
+        def connect() -> ssl.SSLSocket:
+            plain = socket.create_connection(("127.0.0.1", self.service.port), timeout=5)
+            return context.wrap_socket(plain, server_hostname="127.0.0.1")
+
+        held = [await deferToThread(connect) for _ in range(3)]
+        try:
+            for _ in range(3):
+                with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+                    extra = await deferToThread(connect)
+                    try:
+                        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                        if not extra.recv(1):
+                            raise ConnectionResetError("closed")
+                    finally:
+                        extra.close()
+        finally:
+            for sock in held:
+                sock.close()
+        assert sum("connections are open already" in w for w in self.warnings) == 1
+        answer, _ = await self.exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def worst_review() -> bytes:
+    """A well-formed review just under the body bound, made of what is costliest to decode:
+    about two million tiny JSON values."""
+    document = admission_review("CREATE", pod())
+    filler = MAX_REVIEW_BYTES - len(json.dumps(document)) - 1000
+    document["request"]["object"]["spec"]["filler"] = [0] * (filler // 2)
+    body = json.dumps(document, separators=(",", ":")).encode()
+    assert len(body) < MAX_REVIEW_BYTES
+    return body
+
+
+# Asks 'db' every 5 ms from the given source address until told to stop on stdin; then prints
+# the longest answer time seen.
+PROBE = """
+import select, sys, time
+import dns.message, dns.query
+port, source = int(sys.argv[1]), sys.argv[2]
+query = dns.message.make_query("db", "A")
+dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
+print("ready", flush=True)
+worst = 0.0
+while not select.select([sys.stdin], [], [], 0.005)[0]:
+    started = time.monotonic()
+    dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
+    worst = max(worst, time.monotonic() - started)
+print(worst, flush=True)
+"""
+
+
+class ReviewDoesNotStallDNSTests(DNSServerTestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.dir = Path(tempfile.mkdtemp(prefix="kubedock-dns-stall-"))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.tls = generate_ca_and_cert(["127.0.0.1"], self.dir)
+
+    def serve(self, reviewer: Any) -> Any:
+        app = WebhookApp(CONFIG, reviewer=reviewer)
+        service = webhook_service(app.resource(), 0, "127.0.0.1", str(self.tls.cert_path),
+                                  str(self.tls.key_path), reactor, check_interval=0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def dns_gaps_during(self, service: Any, body: bytes) -> tuple[float, float, bytes]:
+        """(worst DNS answer time while the review ran, the review's time, its answer).
+
+        The DNS client is another process (:data:`PROBE`), so that the interpreter lock of
+        this one cannot hide a stall from it; the review is posted from a thread."""
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, str(self.port), A_SVC],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert probe.stdout is not None and probe.stdin is not None
+            assert probe.stdout.readline().strip() == "ready"
+            answer, took = https_exchange(service.port, self.tls.ca_pem, post(body), timeout=60)
+            probe.stdin.write("stop\n")
+            probe.stdin.flush()
+            worst = float(probe.stdout.readline())
+        finally:
+            probe.kill()
+            probe.wait()
+        return worst, took, answer
+
+    async def test_the_worst_admissible_review_does_not_stall_dns(self) -> None:
+        """While the largest review the webhook admits is decoded and decided, DNS answers from
+        the same process keep coming: in the worker process the worst answer time stays a small
+        fraction of what the review costs when decided in the reactor's process (where every
+        DNS answer waits for the whole decode)."""
+        pool = ReviewPool(CONFIG, reactor)
+        self.addCleanup(pool.close)
+        pooled = self.serve(pool.review)
+        inline = self.serve(None)
+        body = worst_review()
+        small = json.dumps(admission_review("CREATE", pod())).encode()
+        warm, _, _ = await deferToThread(self.dns_gaps_during, pooled, small)  # starts the worker
+        inline_worst, inline_took, inline_answer = await deferToThread(self.dns_gaps_during, inline, body)
+        pooled_worst, pooled_took, pooled_answer = await deferToThread(self.dns_gaps_during, pooled, body)
+        assert http_body(pooled_answer) == http_body(inline_answer)
+        assert json.loads(http_body(pooled_answer))["response"]["allowed"] is True
+        assert inline_worst > 0.05, (inline_worst, inline_took)  # the stall being avoided is real
+        print(f"worst DNS answer: {pooled_worst * 1000:.1f} ms with the worker, {inline_worst * 1000:.1f} ms in-process; review {pooled_took:.2f} s vs {inline_took:.2f} s")
+        assert pooled_worst < inline_worst / 2, (pooled_worst, inline_worst, pooled_took, inline_took)
+
+    async def test_a_lost_worker_answers_503_and_is_replaced(self) -> None:
+        """When the worker process dies (say, killed for memory), the review in flight gets 503
+        with a reason (the API server retries or applies its failure policy), and the next
+        review is served by a new worker."""
+        pool = ReviewPool(CONFIG, reactor)
+        self.addCleanup(pool.close)
+        service = self.serve(pool.review)
+        small = json.dumps(admission_review("CREATE", pod())).encode()
+        answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        executor = pool._executor
+        assert executor is not None
+        for process in list(executor._processes.values()):  # type: ignore[attr-defined]
+            process.kill()
+        answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert pool.worker_restarts == 1
