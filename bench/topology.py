@@ -112,8 +112,8 @@ class Query:
     """One query of the mix, in both forms, with the answer every server must give.
 
     ``expect`` is a tuple of addresses for A, the empty tuple for NODATA, and for PTR the pod's
-    primary name (``hostalias/0``), which must be the first label of the answer's target (peers
-    answer ``db.n0001.``; kubedock-dns may answer ``db.`` or ``db.<suffix>``).  ``kind`` is ``local`` or ``forwarded``.
+    container name (Docker's answer), which must be the first label of the answer's target (peers
+    answer ``n0001-db-1.n0001.``; kubedock-dns answers ``n0001-db-1.``).  ``kind`` is ``local`` or ``forwarded``.
     """
 
     kind: str
@@ -199,10 +199,11 @@ class Topology:
     # -- the peer form (CoreDNS, dnsmasq, naive baseline) ---------------------------------------
 
     def peer_records(self) -> Iterable[tuple[str, tuple[str, ...]]]:
-        """``(ip, names)`` for the hosts file; the first name is the PTR target."""
+        """``(ip, names)`` for the hosts file; the first name (the container name, as Docker
+        answers PTR) is the PTR target."""
         for pod in self.pods():
             names = []
-            for name in pod.names:
+            for name in (pod.container_name, *(n for n in pod.names if n != pod.container_name)):
                 names.append(pod.peer_name(name))
                 names.append(f"{pod.peer_name(name)}.{SEARCH_SUFFIX}")
             yield pod.ip, tuple(names)
@@ -247,7 +248,7 @@ class Topology:
             local(pod, name, "A", "A short", False)
         for pod in (db, service):
             out.append(Query("local", "PTR", reverse_name(pod.ip) + ".", reverse_name(pod.ip) + ".",
-                             (pod.hostname,), "PTR"))
+                             (pod.container_name,), "PTR"))
         for k in range(3):
             name = f"fw{k}.{FORWARDED_ZONE}."
             out.append(Query("forwarded", "A", name, name, (FORWARDED_ANSWER,), "A forwarded"))

@@ -33,8 +33,6 @@ DEFAULT_OPT_IN_LABEL = "kubedock"
 # in labels of at most 63 octets and 253 in all.
 _DOCKER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# What glibc accepts as the target of a PTR record (res_hnok): letters, digits and '-' per label.
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ASCII_DIGITS = re.compile(r"[0-9]+")  # not \d: that matches every script's digits
 # Annotation indexes: kubedock counts from 0; nine digits is far beyond any real pod.
 MAX_INDEX_DIGITS = 9
@@ -53,7 +51,7 @@ class PodRecord:
     ``names`` are lower-cased DNS names, the primary name (``hostalias/0``) first.  ``networks``
     keep annotation index order, which decides which network wins for an asker in several.
     ``reverse_name`` is what a PTR query for its address answers (the container name when it is a
-    host name, else ``hostalias/0``); ``refused_names`` the ``(name, reason)`` pairs that cannot be
+    valid DNS name, else ``hostalias/0``); ``refused_names`` the ``(name, reason)`` pairs that cannot be
     DNS names, for the networks view.
     """
 
@@ -218,7 +216,14 @@ def name_problem(value: Any) -> str | None:
     if len(value) > 253:
         return f"it has {len(value)} characters, more than the 253 a DNS name may have"
     if not _DOCKER_NAME.match(value) or value.endswith("."):
-        return "DNS names use letters, digits, '-', '_' and '.', starting with a letter or digit"
+        bad = next((c for c in value if not (c.isascii() and (c.isalnum() or c in "_.-"))), None)
+        if bad is not None:
+            what = f"{bad!r} is not allowed"
+        elif value.endswith("."):
+            what = "it ends with '.'"
+        else:
+            what = f"it starts with {value[0]!r}"
+        return f"{what} (use letters, digits, '-', '_', '.'; start with a letter or digit)"
     for label in value.split("."):
         if not label:
             return "it has an empty part between dots"
@@ -226,19 +231,6 @@ def name_problem(value: Any) -> str | None:
             part = "it" if label == value else f"its part {label[:16]!r}..."
             return f"{part} has {len(label)} characters, more than the 63 a DNS label may have"
     return None
-
-
-def check_dns_name(key: str, value: Any) -> str:
-    """The value of a name annotation, checked to be a Docker name usable as a DNS name."""
-    problem = name_problem(value)
-    if problem is not None:
-        raise AnnotationError(f"annotation {key}={value!r} is not a valid host name: {problem}")
-    return value
-
-
-def is_host_name(name: str) -> bool:
-    """Whether resolvers accept ``name`` as the target of a PTR record (no '_')."""
-    return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
 def sort_names(annotations: Mapping[str, str], labels: Mapping[str, str]) -> Names:
@@ -274,7 +266,7 @@ def sort_names(annotations: Mapping[str, str], labels: Mapping[str, str]) -> Nam
         else:
             refused.append((key, str(value), problem))
     reverse = None
-    if container_name and is_host_name(container_name.lstrip("/")):
+    if container_name and name_problem(container_name.lstrip("/")) is None:
         reverse = container_name.lstrip("/")
     else:
         primary = annotations.get(HOSTALIAS_PREFIX + "0")

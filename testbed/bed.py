@@ -36,6 +36,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import random
 import re
 import secrets
 import shutil
@@ -96,6 +97,7 @@ class BedPod:
     opted_in: bool = True
     ip: str | None = None
     uid: str = ""
+    warnings: tuple[str, ...] = ()  # the admission warnings the API server returned on create
 
     @property
     def short_id(self) -> str:
@@ -401,14 +403,25 @@ class EndToEndBed:
 
     def _pod_body(self, pod: BedPod, *, init_container: bool = True, image: str = "busybox:1.36",
                   command: Sequence[str] | None = None) -> dict[str, Any]:
-        """The pod as kubedock's deploy.go writes it."""
-        annotations = {"kubedock.containername": pod.container_name,
-                       "kubedock.hostalias/0": pod.hostname}
+        """The pod as kubedock's deploy.go writes it: the container's labels (Testcontainers'
+        and an arbitrary one) copied into annotations, and into labels where they are valid
+        label values; annotations in random order, as Go's map iteration writes them."""
+        docker_labels = {"org.testcontainers": "true", "org.testcontainers.lang": "python",
+                         "org.testcontainers.version": "4.8.2",
+                         "org.testcontainers.sessionId": secrets.token_hex(16),
+                         "com.example.description": "the db: for tests, not a valid label value"}
+        annotations = dict(docker_labels)
+        annotations.update({"kubedock.containername": pod.container_name,
+                            "kubedock.hostalias/0": pod.hostname})
         for i, alias in enumerate(pod.aliases, start=1):
             annotations[f"kubedock.hostalias/{i}"] = alias
         for i, network in enumerate(pod.networks):
             annotations[f"kubedock.network/{i}"] = network
-        labels = {"kubedock.id": self.instance_id, "kubedock.containerid": pod.short_id}
+        shuffled = list(annotations.items())
+        random.shuffle(shuffled)
+        annotations = dict(shuffled)
+        labels = {k: v for k, v in docker_labels.items() if re.fullmatch(r"[A-Za-z0-9._-]{0,63}", v)}
+        labels.update({"kubedock.id": self.instance_id, "kubedock.containerid": pod.short_id})
         if pod.opted_in:
             labels["kubedock"] = "true"
         main: dict[str, Any] = {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
@@ -462,7 +475,8 @@ class EndToEndBed:
         except ApiException as e:
             raise BedError(f"creating pod {pod.name} failed: HTTP {e.status}: {e.body}") from None
         stored = json.loads(response.data)
-        pod = replace(pod, uid=stored["metadata"]["uid"])
+        pod = replace(pod, uid=stored["metadata"]["uid"],
+                      warnings=tuple(response.headers.getlist("Warning")))
         if opt_in and stored["spec"].get("dnsPolicy") != "None":
             raise BedError(f"pod {pod.name} was not mutated by the webhook: {stored['spec']}")
         if wait:
@@ -481,12 +495,18 @@ class EndToEndBed:
         return json.loads(self.core.read_namespaced_pod(name, self.namespace,
                                                         _preload_content=False).data)
 
-    def delete_pod(self, pod: BedPod | str, *, wait: bool = True, timeout: float = 30.0) -> None:
-        """Delete the pod (default grace period: the stand-in removes its sandbox, then deletes
-        it for good, as a kubelet would); with ``wait``, until it is gone from the API."""
+    def delete_pod(self, pod: BedPod | str, *, wait: bool = True, timeout: float = 30.0,
+                   linger: float = 0.0) -> None:
+        """Delete the pod as kubedock does (default grace period: the stand-in removes its
+        sandbox, then deletes it for good, as a kubelet would); with ``linger`` its container
+        keeps running that many seconds first (it ignores SIGTERM), so the pod stays Terminating
+        with its IP; with ``wait``, until it is gone from the API."""
         from kubernetes.client.exceptions import ApiException
 
         name = pod if isinstance(pod, str) else pod.name
+        if linger:
+            assert self.kubelet is not None
+            self.kubelet.linger(name, linger)
         self.core.delete_namespaced_pod(name, self.namespace, _preload_content=False)
         deadline = time.monotonic() + timeout
         while wait:

@@ -104,10 +104,10 @@ def run_scenario(bed) -> list[Row]:
         network = new_network_id()
         say(f"{run}: Docker network {network[:12]}... (ID of 64 hex, as kubedock annotates it)")
         db = bed.create_kubedock_pod("db", [network], aliases=["database"],
-                                     container_name=f"{run}_db")
+                                     container_name=f"{run}-db")
         say(f"{run}: container {db.container_name} -> pod {db.name}, IP {db.ip}")
         service = bed.create_kubedock_pod("service", [network], aliases=["api"],
-                                          container_name=f"{run}_service")
+                                          container_name=f"{run}-service")
         say(f"{run}: container {service.container_name} -> pod {service.name}, IP {service.ip}")
         runs[run] = (network, db, service)
 
@@ -121,17 +121,20 @@ def run_scenario(bed) -> list[Row]:
                         f"{run}'s db: the asker's own network ({other}'s db is another network)"))
         rows.append(Row(asker, net, "database", resolver.forward(service, "database"), db.ip,
                         "a network alias of the same container"))
-        rows.append(Row(asker, net, f"{run}_db", resolver.forward(service, f"{run}_db"), db.ip,
+        rows.append(Row(asker, net, f"{run}-db", resolver.forward(service, f"{run}-db"), db.ip,
                         "the Docker container name resolves too"))
-        rows.append(Row(asker, net, db.ip, resolver.reverse(service, db.ip), "db",
-                        "reverse lookup: the pod's hostname in the asker's network"))
-        rows.append(Row(asker, net, f"{other}_db", resolver.forward(service, f"{other}_db"),
+        rows.append(Row(asker, net, db.ip, resolver.reverse(service, db.ip), f"{run}-db",
+                        "reverse lookup: the container's name, as Docker answers"))
+        rows.append(Row(asker, net, f"{other}-db", resolver.forward(service, f"{other}-db"),
                         NOT_FOUND, f"{other}'s containers are invisible from {run}"))
     network, db, service = runs["run-a"]
     fqdn = f"db.{bed.namespace}.svc.cluster.local"
     rows.append(Row("run-a/service", f"run-a ({network[:8]})", fqdn,
                     resolver.forward(service, fqdn + "."), db.ip,
                     f"search suffix stripped: the cluster's Service db ({DECOY_DB_IP}) never answers"))
+    rows.append(Row("run-a/service", f"run-a ({network[:8]})", "cache", resolver.forward(service, "cache"),
+                    NOT_FOUND, "no container called cache in run-a: not found, as in Docker "
+                    "(never a namespace Service)"))
     rows.append(Row("run-a/service", f"run-a ({network[:8]})", "kubernetes.default",
                     resolver.forward(service, "kubernetes.default"), KUBERNETES_IP,
                     "not a container name: forwarded to the cluster DNS"))

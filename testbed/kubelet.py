@@ -18,7 +18,9 @@ pool (one pod is never handled by two threads at once):
   ``podIP``/``podIPs`` and its init containers running (pods with init containers), then
   ``Running`` with ``startTime``, conditions (``Ready`` True) and minimal ``containerStatuses``;
 - a pod being deleted (``deletionTimestamp``) loses its sandbox and is then deleted with grace
-  period 0 (the kubelet's final delete); a pod that disappears loses its sandbox;
+  period 0 (the kubelet's final delete); a pod that disappears loses its sandbox; a pod named in
+  :meth:`linger` first keeps running (sandbox, IP, status) for that many seconds, as a container
+  that ignores SIGTERM does for its grace period: the pod stays Terminating in the API meanwhile;
 - :meth:`finish` ends a pod the way a container that exits 0 under ``restartPolicy: Never``
   does: sandbox removed, status ``Succeeded`` (``podIP`` stays set, as a real kubelet leaves it)
   and its IP released, so the IPAM may hand it to another pod.
@@ -192,6 +194,8 @@ class KubeletStandIn:
         self._sandboxes: dict[str, StartedPod] = {}  # uid -> pod with a sandbox
         self._phases: dict[str, tuple[str, str]] = {}  # pod name -> (uid, phase we reported)
         self._pinned: dict[str, str] = {}  # pod name -> IP to use
+        self._linger: dict[str, float] = {}  # pod name -> seconds it runs on once deleted
+        self._deleted_at: dict[str, float] = {}  # uid -> when its deletion was first seen
         self._released: list[str] = []
         self._finished: set[str] = set()  # uids finished by finish(): never restarted
         self.errors: list[str] = []
@@ -241,6 +245,12 @@ class KubeletStandIn:
         """The pod called ``pod_name`` (created later) gets ``ip``, even one just released."""
         with self._lock:
             self._pinned[pod_name] = ip
+
+    def linger(self, pod_name: str, seconds: float) -> None:
+        """Once deleted, the pod called ``pod_name`` keeps running for ``seconds`` (its grace
+        period, spent by a container that ignores SIGTERM) before its sandbox goes."""
+        with self._lock:
+            self._linger[pod_name] = seconds
 
     def wait_running(self, pod_name: str, timeout: float = 30.0) -> StartedPod:
         """Block until the stand-in reported ``pod_name`` Running; raise KubeletError on timeout
@@ -398,6 +408,17 @@ class KubeletStandIn:
         meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
         name = meta["name"]
         if meta.get("deletionTimestamp"):
+            with self._lock:
+                seconds = self._linger.get(name, 0.0)
+                since = self._deleted_at.setdefault(uid, time.monotonic())
+            remaining = since + seconds - time.monotonic()
+            if remaining > 0:
+                timer = threading.Timer(remaining, lambda: self._observe(uid, self._latest.get(uid)))
+                timer.daemon = True
+                timer.start()
+                return
+            with self._lock:
+                self._deleted_at.pop(uid, None)
             self._teardown(uid)
             self._progress(f"{name} deleted: sandbox removed")
             from kubernetes.client.exceptions import ApiException

@@ -10,6 +10,7 @@ from inside real pod network namespaces with glibc.
 
 from __future__ import annotations
 
+import json
 import time
 
 import dns.message
@@ -84,15 +85,22 @@ def test_api_server_stores_opted_in_pods_mutated_by_the_webhook(bed):
     assert bed.stored_pod(plain)["spec"].get("dnsPolicy") == "ClusterFirst"
 
 
-def test_bad_annotations_and_host_network_are_refused_with_our_message(bed):
-    """The client gets an API error naming the bad annotation and value, or hostNetwork."""
+def test_bad_network_annotations_and_host_network_are_refused_with_our_message(bed):
+    """The client gets an API error naming the bad network annotation and value, or hostNetwork;
+    a name that cannot be a DNS name is no reason to refuse: the pod is stored, mutated, and the
+    API server passes our warning naming it to the client."""
     error = api_error(bed, raw_pod(bed, "bad-key", {"kubedock.hostalias/0": "db", "kubedock.network/first": "n1"}))
     assert "kubedock.network/first" in error.body
-    error = api_error(bed, raw_pod(bed, "bad-name", {"kubedock.hostalias/0": "no spaces", "kubedock.network/0": "n1"}))
-    assert "no spaces" in error.body and "kubedock.hostalias/0" in error.body
     error = api_error(bed, raw_pod(bed, "hostnet", {"kubedock.hostalias/0": "db", "kubedock.network/0": "n1"},
                                    host_network=True))
     assert "hostNetwork" in error.body
+    response = bed.core.create_namespaced_pod(
+        bed.namespace, body=raw_pod(bed, "bad-name", {"kubedock.hostalias/0": "no spaces",
+                                                      "kubedock.network/0": "n1"}),
+        _preload_content=False)
+    [warning] = response.headers.getlist("Warning")
+    assert "no spaces" in warning and "kubedock.hostalias/0" in warning, warning
+    assert json.loads(response.data)["spec"]["dnsPolicy"] == "None"
 
 
 def test_network_annotations_are_immutable_while_other_updates_pass(bed):
@@ -125,7 +133,7 @@ def test_watched_pods_resolve_by_network_and_disappear_when_deleted_or_finished(
         assert addresses(ask(bed, svc_a, "db")) == [db_a.ip]
         assert addresses(ask(bed, svc_b, f"db.{bed.namespace}.svc.cluster.local")) == [db_b.ip]
         ptr = ask(bed, svc_a, dns.reversename.from_address(db_a.ip), "PTR")
-        assert [r.target.to_text() for r in ptr.answer[0]] == ["db."]
+        assert [r.target.to_text() for r in ptr.answer[0]] == [db_a.container_name.lower() + "."]
     eventually(resolves)
     bed.delete_pod(db_a)
     eventually(lambda: _not_resolved(bed, svc_a, db_a.ip))

@@ -6,7 +6,9 @@ the kubedock-dns Service IP; the kubelet stand-in renders each pod's resolv.conf
 query through the DNAT to ``twistd kubedock-dns``, which watches the API server; dnsmasq plays the
 cluster DNS, holding a decoy Service ``db.<namespace>.svc.cluster.local`` that a wrong fall-through
 would return. Pods are created exactly as kubedock creates them (network IDs, container name and
-ID, ``restartPolicy: Never``, an init container ``setup``).
+ID, ``restartPolicy: Never``, an init container ``setup``, the container's labels copied into
+annotations, annotations in random order, deletion with the default grace period).  The server runs
+with ``--unresolved-network`` naming this kubedock's ``bridge`` network, as the install guide says.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from testbed.bed import DECOY_DB_IP, KUBERNETES_IP, BedPod, EndToEndBed, new_net
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.netns]
 
+# kubedock's default network: every container created without a network joins it.
+KUBEDOCK_BRIDGE = new_network_id()
+
 
 @pytest.fixture(scope="module")
 def bed(control_plane) -> Iterator[EndToEndBed]:
@@ -30,7 +35,8 @@ def bed(control_plane) -> Iterator[EndToEndBed]:
     ok, reason = netns.is_available()
     if not ok:
         pytest.skip(reason)
-    with EndToEndBed(control_plane=control_plane, dataplane="netns") as b:
+    with EndToEndBed(control_plane=control_plane, dataplane="netns",
+                     server_args=["--unresolved-network", KUBEDOCK_BRIDGE]) as b:
         assert b.server is not None and b.server.popen is not None
         server_pid = b.server.popen.pid
         yield b
@@ -71,13 +77,28 @@ def dig(bed: EndToEndBed, pod: BedPod, *args: str | None) -> list[str]:
     return out.split()
 
 
+def dig_status(bed: EndToEndBed, pod: BedPod, name: str) -> tuple[str, list[str]]:
+    """``dig`` in the pod: the response status (NOERROR, NXDOMAIN...) and the answer lines."""
+    rc, out, err = bed.exec(pod, ["dig", "+time=4", "+tries=1", "+noall", "+comments", "+answer", name])
+    assert rc == 0, out + err
+    status = next((line.split("status: ")[1].split(",")[0] for line in out.splitlines()
+                   if "status: " in line), "?")
+    answers = [line.split()[-1] for line in out.splitlines() if line and not line.startswith(";")]
+    return status, answers
+
+
 def test_pods_get_a_kubelet_status_and_the_mutated_resolv_conf(bed: EndToEndBed) -> None:
     """The bed itself: a kubedock pod is stored mutated by the webhook, bound to the node and
     reported Running by the kubelet stand-in with its IP and a Ready condition, and the
-    resolv.conf inside its namespace is the one a kubelet renders from the stored spec."""
+    resolv.conf inside its namespace is the one a kubelet renders from the stored spec.  The
+    container's labels kubedock copied into annotations are stored untouched, with no warning."""
     pod = bed.create_kubedock_pod("probe", [new_network_id()], aliases=["alias"])
     stored = bed.stored_pod(pod)
     meta, spec, status = stored["metadata"], stored["spec"], stored["status"]
+    assert pod.warnings == ()
+    assert meta["annotations"]["org.testcontainers"] == "true"
+    assert meta["annotations"]["com.example.description"] == "the db: for tests, not a valid label value"
+    assert meta["labels"]["org.testcontainers.lang"] == "python"
     assert meta["labels"]["kubedock"] == "true"
     assert meta["labels"]["kubedock.containerid"] == pod.short_id
     assert meta["annotations"]["kubedock.network/0"] == pod.networks[0]
@@ -114,8 +135,8 @@ def test_two_test_runs_side_by_side(bed: EndToEndBed) -> None:
         assert dig(bed, service, "database") == [db.ip]
         assert dig(bed, service, f"db.{bed.namespace}.svc.cluster.local") == [db.ip]
         rc, names, out = reverse(bed, service, db.ip)
-        assert rc == 0 and names[:1] == ["db"], context(bed, out)
-        assert dig(bed, service, "-x", db.ip) == ["db."]
+        assert rc == 0 and names[:1] == [db.container_name], context(bed, out)
+        assert dig(bed, service, "-x", db.ip) == [f"{db.container_name}."]
         # the other run is invisible: its container name, and its db's address by reverse lookup
         rc, ips, out = ahosts(bed, service, other_db.container_name)
         assert rc == 2 and not ips, context(bed, out)
@@ -257,7 +278,7 @@ def test_reused_ip_never_resolves_to_the_old_name(bed: EndToEndBed) -> None:
     assert ahosts(bed, old_peer, "newsvc")[0] == 2
     # in the new network: the address is the new pod's
     assert ahosts(bed, new_peer, "newsvc")[:2] == (0, {new.ip})
-    assert dig(bed, new_peer, "-x", new.ip) == ["newsvc."]
+    assert dig(bed, new_peer, "-x", new.ip) == [f"{new.container_name}."]
     assert ahosts(bed, new_peer, "olddb")[0] == 2
     # the new pod, asking from the reused address, sees its own network only
     assert ahosts(bed, new, "newpeer")[:2] == (0, {new_peer.ip})
@@ -289,10 +310,161 @@ def test_ten_parallel_runs_with_identical_hostnames(bed: EndToEndBed) -> None:
         if (rc, ips) != (0, {service.ip}):
             problems.append(f"{db.name} -> service: {out!r}, expected {service.ip}")
         rc, names, out = reverse(bed, service, db.ip)
-        if rc != 0 or names[:1] != ["db"]:
+        if rc != 0 or names[:1] != [db.container_name]:
             problems.append(f"{service.name} -> PTR {db.ip}: {out!r}")
         return problems
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         problems = [p for found in pool.map(check, runs) for p in found]
     assert problems == [], context(bed, *problems)
+
+
+def test_docker_names_that_cannot_be_dns_names_still_run(bed: EndToEndBed) -> None:
+    """``docker run`` with a container name longer than 63 characters and aliases ``db:5432`` and
+    one longer than 63 (all valid for Docker) is not refused: the pod runs, the API server returns
+    a warning per such name naming the container, its other names resolve, those names do not,
+    and the networks view lists them with the reason."""
+    network = new_network_id()
+    long_name = "testcontainers-postgres-" + "x" * 50
+    long_alias = "a" * 64
+    db = bed.create_kubedock_pod("pg", [network], aliases=["db:5432", long_alias, "database"],
+                                 container_name=long_name)
+    client = bed.create_kubedock_pod("client", [network])
+    assert len(db.warnings) == 3, db.warnings
+    assert all("container 'testcontainers-postgres-" in w for w in db.warnings), db.warnings
+    for fragment in ("kubedock.hostalias/1='db:5432'", f"kubedock.hostalias/2='{long_alias[:40]}",
+                     f"kubedock.containername='{long_name[:40]}"):
+        assert any(fragment in w for w in db.warnings), (fragment, db.warnings)
+    for name in ("pg", "database", db.short_id):
+        assert ahosts(bed, client, name)[:2] == (0, {db.ip}), context(bed, name)
+    assert ahosts(bed, client, "db")[0] == 2
+    members = bed.debug_networks()["networks"][network]
+    refused = {r["name"] for m in members if m["pod"] == db.name for r in m["refused_names"]}
+    assert refused == {"db:5432", long_alias, long_name}
+
+
+def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEndBed) -> None:
+    """Before ``db`` exists and after ``docker rm -f db``, looking ``db`` up fails (NXDOMAIN) in
+    every search form: the namespace's Service ``db`` in the cluster DNS never stands in, while
+    multi-label names such as ``kubernetes.default`` still reach the cluster DNS."""
+    network = new_network_id()
+    app = bed.create_kubedock_pod("app", [network])
+    rc, ips, out = ahosts(bed, app, "db")
+    assert rc == 2 and DECOY_DB_IP not in ips, context(bed, out)
+    assert dig_status(bed, app, f"db.{bed.namespace}.svc.cluster.local") == ("NXDOMAIN", [])
+    db = bed.create_kubedock_pod("db", [network])
+    assert ahosts(bed, app, "db")[:2] == (0, {db.ip})
+    bed.delete_pod(db, linger=20, wait=False)  # the pod stays Terminating with its IP
+    deadline = time.monotonic() + 5
+    while True:
+        rc, ips, out = ahosts(bed, app, "db")
+        if rc == 2 or time.monotonic() > deadline:
+            break
+    assert rc == 2 and not ips, context(bed, out)
+    assert bed.stored_pod(db)["metadata"].get("deletionTimestamp")
+    for name in ("db", f"db.{bed.namespace}.svc.cluster.local", "db.svc.cluster.local"):
+        assert dig_status(bed, app, name) == ("NXDOMAIN", []), name
+    assert ahosts(bed, app, "kubernetes.default")[:2] == (0, {KUBERNETES_IP})
+
+
+def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> None:
+    """kubedock deletes with the default grace period, so a removed container's pod stays
+    Terminating (here 20 s, its IP still up): its names and its reverse name stop resolving as
+    soon as the deletion is seen (``docker rm``), while the terminating pod itself still resolves
+    its peers."""
+    network = new_network_id()
+    victim = bed.create_kubedock_pod("victim", [network], aliases=["doomed"])
+    peer = bed.create_kubedock_pod("peer", [network])
+    assert ahosts(bed, peer, "doomed")[:2] == (0, {victim.ip})
+    began = time.monotonic()
+    bed.delete_pod(victim, linger=20, wait=False)
+    while True:
+        rc, ips, out = ahosts(bed, peer, "doomed")
+        if rc == 2 or time.monotonic() - began > 5:
+            break
+    assert rc == 2 and not ips, context(bed, out)
+    stored = bed.stored_pod(victim)
+    assert stored["metadata"]["deletionTimestamp"] and stored["status"]["podIP"] == victim.ip
+    assert dig(bed, peer, "-x", victim.ip) == []
+    assert ahosts(bed, victim, "peer")[:2] == (0, {peer.ip})
+    assert time.monotonic() - began < 15, "the checks ran after the grace period: they prove nothing"
+
+
+def test_reverse_lookup_answers_the_container_name(bed: EndToEndBed) -> None:
+    """A reverse lookup answers the Docker container name (Docker's answer, ``_`` included), not
+    the pod name; a container name that cannot be a DNS name falls back to the hostname."""
+    network = new_network_id()
+    db = bed.create_kubedock_pod("db", [network], container_name="run-c-postgres")
+    underscored = bed.create_kubedock_pod("cache", [network], container_name="run_c_cache")
+    unnamed = bed.create_kubedock_pod("queue", [network], container_name="q" * 64)
+    client = bed.create_kubedock_pod("client", [network])
+    rc, names, out = reverse(bed, client, db.ip)
+    assert (rc, names[:1]) == (0, ["run-c-postgres"]), context(bed, out)
+    assert dig(bed, client, "-x", db.ip) == ["run-c-postgres."]
+    rc, names, out = reverse(bed, client, underscored.ip)
+    assert (rc, names[:1]) == (0, ["run_c_cache"]), context(bed, out)
+    rc, names, out = reverse(bed, client, unnamed.ip)
+    assert (rc, names[:1]) == (0, ["queue"]), context(bed, out)
+
+
+def test_default_bridge_network_resolves_nothing(bed: EndToEndBed) -> None:
+    """Containers created without a network share kubedock's ``bridge`` network; as on Docker's
+    default bridge they do not resolve each other (at once: nothing there can become local),
+    while a container also on a user-defined network resolves that network's containers."""
+    lone_a = bed.create_kubedock_pod("lone-a", [KUBEDOCK_BRIDGE])
+    lone_b = bed.create_kubedock_pod("lone-b", [KUBEDOCK_BRIDGE])
+    network = new_network_id()
+    both = bed.create_kubedock_pod("both", [KUBEDOCK_BRIDGE, network])
+    store = bed.create_kubedock_pod("store", [network])
+    began = time.monotonic()
+    rc, ips, out = ahosts(bed, lone_a, "lone-b")
+    assert rc == 2 and lone_b.ip not in ips, context(bed, out)
+    assert time.monotonic() - began < 1.4, "a name on the bridge was held as if it could appear"
+    assert ahosts(bed, both, "lone-a")[0] == 2
+    assert ahosts(bed, both, "store")[:2] == (0, {store.ip})
+    assert ahosts(bed, store, "both")[:2] == (0, {both.ip})
+    assert KUBEDOCK_BRIDGE not in bed.debug_networks()["networks"]
+
+
+def test_docker_client_through_a_kubedock_compatible_api(bed: EndToEndBed) -> None:
+    """The Docker client's view (docker-py against a kubedock-compatible API that creates pods as
+    kubedock does): a container with a name longer than 63 characters and an alias ``db:5432``
+    starts (no "admission webhook denied" error) and is found by its valid names; containers run
+    without a network share the bridge and do not resolve each other; ``docker rm -f`` removes
+    the name at once although the pod is still terminating."""
+    docker = pytest.importorskip("docker")
+    from testbed.dockerapi import KubedockAPI
+
+    with KubedockAPI(bed, KUBEDOCK_BRIDGE, linger=20) as kubedock:
+        client = docker.DockerClient(base_url=kubedock.base_url, version="1.41", timeout=90)
+        api = client.api
+        network = client.networks.create("it-net")
+        long_name = "tc-postgres-" + "p" * 60
+        db = api.create_container(
+            "postgres:16", name=long_name, hostname="db",
+            host_config=api.create_host_config(network_mode=network.name),
+            networking_config=api.create_networking_config(
+                {network.name: api.create_endpoint_config(aliases=["db:5432", "postgres"])}))
+        api.start(db)
+        app = client.containers.run("busybox", name="app", network=network.name, detach=True)
+        db_pod, app_pod = kubedock.pod(db["Id"]), kubedock.pod(app.id)
+        assert len(db_pod.warnings) == 2, db_pod.warnings
+        for name in ("db", "postgres", db["Id"][:12]):
+            assert ahosts(bed, app_pod, name)[:2] == (0, {db_pod.ip}), context(bed, name)
+        rc, names, out = reverse(bed, app_pod, db_pod.ip)
+        assert (rc, names[:1]) == (0, ["db"]), context(bed, out)  # the long name is no DNS name
+
+        lone = client.containers.run("busybox", name="lone", hostname="lone", detach=True)
+        other = client.containers.run("busybox", name="other", detach=True)
+        assert kubedock.pod(lone.id).networks == (KUBEDOCK_BRIDGE,)
+        rc, ips, out = ahosts(bed, kubedock.pod(other.id), "lone")
+        assert rc == 2 and not ips, context(bed, out)
+
+        api.remove_container(db, force=True)
+        deadline = time.monotonic() + 5
+        while True:
+            rc, ips, out = ahosts(bed, app_pod, "postgres")
+            if rc == 2 or time.monotonic() > deadline:
+                break
+        assert rc == 2 and not ips, context(bed, out)
+        assert bed.stored_pod(db_pod)["metadata"].get("deletionTimestamp")

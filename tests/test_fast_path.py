@@ -8,6 +8,7 @@ full path's, and it must actually answer the common cases.
 from __future__ import annotations
 
 import dns.message
+import dns.rcode
 import dns.reversename
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -65,7 +66,8 @@ def topologies(draw):
             ips.append(f"fd00::{i + 1:x}")
         pods.append(record(draw(st.sampled_from(NAMES)), draw(st.lists(st.sampled_from(NETS), min_size=1, max_size=2, unique=True)),
                            aliases=draw(st.lists(st.sampled_from(NAMES), max_size=2)), ips=ips,
-                           uid=f"p{i}", namespace="ns"))
+                           uid=f"p{i}", namespace="ns", deleting=draw(st.sampled_from([False, False, True])),
+                           container_name=draw(st.sampled_from([None, f"/run-{i}", f"/run_{i}"]))))
     return pods
 
 
@@ -79,7 +81,7 @@ def queries(draw, pods):
     if qtype == "PTR":
         name = dns.reversename.from_address(draw(st.sampled_from([ip for p in pods for ip in p.ips] + ["10.9.9.9"]))).to_text()
     else:
-        base = draw(st.sampled_from(NAMES + ["example.com"]))
+        base = draw(st.sampled_from(NAMES + ["example.com", "ghost", f"run-{draw(st.integers(0, 9))}"]))
         suffix = draw(st.sampled_from(["", ".ns.svc.cluster.local", ".svc.cluster.local", ".cluster.local", "."]))
         name = base + suffix
         name = "".join(c.upper() if draw(st.booleans()) else c for c in name)
@@ -132,6 +134,28 @@ def test_fast_path_answers_the_common_cases():
             assert dns.message.from_wire(reply).answer
     assert fast.answer(dns.message.make_query("example.com", "A").to_wire(), "10.1.0.2", False) is FORWARD
     assert fast.answer(dns.message.make_query("db", "MX").to_wire(), "10.1.0.2", False) is None
+
+
+def test_not_found_and_held_names_are_left_to_the_full_path():
+    """NXDOMAIN (a single-label name no network of the asker holds) and held questions are the
+    full path's: the fast path never forwards them, so no Service can answer in their place."""
+    pods = [record("app", [NETS[0]], ip="10.1.0.2", uid="app", namespace="ns"),
+            record("lonely", [], ip="10.1.0.3", uid="lonely", namespace="ns"),
+            record("gone", [NETS[0]], ip="10.1.0.4", uid="gone", namespace="ns", deleting=True)]
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    resolver = Resolver(index, ResolverConfig())
+    fast = FastPath(resolver, NoClock().seconds)
+    for source, name in (("10.1.0.3", "db"), ("10.1.0.3", "db.ns.svc.cluster.local"),
+                         ("10.1.0.2", "gone"), ("10.1.0.2", "db.svc.cluster.local")):
+        wire = dns.message.make_query(name, "A").to_wire()
+        assert fast.answer(wire, source, False) is None, (source, name)
+        full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None)
+        if source == "10.1.0.3":  # nothing can become local: decided at once, NXDOMAIN
+            proto = Proto()
+            full.query_received(wire, proto, (source, 5353), source)
+            [reply] = proto.transport.written
+            assert dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
     assert fast.answer(dns.message.make_query("db", "A").to_wire() + b"junk", "10.1.0.2", False) is None
 
 

@@ -77,15 +77,17 @@ def test_names_that_cannot_be_dns_names_are_skipped_and_listed():
     assert "70 characters" in refused[long_name] and "kubedock.containername" in refused[long_name]
 
 
-def test_reverse_name_is_the_container_name_when_it_is_a_host_name():
-    """PTR answers carry the container's name (Docker's answer) where resolvers accept it as a
-    host name, else the hostname (``hostalias/0``)."""
+def test_reverse_name_is_the_container_name_when_it_is_a_dns_name():
+    """PTR answers carry the container's name (Docker's answer) where it is a valid DNS name,
+    else the hostname (``hostalias/0``)."""
     index = index_with(record("db", [NET_A], ip="10.0.0.1", container_name="/run-a-DB"),
                        record("web", [NET_A], ip="10.0.0.2", container_name="/run_a_web"),
-                       record("api", [NET_A], ip="10.0.0.3"))
+                       record("api", [NET_A], ip="10.0.0.3"),
+                       record("long", [NET_A], ip="10.0.0.4", container_name="/" + "l" * 64))
     assert index.reverse((NET_A,), "10.0.0.1") == "run-a-db"
-    assert index.reverse((NET_A,), "10.0.0.2") == "web"
+    assert index.reverse((NET_A,), "10.0.0.2") == "run_a_web"
     assert index.reverse((NET_A,), "10.0.0.3") == "api"
+    assert index.reverse((NET_A,), "10.0.0.4") == "long"
 
 
 def test_unresolved_networks_are_left_out_of_every_pod():
@@ -178,7 +180,7 @@ def test_container_name_and_short_id_resolve_like_aliases():
                               container_id="0123456789ab", ip="10.0.0.1"))
     for name in ("db", "my_db", "0123456789ab"):
         assert index.lookup((NET_A,), name).addresses == ("10.0.0.1",)
-    assert index.reverse((NET_A,), "10.0.0.1") == "db"
+    assert index.reverse((NET_A,), "10.0.0.1") == "my_db"  # the container name, as Docker answers
 
 
 def test_network_reachable_by_full_and_short_id():

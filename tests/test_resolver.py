@@ -160,11 +160,11 @@ def test_default_bridge_network_resolves_nothing():
 
 
 def test_ptr_answers_the_container_name():
-    """Reverse lookups answer the container's name (Docker's answer) when it is a host name,
-    else the hostname."""
-    r = resolver_with(record("db", [NET_A], ip="10.0.1.1", container_name="/run-a-db"),
-                      record("app", [NET_A], ip="10.0.1.2", container_name="/run_a_app"))
-    assert r.decide("10.0.1.2", "1.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("run-a-db",))
+    """Reverse lookups answer the container's name (Docker's answer) when it is a valid DNS
+    name, else the hostname."""
+    r = resolver_with(record("db", [NET_A], ip="10.0.1.1", container_name="/run_a_db"),
+                      record("app", [NET_A], ip="10.0.1.2", container_name="/app:latest"))
+    assert r.decide("10.0.1.2", "1.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("run_a_db",))
     assert r.decide("10.0.1.1", "2.1.0.10.in-addr.arpa", TYPE_PTR) == Answer(TYPE_PTR, ("app",))
 
 
