@@ -323,17 +323,31 @@ def launch(name: str, argv: list[str], port: int, work: Path, core: int | None) 
     return Process(name, pinning(core) + argv, popen, port, log)
 
 
+def port_was_taken(process: Process) -> bool:
+    """Whether ``process`` failed because its port was taken (it was free when chosen: another
+    process took it in between)."""
+    return not process.alive() and "in use" in process.log_tail(50).lower()
+
+
 def start(server: Server, topology: Topology, work: Path, upstream: Upstream, core: int | None) -> Process:
-    """Start ``server`` serving ``topology`` on a free loopback port; return once it answers."""
+    """Start ``server`` serving ``topology`` on a free loopback port; return once it answers.
+    A port taken by another process before the server bound it is chosen again (3 tries)."""
     binary = server.resolve_binary()
-    port = free_port()
     work.mkdir(parents=True, exist_ok=True)
-    argv = server.configure(binary, topology, work, port, upstream)
-    process = launch(server.name, argv, port, work, core)
     source = topology.sources(1)[0]
     probe = topology.queries_for(source)[0]
-    wait_answering(process, probe, server.form, source.ip, server.ready_timeout)
-    return process
+    for attempt in range(3):
+        port = free_port()
+        argv = server.configure(binary, topology, work, port, upstream)
+        process = launch(server.name, argv, port, work, core)
+        try:
+            wait_answering(process, probe, server.form, source.ip, server.ready_timeout)
+        except RuntimeError:
+            if attempt < 2 and port_was_taken(process):
+                continue
+            raise
+        return process
+    raise AssertionError("unreachable")
 
 
 def start_upstream(work: Path, core: int | None) -> tuple[Upstream, Process]:
@@ -347,7 +361,7 @@ def start_upstream(work: Path, core: int | None) -> tuple[Upstream, Process]:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((UPSTREAM_ADDRESS, port))
     except OSError:
-        port = free_port(UPSTREAM_ADDRESS)
+        port = free_port(UPSTREAM_ADDRESS)  # the check below starts it again if this one is taken too
     resolv = work / "resolv.conf"
     work.mkdir(parents=True, exist_ok=True)
     resolv.write_text(f"nameserver {UPSTREAM_ADDRESS}\n")
@@ -368,6 +382,11 @@ def start_upstream(work: Path, core: int | None) -> tuple[Upstream, Process]:
                 break
         except Exception:  # noqa: BLE001
             pass
+        if port_was_taken(process) and time.monotonic() < deadline:
+            port = free_port(UPSTREAM_ADDRESS)  # taken by another process meanwhile: choose again
+            argv = [a if not a.startswith("--port=") else f"--port={port}" for a in argv]
+            process = launch("upstream dnsmasq", argv, port, work, core)
+            continue
         if not process.alive() or time.monotonic() > deadline:
             process.stop()
             raise RuntimeError(f"upstream dnsmasq did not start:\n{process.log_tail()}")

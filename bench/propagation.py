@@ -30,9 +30,10 @@ from pathlib import Path
 
 from bench.load import percentile
 from bench.peers import (
-    KUBEDOCK_SERVER, Process, Unavailable, answer_matches, ask, free_port, launch, start_upstream,
+    KUBEDOCK_SERVER, Process, Unavailable, answer_matches, ask, launch, start_upstream,
 )
 from bench.topology import NAMESPACE, Pod, Topology
+from testbed.ports import wait_for_ports
 
 SERVER_CORE = 0
 
@@ -53,14 +54,16 @@ def _set_running(api, pod: Pod, status: dict | None = None) -> None:
 
 def _start_kubedock(cp, work: Path, upstream) -> Process:
     binary = KUBEDOCK_SERVER.resolve_binary()
-    port = free_port()
     argv = [binary, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             "kubedock-dns", "--kubeconfig", str(cp.kubeconfig_path), "--namespace", NAMESPACE,
-            "--dns-port", str(port), "--dns-interface", "127.0.0.1",
+            "--dns-port", "0", "--dns-interface", "127.0.0.1",
             "--resolv-conf", str(upstream.resolv_conf), "--ops-port", "0"]
     if upstream.port != 53:
         argv += ["--upstream", upstream.hostport]
-    return launch("kubedock-dns", argv, port, work, SERVER_CORE)
+    process = launch("kubedock-dns", argv, 0, work, SERVER_CORE)
+    # Port 0: the server binds what the kernel gives and logs it.
+    process.port = wait_for_ports(process.log, ("dns",), process.alive)["dns"]
+    return process
 
 
 def _until_answered(process: Process, topology: Topology, asker: Pod, target: Pod, deadline_s: float) -> float | None:

@@ -289,4 +289,11 @@ def plot(results: dict, path: Path) -> bool:
 
 def write(results: dict, md_path: Path, png_path: Path, invocation: str) -> None:
     drew = plot(results, png_path)
-    md_path.write_text(markdown(results, png_path.name if drew else None, invocation))
+    text = markdown(results, png_path.name if drew else None, invocation)
+    # The soak section comes from another run (python -m bench.soak --write-docs): keep it.
+    old = md_path.read_text() if md_path.exists() else ""
+    begin, end = "<!-- soak:", "<!-- /soak -->"
+    if begin in old and end in old:
+        start = old.index(begin)
+        text = text.rstrip("\n") + "\n\n" + old[start : old.index(end, start) + len(end)] + "\n"
+    md_path.write_text(text)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 
 from twisted.application import internet, service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -39,6 +40,61 @@ class ForwarderService(service.Service):
     def stopService(self):
         super().stopService()
         return self.forwarder.stop()
+
+
+class DNSListeners(service.Service):
+    """The DNS server's UDP and TCP ports: one port number for both.
+
+    Port 0 lets the kernel choose: UDP is bound first and TCP takes the same number; when another
+    process holds that TCP port, both are given up and the kernel is asked again (a few times).
+    ``port`` is the bound port while running.  Each start logs ``dns listening on HOST:PORT``
+    (tests and tools that start the server on port 0 read the port from there)."""
+
+    attempts = 20
+
+    def __init__(self, reactor, port: int, interface: str, udp_protocol_factory, tcp_factory) -> None:
+        self.reactor = reactor
+        self.requested = port
+        self.interface = interface
+        self.udp_protocol_factory = udp_protocol_factory
+        self.tcp_factory = tcp_factory
+        self.port = 0
+        self._udp = self._tcp = None
+
+    def startService(self) -> None:
+        for attempt in range(self.attempts):
+            # A fresh protocol each time: one given up is detached only in a later reactor turn.
+            udp = self.reactor.listenUDP(self.requested, self.udp_protocol_factory(), interface=self.interface)
+            port = udp.getHost().port
+            try:
+                tcp = self.reactor.listenTCP(port, self.tcp_factory, interface=self.interface)
+            except CannotListenError:
+                udp.stopListening()
+                if self.requested or attempt == self.attempts - 1:
+                    raise
+                continue
+            self._udp, self._tcp, self.port = udp, tcp, port
+            break
+        super().startService()
+        log.info("dns listening on {interface}:{port} (UDP and TCP)", interface=self.interface or "*",
+                 port=self.port)
+
+    def stopService(self):
+        super().stopService()
+        from twisted.internet import defer
+
+        listening = [p for p in (self._udp, self._tcp) if p is not None]
+        self._udp = self._tcp = None
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in listening])
+
+
+class LoggedTCPServer(internet.TCPServer):
+    """A TCPServer that logs ``<name> listening on HOST:PORT`` with the port it was given."""
+
+    def startService(self) -> None:
+        super().startService()
+        port = self._port.getHost()  # type: ignore[attr-defined]
+        log.info("{name} listening on {interface}:{port}", name=self.name, interface=port.host, port=port.port)
 
 
 class PodsFileService(service.Service):
@@ -79,12 +135,11 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path)
     factory.verbose = int(config.verbose)
     top.dns_factory = factory  # type: ignore[attr-defined]
-    dns_service = service.MultiService()
+    dns_service = DNSListeners(reactor, config.dns_port, config.dns_interface,
+                               lambda: QueryDatagramProtocol(factory, reactor), factory)
     dns_service.setName("dns")
     dns_service.setServiceParent(top)
-    internet.UDPServer(config.dns_port, QueryDatagramProtocol(factory, reactor),
-                       interface=config.dns_interface).setServiceParent(dns_service)
-    internet.TCPServer(config.dns_port, factory, interface=config.dns_interface).setServiceParent(dns_service)
+    top.dns_listeners = dns_service  # type: ignore[attr-defined]
 
     if pod_source is not None:
         pod_source(index).setServiceParent(top)
@@ -120,7 +175,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
 
     from kubedock_dns.ops import OpsApp
 
-    ops = internet.TCPServer(config.ops_port, Site(OpsApp(index, metrics).app.resource()),
+    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, metrics).app.resource()),
                              interface=config.ops_interface)
     ops.setName("ops")
     ops.setServiceParent(top)

@@ -22,13 +22,19 @@ is resumed from the last resourceVersion without a relist.  ``410 Gone`` (an ``E
 the HTTP status) ends the cycle and the loop relists at once.  Any other failure (connection
 refused or dropped, 5xx, an ``ERROR`` event, undecodable JSON) is counted, logged with its
 specifics, and followed by a capped exponential backoff with jitter, then a relist; forever,
-until stopped.
+until stopped.  A successful list starts the failure count (and so the backoff) from zero,
+unless the failure before it was a watch that broke before delivering anything (a server that
+lists but refuses watches must not be listed five times a second).
+
+A silent connection is noticed within seconds: every watch asks the server to end it after
+``watch_timeout`` (10 s; the API server sends a bookmark 2 s before, so the resourceVersion stays
+fresh), and the client gives up on a connection that stays silent for ``read_timeout`` (12 s),
+longer than any gap of a healthy watch.  A black-holed connection (open, nothing flows) is thus
+dropped at most ``read_timeout`` after its last byte, the pooled connections with it, and the
+watch resumes on a new connection: a change made meanwhile arrives within about 13 s.
 
 Stopping: :meth:`PodWatcher.stop` sets a flag and shuts down the socket of the request in
-flight, which unblocks the thread at once.  The client read timeout therefore does not need to be
-short; it must exceed the API server's bookmark period (about a minute) so that idle watches
-receive bookmarks and keep their resourceVersion fresh (re-watching every few seconds would
-never see one, and the resourceVersion would age into a full relist).
+flight, which unblocks the thread at once.
 
 Pods are parsed from raw JSON (``_preload_content=False``) into
 :class:`~kubedock_dns.contract.PodRecord` at once; no ``V1Pod`` models are built or kept.  This
@@ -76,7 +82,7 @@ class WatcherConfig:
 
     ``watch_timeout`` is the server-side ``timeoutSeconds`` of one watch request;
     ``connect_timeout``/``read_timeout`` are the client's socket timeouts (the read timeout must
-    exceed the API server's bookmark period, about 60 s, see the module docstring);
+    exceed ``watch_timeout``, the longest a healthy watch stays silent; see the module docstring);
     ``list_page_size`` pages the list (0: one request); the backoff after a failure starts at
     ``backoff_initial`` and doubles up to ``backoff_max``, with jitter; ``stop_timeout`` bounds
     how long stopping the service waits for the thread.
@@ -84,9 +90,9 @@ class WatcherConfig:
 
     namespace: str
     opt_in_label: str = DEFAULT_OPT_IN_LABEL
-    watch_timeout: int = 240
+    watch_timeout: int = 10
     connect_timeout: float = 5.0
-    read_timeout: float = 90.0
+    read_timeout: float = 12.0
     list_page_size: int = 500
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
@@ -230,6 +236,9 @@ class KubernetesPodApi:
         except kubernetes.client.ApiException as e:
             reason, message = _status_of(e.body)
             raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
+        except urllib3.exceptions.HTTPError:
+            self._drop_pooled_connections()
+            raise
         with self._lock:
             if self._aborted:
                 response.close()
@@ -275,10 +284,21 @@ class KubernetesPodApi:
                     yield chunk
             complete = True
         except urllib3.exceptions.ReadTimeoutError:
-            # A silent connection: end quietly, the watcher resumes from its resourceVersion.
-            log.debug("watch read timed out after {timeout}s", timeout=self._config.read_timeout)
+            # A silent connection (a healthy watch is never silent this long): end quietly, the
+            # watcher resumes from its resourceVersion on a new connection.
+            log.info("pod watch silent for {timeout}s: dropping the connection and watching again",
+                     timeout=self._config.read_timeout)
+            self._drop_pooled_connections()
         finally:
             self._done(response, complete)
+
+    def _drop_pooled_connections(self) -> None:
+        """Close the idle pooled connections: whatever silenced one (a black hole, a dead NAT
+        entry) has most likely silenced them too, and reusing one would cost another timeout."""
+        try:
+            self._core.api_client.rest_client.pool_manager.clear()
+        except AttributeError:  # a client without a urllib3 pool manager
+            pass
 
     def abort(self) -> None:
         with self._lock:
@@ -357,6 +377,8 @@ class PodWatcher:
         self._wait = wait if wait is not None else self._stopping.wait
         self._thread: threading.Thread | None = None
         self._failures = 0  # consecutive failures: the backoff exponent
+        self._watch_unproductive = False  # the last failure: a watch that broke with nothing
+        self._watch_progressed = False  # the current watch delivered something
         self._exited = False  # reactor thread only
         self._exit_waiters: list[Deferred[None]] = []  # reactor thread only
         self.relists = 0
@@ -457,7 +479,11 @@ class PodWatcher:
     def cycle(self) -> None:
         """List, deliver ``Relisted``, then watch (and resume watching) from the list's
         resourceVersion.  Returns on ``410 Gone`` or when stopping; raises on any failure."""
-        resource_version, records = self._list()
+        try:
+            resource_version, records = self._list()
+        except Exception:
+            self._watch_unproductive = False  # the API server itself failed, not only its watch
+            raise
         self.relists += 1
         log.info(
             "listed {count} opted-in pods in namespace {namespace} at resourceVersion {rv}"
@@ -467,13 +493,17 @@ class PodWatcher:
             rv=resource_version,
             recovered=f" (recovered after {self._failures} failures)" if self._failures else "",
         )
+        if not self._watch_unproductive:
+            self._failures = 0  # the API server answers again: the backoff starts over
         self._emit((Relisted(records),))
         while not self._stopping.is_set():
             started = self._monotonic()
+            self._watch_progressed = False
             try:
                 resource_version, progressed = self._watch(resource_version)
             except ApiError as e:
                 if not e.expired:
+                    self._watch_unproductive = not self._watch_progressed
                     raise
                 log.info(
                     "pod watch in namespace {namespace} refused ({error}), relisting",
@@ -488,6 +518,10 @@ class PodWatcher:
                     rv=resource_version,
                 )
                 return
+            except Exception:
+                self._watch_unproductive = not self._watch_progressed
+                raise
+            self._watch_unproductive = False
             if self._stopping.is_set():
                 return
             self.watch_restarts += 1
@@ -547,7 +581,7 @@ class PodWatcher:
                     for line in lines:
                         if line.strip():
                             resource_version = self._apply(line, resource_version, changes)
-                            progressed = True
+                            progressed = self._watch_progressed = True
                             self._failures = 0  # the watch works: the backoff starts over
                 finally:
                     self._emit(changes)

@@ -748,6 +748,7 @@ class WebhookService(Service):
             self._port, self._connections, self.tls, interface=self._interface
         )
         super().startService()
+        log.info("webhook listening on {interface}:{port}", interface=self._interface or "*", port=self.port)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

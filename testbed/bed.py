@@ -54,7 +54,8 @@ from testbed import netns
 from testbed.controlplane import ManagedProcess
 from testbed.kubelet import KubeletStandIn, LoopbackPlane
 from testbed.netns import ExecResult, PodNetwork
-from testbed.upstream import Dnsmasq, free_port
+from testbed.ports import wait_for_ports
+from testbed.upstream import Dnsmasq
 
 __all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "network_id", "new_network_id"]
 
@@ -264,26 +265,30 @@ class EndToEndBed:
 
         assert self.workdir is not None and self.upstream is not None
         self.tls = generate_ca_and_cert(["127.0.0.1", "localhost"], self.workdir / "tls")
-        self.dns_port = free_port("0.0.0.0")
-        self.ops_port = free_port("127.0.0.1")
-        self.webhook_port = free_port("127.0.0.1")
+        # Port 0 everywhere: the server binds what the kernel gives and logs it (testbed.ports).
         argv = [
             *self._server_command, "-n", "--pidfile=", "kubedock-dns",
             "--kubeconfig", str(self.control_plane.kubeconfig_path),
             "--namespace", self.namespace,
-            "--dns-port", str(self.dns_port), "--dns-interface", "0.0.0.0",
+            "--dns-port", "0", "--dns-interface", "0.0.0.0",
             "--upstream", self.upstream.upstream_arg,
-            "--ops-port", str(self.ops_port), "--ops-interface", "127.0.0.1",
-            "--webhook-port", str(self.webhook_port), "--webhook-interface", "127.0.0.1",
+            "--ops-port", "0", "--ops-interface", "127.0.0.1",
+            "--webhook-port", "0", "--webhook-interface", "127.0.0.1",
             "--tls-cert", str(self.tls.cert_path), "--tls-key", str(self.tls.key_path),
             "--dns-service-ip", self.service_ip,
             *self._server_args,
         ]
         self.server = ManagedProcess("kubedock-dns", argv, self.workdir / "kubedock-dns.log", cwd=self.workdir)
         self._stack.callback(self.server.stop)
-        self._progress(f"starting kubedock-dns (DNS :{self.dns_port}, webhook :{self.webhook_port}, "
-                       f"ops :{self.ops_port}); log {self.server.log_path}")
+        self._progress(f"starting kubedock-dns; log {self.server.log_path}")
         self.server.start()
+        try:
+            ports = wait_for_ports(self.server.log_path, ("dns", "webhook", "ops"), self.server.alive)
+        except RuntimeError as e:
+            raise BedError(f"kubedock-dns: {e}; its log:\n{self.server.tail()}") from None
+        self.dns_port, self.webhook_port, self.ops_port = ports["dns"], ports["webhook"], ports["ops"]
+        self._progress(f"kubedock-dns listening (DNS :{self.dns_port}, webhook :{self.webhook_port}, "
+                       f"ops :{self.ops_port})")
         deadline = time.monotonic() + 60
         opener = _no_proxy_opener()
         last = "no answer yet"

@@ -61,7 +61,11 @@ _QUERY_LINE = re.compile(r"query\[(?P<qtype>[A-Za-z0-9]+)\] (?P<name>\S+) from (
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host`` right now."""
+    """A port free for both UDP and TCP on ``host`` right now, for a server in another process.
+
+    Another process may take it before that server binds it: callers must retry with a new
+    port when the server reports the address in use (as :meth:`Dnsmasq.start` does).  Servers
+    in this process bind port 0 instead and read the port the kernel gave."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((host, 0))
@@ -96,6 +100,10 @@ class Dnsmasq:
                  ptr_records: Mapping[str, str] | None = None, ttl: int = 30,
                  binary: str = DNSMASQ, start_timeout: float = 10.0) -> None:
         root = os.geteuid() == 0
+        # Addresses and ports we chose may be taken by another process before dnsmasq binds
+        # them: start() then chooses again.  Ones the caller gave are used as given.
+        self._chosen_ip = listen_ip is None
+        self._chosen_port = port is None
         if listen_ip is None:
             listen_ip = (f"127.53.{secrets.randbelow(254) + 1}.{secrets.randbelow(253) + 2}"
                          if root else "127.0.0.1")
@@ -151,7 +159,25 @@ class Dnsmasq:
         return argv
 
     def start(self) -> "Dnsmasq":
-        """Start dnsmasq and wait until it answers ``kubernetes.default.svc...``."""
+        """Start dnsmasq and wait until it answers ``kubernetes.default.svc...``.
+
+        When the address or port was chosen here and turns out to be in use by another process,
+        another is chosen and dnsmasq started again (up to five times)."""
+        for attempt in range(5):
+            try:
+                return self._start_once()
+            except DnsmasqError as e:
+                if "in use" not in str(e) or not (self._chosen_ip or self._chosen_port) or attempt == 4:
+                    raise
+                with self._log_lock:
+                    self._log.clear()
+                if self._chosen_ip:
+                    self.listen_ip = f"127.53.{secrets.randbelow(254) + 1}.{secrets.randbelow(253) + 2}"
+                if self._chosen_port:
+                    self.port = free_port(self.listen_ip)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "Dnsmasq":
         if self._proc is not None:
             return self
         if not os.access(self.binary, os.X_OK):

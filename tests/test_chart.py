@@ -339,6 +339,16 @@ def test_replica_count(helm: str) -> None:
     assert one(three, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
 
 
+@pytest.mark.parametrize("upstream", ["10.96.0.10", "10.96.0.10:5353", "[fd00::10]:53", "fd00::10"])
+def test_schema_accepts_every_upstream_form_the_server_takes(helm: str, upstream: str) -> None:
+    """dns.upstreams entries are IP addresses with an optional port, IPv6 in brackets."""
+    from kubedock_dns.forwarder import parse_upstream
+
+    parse_upstream(upstream)
+    args = args_of(render(helm, "--set-json", f'dns.upstreams=["{upstream}"]'))
+    assert args["--upstream"] == [upstream]
+
+
 def test_upstreams_and_require_ready(helm: str) -> None:
     """Configured upstreams become repeated ``--upstream`` options; ``dns.requireReady`` the flag."""
     args = args_of(render(helm, *OPTIONS["upstreams"]))
@@ -441,6 +451,11 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "service.clusterIP=not-an-ip",
     "no.such.value=1",
     "dns.unresolvedNetworks={bridge}",
+    "dns.upstreams={not-an-ip}",
+    "dns.upstreams={10.96.0.10:99999}",
+    "dns.upstreams={dns.example:53}",
+    "dns.upstreams={10.96.0.300}",
+    "dns.upstreams={[fd00::10]53}",
 ])
 def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
     """values.schema.json catches misspelt or out-of-range values before anything is applied."""

@@ -29,7 +29,7 @@ from kubedock_dns.contract import Deleted, Relisted, Upserted
 from kubedock_dns.forwarder import parse_upstream
 from kubedock_dns.options import Config
 from kubedock_dns.tap import build_service
-from testbed.upstream import Dnsmasq, free_port
+from testbed.upstream import Dnsmasq
 from tests.podfactory import network_id, record
 from tests.scripted_upstream import ScriptedUpstream, closed_port
 
@@ -58,13 +58,11 @@ class DNSServerTestCase(TestCase):
     max_forwards = 1024
 
     def setUp(self):
-        self.dnsmasq = Dnsmasq("127.0.0.1", free_port("127.0.0.1"), namespace=NS,
-                               ptr_records={"127.10.8.8": "outside.example"})
+        self.dnsmasq = Dnsmasq("127.0.0.1", namespace=NS, ptr_records={"127.10.8.8": "outside.example"})
         self.dnsmasq.start()
         self.addCleanup(self.dnsmasq.close)
-        self.port = free_port("127.0.0.1")
         upstreams = tuple(parse_upstream(u) for u in self.upstream_extra + [self.dnsmasq.upstream_arg])
-        config = Config(dns_port=self.port, dns_interface="::", upstreams=upstreams,
+        config = Config(dns_port=0, dns_interface="::", upstreams=upstreams,
                         hold_timeout=self.hold_timeout, forward_timeout=0.5,
                         max_forwards=self.max_forwards, namespace=NS, ops_port=0,
                         ops_interface="127.0.0.1", fast_path=self.fast_path)
@@ -73,6 +71,7 @@ class DNSServerTestCase(TestCase):
         self.index.apply([Relisted(tuple(base_pods()))])
         self.top.startService()
         self.addCleanup(self.top.stopService)
+        self.port = self.top.dns_listeners.port  # the kernel's choice: nothing to race for
 
     fast_path = True
 

@@ -22,7 +22,8 @@ import pytest
 
 from testbed import netns
 from testbed.netns import PodNetwork, render_resolv_conf, resolv_conf_for_pod
-from testbed.upstream import Dnsmasq, free_port
+from testbed.ports import bind_udp_and_tcp
+from testbed.upstream import Dnsmasq
 
 SERVICE_IP = "10.96.0.10"
 
@@ -47,12 +48,7 @@ class SourceEcho:
 
     def __init__(self, host: str) -> None:
         self.host = host
-        self.port = free_port(host)
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, self.port))
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
+        self.udp, self.tcp, self.port = bind_udp_and_tcp(host)
         self.tcp.listen(8)
         self.udp.settimeout(0.2)
         self.tcp.settimeout(0.2)

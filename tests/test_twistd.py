@@ -13,7 +13,8 @@ import urllib.request
 import dns.message
 import dns.query
 
-from testbed.upstream import Dnsmasq, free_port
+from testbed.ports import wait_for_ports
+from testbed.upstream import Dnsmasq
 from tests.podfactory import kubedock_pod, network_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,17 +50,21 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
     pods = [kubedock_pod("db", [net], ip="127.20.0.1", uid="db"),
             kubedock_pod("app", [net], ip="127.20.0.2", uid="app")]
     (tmp_path / "pods.json").write_text(json.dumps(pods))
-    with Dnsmasq("127.0.0.1", free_port()) as upstream:
-        dns_port, ops_port = free_port(), free_port()
+    with Dnsmasq("127.0.0.1") as upstream:
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
-                "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
-                "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+                "--dns-port", "0", "--dns-interface", "127.0.0.1",
+                "--upstream", upstream.upstream_arg, "--ops-port", "0",
                 "--ops-interface", "127.0.0.1"]
-        proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=str(tmp_path))
+        log_path = tmp_path / "twistd.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(argv, env=twistd_env(), stdout=log, stderr=subprocess.STDOUT,
+                                    text=True, cwd=str(tmp_path))
         try:
-            ops = f"http://127.0.0.1:{ops_port}"
+            # Port 0: the server reports the ports the kernel gave it.
+            ports = wait_for_ports(log_path, ("dns", "ops"), lambda: proc.poll() is None)
+            dns_port = ports["dns"]
+            ops = f"http://127.0.0.1:{ports['ops']}"
             wait_for(lambda: urlopen(ops + "/readyz", timeout=1).status == 200,
                      what="/readyz")
             query = dns.message.make_query("db", "A")
@@ -75,7 +80,8 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
             assert sorted(m["pod"] for m in networks["networks"][net]) == ["app", "db"]
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
+            out = log_path.read_text()
         # twistd re-raises the signal after a complete shutdown, as a process killed by it would.
         assert proc.returncode in (0, -signal.SIGTERM), out
         assert "Main loop terminated" in out and "Server Shut Down" in out

@@ -347,3 +347,27 @@ class ReviewDoesNotStallDNSTests(DNSServerTestCase):
         answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         assert pool.worker_restarts == 1
+
+
+@pytest.mark.parametrize("annotations", [None, {"kubedock.hostalias/0": "db", "kubedock.network/0": "n" * 300_000}])
+def test_log_lines_about_a_review_stay_short(annotations: dict[str, str] | None) -> None:
+    """A review with a 1 MB uid (allowed, and denied for a 300 KB annotation value) is logged in
+    a line of bounded length, not a megabyte."""
+    from twisted.logger import formatEvent
+
+    from tests.test_webhook import Client
+
+    lines: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    document = admission_review("CREATE", pod(annotations=annotations))
+    document["request"]["uid"] = "u" * 1_000_000
+    globalLogPublisher.addObserver(observer)
+    try:
+        Client().request("POST", "/mutate", json.dumps(document).encode())
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert lines
+    assert max(map(len, lines)) < 3000

@@ -1,0 +1,93 @@
+"""Ports in tests and tools never race: servers in this process bind port 0 and use the port the
+kernel gave (the DNS server puts UDP and TCP on one number, choosing again when TCP's is taken);
+servers in other processes report the port they bound, or are restarted on another port when
+theirs was taken meanwhile."""
+
+from __future__ import annotations
+
+import socket
+
+import dns.message
+import dns.query
+from twisted.application import service
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+import testbed.upstream
+from kubedock_dns.forwarder import parse_upstream
+from kubedock_dns.options import Config
+from kubedock_dns.tap import build_service
+from testbed.upstream import Dnsmasq
+
+
+class _TCPTakenOnce:
+    """The real reactor, except that the first TCP port asked for is in use (another process
+    took it between our UDP bind and our TCP bind)."""
+
+    def __init__(self) -> None:
+        self.refused: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+    def listenTCP(self, port, factory, **kwargs):
+        if not self.refused:
+            self.refused.append(port)
+            raise CannotListenError(kwargs.get("interface"), port, OSError("Address already in use"))
+        return reactor.listenTCP(port, factory, **kwargs)
+
+
+class DNSPortZeroTests(TestCase):
+    timeout = 30
+
+    def start(self, clock) -> int:
+        config = Config(dns_port=0, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
+                        namespace="ns", ops_port=0, ops_interface="127.0.0.1")
+        top = build_service(config, clock, pod_source=lambda index: service.Service())
+        top.startService()
+        self.addCleanup(top.stopService)
+        return top.dns_listeners.port
+
+    async def test_port_zero_serves_udp_and_tcp_on_one_port(self) -> None:
+        """--dns-port 0: the kernel picks the UDP port and TCP listens on the same number, so a
+        client (and a TC retry over TCP) reaches both on the one port reported."""
+        port = self.start(reactor)
+        assert port != 0
+        query = dns.message.make_query("x.example", "A")
+        # Both get an answer (SERVFAIL: the upstream is down); a missing listener would time out.
+        udp = await deferToThread(dns.query.udp, query, "127.0.0.1", port=port, timeout=5)
+        tcp = await deferToThread(dns.query.tcp, query, "127.0.0.1", port=port, timeout=5)
+        assert udp.id == query.id and tcp.id == query.id
+
+    async def test_taken_tcp_port_makes_it_choose_again(self) -> None:
+        """When the TCP port matching the kernel's UDP choice is taken, both are given up and the
+        next choice is used; the server still answers on one port for both."""
+        clock = _TCPTakenOnce()
+        port = self.start(clock)
+        assert clock.refused and port != 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.connect(("127.0.0.1", port))
+        query = dns.message.make_query("x.example", "A")
+        udp = await deferToThread(dns.query.udp, query, "127.0.0.1", port=port, timeout=5)
+        assert udp.id == query.id
+
+
+def test_dnsmasq_starts_again_on_another_port_when_its_port_was_taken(monkeypatch) -> None:
+    """A port chosen for dnsmasq and taken by another process before dnsmasq binds it: dnsmasq
+    reports the address in use, and the bed chooses another port and starts it again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        udp.bind(("127.0.0.1", 0))
+        taken = udp.getsockname()[1]
+        tcp.bind(("127.0.0.1", taken))
+        tcp.listen(1)
+        real = testbed.upstream.free_port
+        choices = iter([taken])
+        monkeypatch.setattr(testbed.upstream, "free_port", lambda host="127.0.0.1": next(choices, None) or real(host))
+        with Dnsmasq("127.0.0.1") as upstream:
+            assert upstream.port != taken
+            answer = dns.query.udp(dns.message.make_query(upstream.kubernetes_name, "A"),
+                                   "127.0.0.1", port=upstream.port, timeout=5)
+            assert answer.answer
