@@ -196,14 +196,25 @@ class NetworkIndex:
         old = self._pods.get(record.uid)
         if old == record:
             return
+        finished = record.phase in ("Succeeded", "Failed", "Unknown")
+        if old is not None and not finished and self._footprint(old) == self._footprint(record):
+            # Readiness without --require-ready, the pod's name, a phase that changes neither
+            # predicate: no answer reads these, so nothing is re-indexed or touched.
+            self._pods[record.uid] = record
+            return
         if old is not None:
             self._unindex(old)
-        if record.phase in ("Succeeded", "Failed", "Unknown"):
+        if finished:
             # Finished: its address is about to belong to somebody else.  Forget it entirely.
             self._pods.pop(record.uid, None)
             return
         self._pods[record.uid] = record
         self._index(record)
+
+    def _footprint(self, record: PodRecord) -> tuple:
+        """Everything of a record that the maps or a lookup read."""
+        return (record.is_asker, record.is_answer(self.require_ready), record.awaits_ip, record.ips,
+                record.networks, record.names, record.reverse_name, record.namespace)
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)

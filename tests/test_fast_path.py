@@ -172,6 +172,7 @@ def churn_pods(draw, uid):
                aliases=draw(st.lists(st.sampled_from(CHURN_NAMES), max_size=2)), ips=ips, uid=uid,
                namespace=draw(st.sampled_from(["ns", "other"])), phase=phase),
         terminating=draw(st.booleans()) and phase == "Running",
+        ready=draw(st.booleans()),
     )
 
 
@@ -205,7 +206,7 @@ def test_cached_answers_follow_every_index_change(data):
     the answer it would prepare afresh: a change drops every entry it can affect."""
     uids = [f"p{i}" for i in range(6)]
     pods = {uid: data.draw(churn_pods(uid)) for uid in uids[:3]}
-    index = NetworkIndex()
+    index = NetworkIndex(require_ready=data.draw(st.booleans()))
     index.apply([Relisted(tuple(pods.values()))])
     fast = FastPath(Resolver(index, ResolverConfig(), shuffle=keep_order), NoClock().seconds, shuffle=keep_order)
     asked = data.draw(st.lists(churn_queries(), min_size=5, max_size=15))

@@ -308,3 +308,20 @@ def test_awaiting_and_sync_are_touched_when_they_change():
     assert not seen[-1].awaiting  # same namespace: nothing an unknown asker sees changed
     index.apply([Relisted(())])
     assert seen[-1].awaiting and not seen[-1].everything
+
+
+def test_a_change_no_answer_reads_touches_nothing():
+    """Readiness flips (without require_ready) keep every answer: nothing is touched, but the
+    networks view shows the new record."""
+    db = record("db", [NET_A], ip="10.0.0.1", uid="db")
+    index = index_with(db)
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
+    assert not (seen[-1].addresses or seen[-1].networks or seen[-1].names)
+    assert next(index.pods()).ready is not db.ready
+    strict = NetworkIndex(require_ready=True)
+    strict.apply([Relisted((db,))])
+    strict.subscribe(seen.append)
+    strict.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
+    assert seen[-1].networks == {NET_A}
