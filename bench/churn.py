@@ -10,8 +10,11 @@ then measures the maximum QPS of the suite's query mix from 8 pod addresses in t
   (the watcher's label selector hides them): the API server, etcd and the load generator work
   as hard as under churn, but kubedock-dns sees no event.  This is the control: what the machine
   loses to the churn machinery itself;
-* **churn**: the same rate to the opted-in pods of every network (the askers' own networks
-  included), flipping their Ready condition, which changes their record: one index change each.
+* **churn**: the same rate to opted-in pods, flipping their Ready condition.  kubedock-dns runs
+  with ``--require-ready``, so each flip adds or removes the pod's names: one real index change
+  each.  The flipped pods are a third pod, ``cache``, in every network (the askers' own networks
+  included), which no query asks for: the askers' cached answers are dropped by a change in
+  their network and prepared again, while no query is held waiting for a name that is gone.
 
 The churn target is "with churn within 10% of quiet"; bystander churn separates the cost of
 kubedock-dns's own work per change from the cost of sharing 2 cores with an API server at 100
@@ -50,18 +53,38 @@ from bench.peers import (
 )
 from bench.propagation import _create
 from bench.run import write_query_files
-from bench.topology import NAMESPACE, Pod, Topology
+from bench.topology import NAMESPACE, Pod, Topology, _hex
 
 SERVER_CORE, LOAD_CORE = 0, 1
 
 
-def _bystander(pod: Pod) -> dict:
-    """The same pod, not opted in: the API server stores it, kubedock-dns never sees it."""
+def _companion(topology: Topology, pod: Pod) -> dict:
+    """A ``cache`` pod beside ``pod`` (a ``db``) in its network, with an address of its own."""
     obj = pod.as_api_object()
-    obj["metadata"]["name"] = f"bystander-{pod.container_id}"
-    del obj["metadata"]["labels"]["kubedock"]
+    cid = _hex(f"bench-companion-{pod.index}", 12)
+    ip = topology.pod_ip(topology.size + pod.index)
     obj["metadata"].pop("uid")
+    obj["metadata"]["name"] = f"kubedock-{cid}"
+    obj["metadata"]["labels"]["kubedock.containerid"] = cid
+    obj["metadata"]["annotations"] = {"kubedock.hostalias/0": "cache", "kubedock.network/0": pod.network.id,
+                                      "kubedock.containername": f"{pod.network.label}-cache-1"}
+    obj["spec"]["hostname"] = "cache"
+    obj["status"].update(podIP=ip, podIPs=[{"ip": ip}])
     return obj
+
+
+def _bystander(companion: dict) -> dict:
+    """The same pod, not opted in: the API server stores it, kubedock-dns never sees it."""
+    obj = json.loads(json.dumps(companion))
+    obj["metadata"]["name"] = obj["metadata"]["name"].replace("kubedock-", "bystander-")
+    del obj["metadata"]["labels"]["kubedock"]
+    return obj
+
+
+def _create_running(api, obj: dict) -> None:
+    status = obj.pop("status")
+    api.create_namespaced_pod(NAMESPACE, obj)
+    api.patch_namespaced_pod_status(obj["metadata"]["name"], NAMESPACE, {"status": status})
 
 
 def _churn_worker(url: str, token: str, ca: str, names: list[str], rate: float, start_at: float,
@@ -144,7 +167,7 @@ def _start_kubedock(cp, work: Path, upstream, server_source: Path | None, probe_
     argv = [binary, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             "kubedock-dns", "--kubeconfig", str(cp.kubeconfig_path), "--namespace", NAMESPACE,
             "--dns-port", str(port), "--dns-interface", "127.0.0.1",
-            "--resolv-conf", str(upstream.resolv_conf), "--ops-port", "0"]
+            "--resolv-conf", str(upstream.resolv_conf), "--ops-port", "0", "--require-ready"]
     if upstream.port != 53:
         argv += ["--upstream", upstream.hostport]
     work.mkdir(parents=True, exist_ok=True)
@@ -195,9 +218,13 @@ def measure(work: Path, networks: int, rate: float, workers: int, duration: floa
                 api = client.CoreV1Api(api_client)
                 api.create_namespace({"metadata": {"name": NAMESPACE}})
                 pods = topology.pods()
+                companions = [_companion(topology, p) for p in pods if p.role == "db"]
+                extra = companions + [_bystander(c) for c in companions]
+                opted = [c["metadata"]["name"] for c in companions]
+                bystanders = [_bystander(c)["metadata"]["name"] for c in companions]
                 with ThreadPoolExecutor(8) as pool:
                     list(pool.map(lambda p: _create(api, p, True), pods))
-                    list(pool.map(lambda p: api.create_namespaced_pod(NAMESPACE, _bystander(p)), pods))
+                    list(pool.map(lambda obj: _create_running(api, obj), extra))
             process = _start_kubedock(cp, work / "kubedock-dns", upstream, server_source, sources[0],
                                       topology.queries_for(sources[0])[0])
             try:
@@ -206,8 +233,6 @@ def measure(work: Path, networks: int, rate: float, workers: int, duration: floa
                                    outstanding=20, clients=4, core=LOAD_CORE)
                     return {"qps": round(top.qps), "lost": top.lost, "errors": round(top.error_fraction, 4)}
 
-                opted = [f"kubedock-{p.container_id}" for p in pods]
-                bystanders = [f"bystander-{p.container_id}" for p in pods]
                 runs: dict[str, list[dict]] = {"quiet": [], "bystander_churn": [], "churn": []}
                 for round_ in range(rounds):
                     # Rotated order: a burst of load from elsewhere on the machine falls on each
