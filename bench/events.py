@@ -8,9 +8,14 @@ record decode, ``NetworkIndex.apply`` with the fast path's invalidation, and the
 answered again (re-preparing whatever was dropped).  Reported: microseconds per event, the best
 of ``--repeats`` passes (the minimum is the least disturbed by other work on the machine).
 
-    python -m bench.events [--sizes 100,1000,3000,10000] [--repeats 5]
+    python -m bench.events [--sizes 100,1000,3000,10000] [--repeats 5] [--plot F]
 
-Prints one JSON object: size -> microseconds per event.
+Two curves: with ``--require-ready`` every flip changes the pod's answers (its names come and go), so the
+figure includes dropping and re-preparing the cached answers of its network's askers; without
+it a flip changes nothing any answer reads, and the index stores the record without touching
+anything.
+
+Prints one JSON object: variant -> size -> microseconds per event.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import dns.message
 
@@ -42,10 +48,10 @@ def _as_listed(obj: dict, version: int) -> dict:
     return obj
 
 
-def per_event_us(pods: int, repeats: int) -> float:
+def per_event_us(pods: int, repeats: int, require_ready: bool = False) -> float:
     topology = Topology(max(1, pods // 2))
     objects = [_as_listed(p.as_api_object(), 1) for p in topology.pods()]
-    index = NetworkIndex()
+    index = NetworkIndex(require_ready=require_ready)
     index.apply([Relisted(tuple(r for r in map(decode_pod, objects) if r is not None))])
     fast = FastPath(Resolver(index, ResolverConfig()), time.monotonic)
     asked = [(source.ip, dns.message.make_query(q.view_name, q.qtype).to_wire())
@@ -87,11 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.events", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,3000,10000", help="pod counts (default 100,1000,3000,10000)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plot", type=Path, help="also draw the curves into this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
-    result = {int(size): per_event_us(int(size), args.repeats) for size in args.sizes.split(",")}
+    sizes = [int(size) for size in args.sizes.split(",")]
+    result = {label: {size: per_event_us(size, args.repeats, strict) for size in sizes}
+              for label, strict in (("default", False), ("require_ready", True))}
     print(json.dumps({"microseconds_per_event": result}, indent=2))
-    return 0
+    if args.plot:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, curve in result.items():
+            ax.plot(list(curve), list(curve.values()), marker="o",
+                    label="Ready flips change answers (--require-ready)" if label == "require_ready"
+                    else "Ready flips change no answer (default)")
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("pods in the index")
+        ax.set_ylabel("microseconds per watch event")
+        ax.set_title("Cost of one watch event (python -m bench.events)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
