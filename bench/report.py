@@ -290,10 +290,11 @@ def plot(results: dict, path: Path) -> bool:
 def write(results: dict, md_path: Path, png_path: Path, invocation: str) -> None:
     drew = plot(results, png_path)
     text = markdown(results, png_path.name if drew else None, invocation)
-    # The soak section comes from another run (python -m bench.soak --write-docs): keep it.
+    # Sections from other runs are kept: the soak (python -m bench.soak --write-docs) and churn,
+    # per-event and instruction counts (bench.churn, bench.events, bench.cost; docs by hand).
     old = md_path.read_text() if md_path.exists() else ""
-    begin, end = "<!-- soak:", "<!-- /soak -->"
-    if begin in old and end in old:
-        start = old.index(begin)
-        text = text.rstrip("\n") + "\n\n" + old[start : old.index(end, start) + len(end)] + "\n"
+    for begin, end in (("<!-- soak:", "<!-- /soak -->"), ("<!-- issue13:", "<!-- /issue13 -->")):
+        if begin in old and end in old:
+            start = old.index(begin)
+            text = text.rstrip("\n") + "\n\n" + old[start : old.index(end, start) + len(end)] + "\n"
     md_path.write_text(text)

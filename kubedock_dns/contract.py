@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -71,9 +72,13 @@ class PodRecord:
     def __post_init__(self) -> None:
         if not self.uid:
             raise ValueError(f"pod {self.namespace}/{self.name} has no uid")
+        # Interned: every network's pods repeat the same names (db, api), namespace, phase and
+        # network IDs, and each decoded JSON string would otherwise be a copy of its own.
         object.__setattr__(self, "ips", tuple(canonical_ip(ip) for ip in self.ips))
-        object.__setattr__(self, "names", tuple(dict.fromkeys(n.lower() for n in self.names)))
-        object.__setattr__(self, "networks", tuple(dict.fromkeys(self.networks)))
+        object.__setattr__(self, "names", tuple(dict.fromkeys(sys.intern(n.lower()) for n in self.names)))
+        object.__setattr__(self, "networks", tuple(dict.fromkeys(sys.intern(n) for n in self.networks)))
+        object.__setattr__(self, "namespace", sys.intern(self.namespace))
+        object.__setattr__(self, "phase", sys.intern(self.phase))
         if self.reverse_name is not None:
             object.__setattr__(self, "reverse_name", self.reverse_name.lower())
 

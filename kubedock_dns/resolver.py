@@ -212,6 +212,35 @@ class Resolver:
             return self._not_local(base, "name did not appear while held", cacheable=False)
         return Hold("name not known yet", miss_key)
 
+    def dependencies(self, source_ip: str, name: str, qtype: int) -> list[tuple[str, str]]:
+        """The index facts :meth:`decide` reads for this question, as ``(kind, key)`` pairs in the
+        vocabulary of :class:`~kubedock_dns.index.Touched` (``address``, ``network``, ``name``,
+        ``awaiting``): a decision stays what it was until an apply touches one of them.
+
+        Kept next to :meth:`decide` because the two must change together; a differential test
+        (tests/test_fast_path.py) replays random churn against a cache that relies on this.
+        """
+        index = self.index
+        facts = [("address", source_ip)]
+        try:
+            asker = index.asker(source_ip)
+        except Conflict:
+            return facts  # it stays a conflict until a claim on this address changes
+        if asker is None:
+            facts.append(("awaiting", ""))
+            if qtype == TYPE_PTR:
+                address = reverse_name_to_ip(name.split("."))
+                if address is not None:
+                    facts.append(("address", address))
+            else:
+                facts.extend(("name", self.strip_search_suffix(name, namespace))
+                             for namespace in index.namespaces_awaiting_ip())
+            return facts
+        facts.extend(("network", network) for network in asker.networks)
+        if qtype != TYPE_PTR:
+            facts.append(("name", self.strip_search_suffix(name, asker.namespace)))
+        return facts
+
     def _not_local(self, base: str, why: str, cacheable: bool = True) -> Decision:
         """A name that is not in the asker's networks: NXDOMAIN for a single label (no Service
         may stand in for a missing container), forwarded otherwise."""

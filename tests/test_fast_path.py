@@ -13,11 +13,13 @@ import dns.reversename
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from kubedock_dns.contract import Relisted
+import dataclasses
+
+from kubedock_dns.contract import Deleted, Relisted, Upserted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory
-from kubedock_dns.wire import FORWARD, FastPath
+from kubedock_dns.wire import FORWARD, FastPath, _Shuffled
 from tests.podfactory import network_id, record
 
 
@@ -155,3 +157,120 @@ def test_not_found_and_held_names_are_left_to_the_full_path():
             [reply] = proto.transport.written
             assert dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
     assert fast.answer(dns.message.make_query("db", "A").to_wire() + b"junk", "10.1.0.2", False) is None
+
+
+CHURN_IPS = [f"10.1.0.{i}" for i in range(1, 7)] + ["fd00::1"]
+CHURN_NAMES = NAMES + ["api.internal"]  # a dotted name: "some network holds it" matters
+
+
+@st.composite
+def churn_pods(draw, uid):
+    phase = draw(st.sampled_from(["Pending", "Running", "Running", "Running", "Succeeded"]))
+    ips = draw(st.lists(st.sampled_from(CHURN_IPS), max_size=2, unique=True))
+    return dataclasses.replace(
+        record(draw(st.sampled_from(CHURN_NAMES)), draw(st.lists(st.sampled_from(NETS), max_size=2, unique=True)),
+               aliases=draw(st.lists(st.sampled_from(CHURN_NAMES), max_size=2)), ips=ips, uid=uid,
+               namespace=draw(st.sampled_from(["ns", "other"])), phase=phase),
+        terminating=draw(st.booleans()) and phase == "Running",
+        ready=draw(st.booleans()),
+    )
+
+
+@st.composite
+def churn_queries(draw):
+    qtype = draw(st.sampled_from(["A", "AAAA", "PTR"]))
+    if qtype == "PTR":
+        name = dns.reversename.from_address(draw(st.sampled_from(CHURN_IPS + ["10.9.9.9"]))).to_text()
+    else:
+        base = draw(st.sampled_from(CHURN_NAMES + ["example.com", "db." + NETS[1][:12]]))
+        name = base + draw(st.sampled_from(["", ".ns.svc.cluster.local", ".svc.cluster.local"]))
+    wire = dns.message.make_query(name, qtype, use_edns=draw(st.sampled_from([False, 0]))).to_wire()
+    return wire, draw(st.sampled_from(CHURN_IPS + ["10.9.9.9"])), draw(st.booleans())
+
+
+def uncached(fast, wire, host, tcp):
+    """What the fast path would answer if it had nothing cached."""
+    entry, _facts = fast._prepare(wire, host, tcp)
+    if entry.__class__ is bytes:
+        return wire[:2] + entry
+    if entry.__class__ is _Shuffled:
+        return wire[:2] + entry.build(keep_order)
+    return entry
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_cached_answers_follow_every_index_change(data):
+    """Under random churn (phases, addresses shared by two pods, networks, names, deletions, pods
+    awaiting their address, relists), every answer the fast path gives from its cache equals
+    the answer it would prepare afresh: a change drops every entry it can affect."""
+    uids = [f"p{i}" for i in range(6)]
+    pods = {uid: data.draw(churn_pods(uid)) for uid in uids[:3]}
+    index = NetworkIndex(require_ready=data.draw(st.booleans()))
+    index.apply([Relisted(tuple(pods.values()))])
+    fast = FastPath(Resolver(index, ResolverConfig(), shuffle=keep_order), NoClock().seconds, shuffle=keep_order)
+    asked = data.draw(st.lists(churn_queries(), min_size=5, max_size=15))
+    for _ in range(data.draw(st.integers(1, 8))):
+        for wire, host, tcp in asked:
+            assert fast.answer(wire, host, tcp) == uncached(fast, wire, host, tcp), (wire, host, tcp)
+        kind = data.draw(st.sampled_from(["upsert", "upsert", "delete", "relist"]))
+        if kind == "upsert":
+            uid = data.draw(st.sampled_from(uids))
+            pods[uid] = data.draw(churn_pods(uid))
+            index.apply([Upserted(pods[uid])])
+        elif kind == "delete" and pods:
+            uid = data.draw(st.sampled_from(sorted(pods)))
+            del pods[uid]
+            index.apply([Deleted(uid)])
+        else:
+            kept = data.draw(st.lists(st.sampled_from(uids), unique=True))
+            pods = {uid: pods.get(uid) or data.draw(churn_pods(uid)) for uid in kept}
+            index.apply([Relisted(tuple(pods.values()))])
+    for wire, host, tcp in asked:
+        assert fast.answer(wire, host, tcp) == uncached(fast, wire, host, tcp), (wire, host, tcp)
+
+
+def test_a_change_keeps_the_answers_of_other_networks_askers():
+    """A pod changing in one network drops only the cached answers of that network's askers;
+    an asker in another network keeps its prepared answers."""
+    pods = [record("db", [NETS[0]], ip="10.1.0.1", uid="db0", namespace="ns"),
+            record("app", [NETS[0]], ip="10.1.0.2", uid="app0", namespace="ns"),
+            record("db", [NETS[1]], ip="10.1.1.1", uid="db1", namespace="ns"),
+            record("app", [NETS[1]], ip="10.1.1.2", uid="app1", namespace="ns")]
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
+    query = dns.message.make_query("db.ns.svc.cluster.local", "A").to_wire()
+    for asker in ("10.1.0.2", "10.1.1.2"):
+        fast.answer(query, asker, False)
+    index.apply([Upserted(dataclasses.replace(pods[2], ips=("10.1.1.9",)))])
+    assert fast.invalidated == 1
+    assert dns.message.from_wire(fast.answer(query, "10.1.1.2", False)).answer[0][0].address == "10.1.1.9"
+    assert dns.message.from_wire(fast.answer(query, "10.1.0.2", False)).answer[0][0].address == "10.1.0.1"
+
+
+def test_a_second_claim_on_an_answer_address_drops_that_answer():
+    """A pod in another network taking over an answering pod's address turns that answer into a
+    conflict (SERVFAIL from the full path): the cached answer must not outlive it."""
+    pods = [record("db", [NETS[0]], ip="10.1.0.1", uid="db0", namespace="ns"),
+            record("app", [NETS[0]], ip="10.1.0.2", uid="app0", namespace="ns")]
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
+    query = dns.message.make_query("db", "A").to_wire()
+    assert isinstance(fast.answer(query, "10.1.0.2", False), bytes)
+    index.apply([Upserted(record("intruder", [NETS[1]], ip="10.1.0.1", uid="intruder", namespace="ns"))])
+    assert fast.answer(query, "10.1.0.2", False) is None  # the full path answers SERVFAIL
+
+
+def test_a_dotted_name_appearing_elsewhere_stops_being_forwarded():
+    """A dotted name no network holds is forwarded; once some network holds it, the asker's
+    question may become local (held), so the cached FORWARD must go."""
+    pods = [record("app", [NETS[0]], ip="10.1.0.2", uid="app0", namespace="ns")]
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
+    query = dns.message.make_query("api.internal", "A").to_wire()
+    assert fast.answer(query, "10.1.0.2", False) is FORWARD
+    index.apply([Upserted(record("api.internal", [NETS[1]], ip="10.1.1.1", uid="api", namespace="ns"))])
+    assert fast.answer(query, "10.1.0.2", False) is None

@@ -264,3 +264,64 @@ def test_ten_thousand_pods_in_five_thousand_networks():
 def test_reverse_names(name, ip):
     """PTR names map to the address they stand for; anything else is not a reverse name."""
     assert reverse_name_to_ip(name.split(".")) == ip
+
+
+def test_subscribers_learn_what_an_apply_touched():
+    """A pod's change names its addresses and networks, names some network starts or stops
+    holding, and nothing of the networks it is not in."""
+    db = record("db", [NET_A], ip="10.0.0.1", uid="db")
+    other = record("svc", [NET_B], ip="10.0.0.9", uid="svc")
+    index = index_with(db, other)
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([Upserted(dataclasses.replace(db, names=("db", "cache.local")))])
+    (touched,) = seen
+    assert touched.addresses == {"10.0.0.1"}
+    assert touched.networks == {NET_A}
+    assert touched.names == {"cache.local"}  # "db" was held before and still is
+    assert not touched.awaiting and not touched.everything
+
+
+def test_a_shared_address_touches_the_networks_of_every_claimant():
+    """When a second pod claims an address, the first pod's answers turn into a conflict: its
+    networks are touched too, although the first pod did not change."""
+    db = record("db", [NET_A], ip="10.0.0.1", uid="db")
+    index = index_with(db)
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([Upserted(record("intruder", [NET_B], ip="10.0.0.1", uid="intruder"))])
+    assert seen[-1].networks == {NET_A, NET_B}
+    index.apply([Deleted("intruder")])
+    assert seen[-1].networks == {NET_A, NET_B}
+
+
+def test_awaiting_and_sync_are_touched_when_they_change():
+    """The first pod of a namespace awaiting its address, and the first full list, are named."""
+    index = NetworkIndex()
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([Relisted(())])
+    assert seen[-1].everything
+    index.apply([Upserted(record("new", [NET_A], phase="Pending", uid="new"))])
+    assert seen[-1].awaiting and not seen[-1].everything
+    index.apply([Upserted(record("new2", [NET_A], phase="Pending", uid="new2"))])
+    assert not seen[-1].awaiting  # same namespace: nothing an unknown asker sees changed
+    index.apply([Relisted(())])
+    assert seen[-1].awaiting and not seen[-1].everything
+
+
+def test_a_change_no_answer_reads_touches_nothing():
+    """Readiness flips (without require_ready) keep every answer: nothing is touched, but the
+    networks view shows the new record."""
+    db = record("db", [NET_A], ip="10.0.0.1", uid="db")
+    index = index_with(db)
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
+    assert not (seen[-1].addresses or seen[-1].networks or seen[-1].names)
+    assert next(index.pods()).ready is not db.ready
+    strict = NetworkIndex(require_ready=True)
+    strict.apply([Relisted((db,))])
+    strict.subscribe(seen.append)
+    strict.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
+    assert seen[-1].networks == {NET_A}
