@@ -565,12 +565,19 @@ class Node:
                     return str(cid[len("containerd://"):])
         raise NodeError(f"pod {namespace}/{pod} has no running container {container or ''}")
 
+    IDLE = ("/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done")
+
     def create_kubedock_pod(self, namespace: str, name: str, networks: Sequence[str] = (),
                             aliases: Sequence[str] = (), *, opt_in: bool = True,
-                            image: str = images.TOOLBOX_IMAGE, wait: bool = True) -> dict[str, Any]:
+                            image: str = images.TOOLBOX_IMAGE, command: Sequence[str] | None = IDLE,
+                            pod_security_context: dict[str, Any] | None = None,
+                            container_security_context: dict[str, Any] | None = None,
+                            wait: bool = True) -> dict[str, Any]:
         """Create a pod as kubedock does for a Docker container named ``name`` on ``networks``
-        (Docker network IDs) with ``aliases``, running ``image`` idly; with ``wait``, return its
-        JSON once the kubelet runs it (else as stored, after the webhook's mutation)."""
+        (Docker network IDs) with ``aliases``, running ``image`` (``command``, or the image's own
+        when None; the default idles and ends at once on SIGTERM, so deletion takes no grace
+        period).  With ``wait``, return its JSON once the kubelet runs it (else as stored, after
+        the webhook's mutation)."""
         from testbed.bed import BedPod, kubedock_pod_manifest, kubedock_pod_name
 
         container_id = secrets.token_hex(32)
@@ -578,10 +585,17 @@ class Node:
         pod = BedPod(name=kubedock_pod_name(container_name, container_id[:12]), hostname=name,
                      container_name=container_name, container_id=container_id,
                      networks=tuple(networks), aliases=tuple(aliases), opted_in=opt_in)
-        # The shell ends at once on SIGTERM, so deleting the pod takes no grace period.
         body = kubedock_pod_manifest(pod, namespace, "node-tests", init_container=False, image=image,
-                                     command=["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"])
-        created = json.loads(self.core.create_namespaced_pod(namespace, body=body, _preload_content=False).data)
+                                     command=command)
+        if pod_security_context:
+            body["spec"]["securityContext"] = pod_security_context
+        if container_security_context:
+            body["spec"]["containers"][0]["securityContext"] = container_security_context
+        try:
+            response = self.core.create_namespaced_pod(namespace, body=body, _preload_content=False)
+        except Exception as e:  # noqa: BLE001 - the API's reason is the message
+            raise NodeError(f"creating pod {pod.name} in {namespace} failed: {getattr(e, 'body', e)}") from None
+        created = json.loads(response.data)
         if not wait:
             return dict(created)
         return self.wait_pod_running(namespace, pod.name)
