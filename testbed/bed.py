@@ -120,7 +120,8 @@ def _no_proxy_opener(context: ssl.SSLContext | None = None) -> urllib.request.Op
 
 
 def kubedock_pod_manifest(pod: BedPod, namespace: str, instance_id: str, *, init_container: bool = True,
-                          image: str = "busybox:1.36", command: Sequence[str] | None = None) -> dict[str, Any]:
+                          image: str = "busybox:1.36", command: Sequence[str] | None = None,
+                          init_image: str = "alpine:3") -> dict[str, Any]:
     """The pod as kubedock's ``internal/backend/deploy.go`` writes it (DESIGN section 2): the
     annotations ``kubedock.containername``, ``kubedock.hostalias/N``, ``kubedock.network/N``, the
     labels ``kubedock.id``, ``kubedock.containerid`` and (opted in) ``kubedock=true``, and, with
@@ -144,7 +145,7 @@ def kubedock_pod_manifest(pod: BedPod, namespace: str, instance_id: str, *, init
         spec["hostname"] = pod.hostname
     if init_container:
         spec["initContainers"] = [{
-            "name": "setup", "image": "alpine:3", "imagePullPolicy": "IfNotPresent",
+            "name": "setup", "image": init_image, "imagePullPolicy": "IfNotPresent",
             "command": ["sh", "-c", "while [ ! -f /tmp/done ]; do sleep 0.1 ; done"],
             "resources": {}}]
     return {"apiVersion": "v1", "kind": "Pod",
@@ -253,6 +254,8 @@ class EndToEndBed:
         self._prefix = namespace_prefix
         self.service_ip = service_ip
         self.cluster_dns_ip = cluster_dns_ip
+        self.kubernetes_ip = KUBERNETES_IP  # the kubernetes Service, as the cluster DNS answers it
+        self.decoy_db_ip = DECOY_DB_IP      # the cluster's Service db.<namespace>
         self._server_args = list(server_args)
         self._reuse_ips = reuse_ips
         self._server_command = list(server_command or TWISTD)

@@ -10,9 +10,10 @@ Contract:
   reaps orphans) with ``gcc -static`` and packs it alone.
 - :func:`coredns_image` packs the cached static CoreDNS binary (CGO off) with nothing else: CoreDNS
   runs as an ordinary pod of the cluster, as on a real one.
-- :func:`toolbox_image` packs busybox (static: ``sh``, ``sleep``) and glibc's ``getent`` with the
-  shared libraries it loads, so a test pod resolves names with the real glibc resolver reading the
-  kubelet-written ``/etc/resolv.conf``.
+- :func:`toolbox_image` packs busybox (static: ``sh``, ``sleep``, ``touch``), glibc's ``getent``
+  and ``dig`` with the shared libraries they load, and a world-writable ``/tmp``, so a test pod
+  resolves names with the real glibc resolver reading the kubelet-written ``/etc/resolv.conf``
+  (and asks its nameserver directly with dig), as any user.
 
 Every function writes into a directory the caller owns and returns the archive path and the image
 name; nothing is kept elsewhere.
@@ -82,16 +83,18 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) 
     tar.addfile(info, io.BytesIO(data))
 
 
-def _layer(files: Mapping[str, Path | bytes], symlinks: Mapping[str, str]) -> bytes:
-    """An uncompressed layer tar: parent directories, then files, then symlinks, sorted."""
+def _layer(files: Mapping[str, Path | bytes], symlinks: Mapping[str, str],
+           directories: Mapping[str, int] | None = None) -> bytes:
+    """An uncompressed layer tar: directories (parents 0755, ``directories`` with their mode),
+    then files, then symlinks, sorted."""
     buffer = io.BytesIO()
+    modes = {d.strip("/"): mode for d, mode in (directories or {}).items()}
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         paths = [p.lstrip("/") for p in (*files, *symlinks)]
-        directories = sorted({str(Path(p).parents[i]) for p in paths
-                              for i in range(len(Path(p).parents) - 1)})
-        for directory in directories:
+        parents = {str(Path(p).parents[i]) for p in paths for i in range(len(Path(p).parents) - 1)}
+        for directory in sorted(parents | set(modes)):
             info = tarfile.TarInfo(directory)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, modes.get(directory, 0o755), 0
             tar.addfile(info)
         for target in sorted(files):
             source = files[target]
@@ -114,9 +117,10 @@ def _blob(tar: tarfile.TarFile, data: bytes) -> str:
 
 
 def oci_archive(name: str, files: Mapping[str, Path | bytes], config: ImageConfig, out: Path,
-                symlinks: Mapping[str, str] | None = None) -> ImageArchive:
+                symlinks: Mapping[str, str] | None = None,
+                directories: Mapping[str, int] | None = None) -> ImageArchive:
     """Write an OCI image layout tarball holding ``files`` as one layer; see the module docstring."""
-    layer = _layer(files, symlinks or {})
+    layer = _layer(files, symlinks or {}, directories)
     image_config = {
         "architecture": "amd64", "os": "linux",
         "config": {"Entrypoint": list(config.entrypoint), "User": config.user,
@@ -185,17 +189,20 @@ def _shared_libraries(binary: Path) -> list[Path]:
 def toolbox_image(workdir: Path) -> ImageArchive:
     """A small pod image: static busybox for sh/sleep and glibc's getent for lookups."""
     busybox = shutil.which("busybox")
-    getent = shutil.which("getent")
+    getent, dig = shutil.which("getent"), shutil.which("dig")
     if busybox is None or _needs_loader(Path(busybox)):
         raise ImageBuildError("toolbox image: static busybox is missing (Debian: apt-get install busybox-static)")
-    if getent is None:
-        raise ImageBuildError("toolbox image: getent is missing (Debian: libc-bin)")
-    files: dict[str, Path | bytes] = {"/bin/busybox": Path(busybox), "/usr/bin/getent": Path(getent)}
-    for library in _shared_libraries(Path(getent)):
-        files[str(library)] = library.resolve()
+    if getent is None or dig is None:
+        raise ImageBuildError("toolbox image: getent or dig is missing (Debian: libc-bin, dnsutils)")
+    files: dict[str, Path | bytes] = {"/bin/busybox": Path(busybox), "/usr/bin/getent": Path(getent),
+                                      "/usr/bin/dig": Path(dig)}
+    for binary in (getent, dig):
+        for library in _shared_libraries(Path(binary)):
+            files[str(library)] = library.resolve()
     # glibc without nsswitch.conf would still try dns then files; say it explicitly, like Debian.
     files["/etc/nsswitch.conf"] = b"hosts: files dns\n"
     files["/etc/passwd"] = b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"
-    links = {f"/bin/{tool}": "busybox" for tool in ("sh", "sleep", "cat", "echo", "true", "nslookup")}
+    links = {f"/bin/{tool}": "busybox"
+             for tool in ("sh", "sleep", "cat", "echo", "true", "touch", "ls", "nslookup")}
     return oci_archive(TOOLBOX_IMAGE, files, ImageConfig(entrypoint=["/bin/sh"]),
-                       workdir / "toolbox.oci.tar", symlinks=links)
+                       workdir / "toolbox.oci.tar", symlinks=links, directories={"/tmp": 0o1777})
