@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the Go tools the tests and benchmarks need (kube-apiserver, and on request etcd, coredns,
-# helm) from the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path
-# of each binary.  Nothing is built inside the repository and nothing built is ever committed.
+# helm, and the node components kubelet, kube-proxy, kube-controller-manager, kube-scheduler) from
+# the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each
+# binary.  Nothing is built inside the repository and nothing built is ever committed.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node]
+#
+# `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
+# kube-apiserver, in one `go build` so they share every compiled package.
 #
 # A binary already in the cache is reused, so reruns take no time.  Versions are pinned here and
 # can be overridden by environment variables of the same name (KUBE_VERSION=v1.36.3 ...).
@@ -22,6 +26,8 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 say() { printf 'build-tools: %s\n' "$*" >&2; }
 
 # A scratch module that requires $1@$2 and builds package $3 into $4.  Extra go.mod lines on stdin.
+# $3 may name several packages (space-separated); $4 is then a directory that receives one binary
+# per package, named after its last path element.
 build_in_scratch_module() {
     local module=$1 version=$2 package=$3 out=$4 ldflags=${5:-}
     local work
@@ -32,10 +38,20 @@ build_in_scratch_module() {
         cat
     } > "$work/go.mod"
     say "resolving $module@$version (first run downloads modules: a few minutes)"
-    (cd "$work" && go get "$package@$version" >&2 && go mod download >&2)
+    local pkg
+    for pkg in $package; do
+        (cd "$work" && go get "$pkg@$version" >&2)
+    done
+    (cd "$work" && go mod download >&2)
     say "compiling $package (a cold build of kube-apiserver takes 10-15 minutes on 2 cores)"
     mkdir -p "$(dirname "$out")"
-    (cd "$work" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$package" >&2)
+    if [ "$package" = "${package%% *}" ]; then
+        (cd "$work" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$package" >&2)
+    else
+        rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+        # shellcheck disable=SC2086 # $package is a list of packages
+        (cd "$work" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp/" $package >&2)
+    fi
     mv "$out.tmp" "$out"
 }
 
@@ -49,15 +65,34 @@ staging_replacements() {
         while read -r m; do printf 'replace %s => %s v0.%s\n' "$m" "$m" "$minor"; done
 }
 
+kube_version_flags() {
+    local v=k8s.io/component-base/version
+    echo "-X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
+}
+
 build_kube_apiserver() {
     local out=$CACHE/kube-apiserver-$KUBE_VERSION/kube-apiserver
     if [ ! -x "$out" ]; then
-        local v=k8s.io/component-base/version
-        local flags="-X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
         staging_replacements "$KUBE_VERSION" |
-            build_in_scratch_module k8s.io/kubernetes "$KUBE_VERSION" k8s.io/kubernetes/cmd/kube-apiserver "$out" "$flags"
+            build_in_scratch_module k8s.io/kubernetes "$KUBE_VERSION" k8s.io/kubernetes/cmd/kube-apiserver "$out" "$(kube_version_flags)"
     fi
     echo "$out"
+}
+
+# kubelet, kube-proxy, kube-controller-manager and kube-scheduler: one directory keyed by version,
+# filled by one `go build` (after kube-apiserver, most of their packages are already compiled).
+KUBE_NODE_COMPONENTS="kubelet kube-proxy kube-controller-manager kube-scheduler"
+build_kube_node() {
+    local dir=$CACHE/kube-node-$KUBE_VERSION complete=1 c
+    for c in $KUBE_NODE_COMPONENTS; do [ -x "$dir/$c" ] || complete=0; done
+    if [ "$complete" = 0 ]; then
+        local packages=""
+        for c in $KUBE_NODE_COMPONENTS; do packages="$packages k8s.io/kubernetes/cmd/$c"; done
+        rm -rf "$dir"
+        staging_replacements "$KUBE_VERSION" |
+            (build_in_scratch_module k8s.io/kubernetes "$KUBE_VERSION" "${packages# }" "$dir" "$(kube_version_flags)")
+    fi
+    for c in $KUBE_NODE_COMPONENTS; do echo "$dir/$c"; done
 }
 
 build_etcd() {
@@ -120,6 +155,7 @@ for tool in "$@"; do
         coredns) build_coredns ;;
         helm) build_helm ;;
         promtool) build_promtool ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm or promtool)"; exit 2 ;;
+        kube-node) build_kube_node ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool or kube-node)"; exit 2 ;;
     esac
 done

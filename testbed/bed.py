@@ -57,7 +57,9 @@ from testbed.netns import ExecResult, PodNetwork
 from testbed.ports import wait_for_ports
 from testbed.upstream import Dnsmasq
 
-__all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "network_id", "new_network_id"]
+__all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "network_id", "new_network_id",
+           "kubedock_pod_manifest", "mutating_webhook_configuration", "wait_kubedock_dns_ready",
+           "wait_webhook_in_force"]
 
 DECOY_DB_IP = "10.96.7.7"
 KUBERNETES_IP = "10.96.0.1"
@@ -120,6 +122,130 @@ def _no_proxy_opener(context: ssl.SSLContext | None = None) -> urllib.request.Op
     return urllib.request.build_opener(*handlers)
 
 
+def kubedock_pod_manifest(pod: BedPod, namespace: str, instance_id: str, *, init_container: bool = True,
+                          image: str = "busybox:1.36", command: Sequence[str] | None = None,
+                          init_image: str = "alpine:3") -> dict[str, Any]:
+    """The pod as kubedock's ``internal/backend/deploy.go`` writes it (DESIGN section 2): the
+    annotations ``kubedock.containername``, ``kubedock.hostalias/N``, ``kubedock.network/N``, the
+    labels ``kubedock.id``, ``kubedock.containerid`` and (opted in) ``kubedock=true``, and, with
+    ``init_container``, kubedock's ``setup`` init container that waits for ``/tmp/done``.  The
+    container's Docker labels (Testcontainers' and an arbitrary one) are copied into annotations,
+    and into labels where they are valid label values; annotations come in random order, as Go's
+    map iteration writes them."""
+    docker_labels = {"org.testcontainers": "true", "org.testcontainers.lang": "python",
+                     "org.testcontainers.version": "4.8.2",
+                     "org.testcontainers.sessionId": secrets.token_hex(16),
+                     "com.example.description": "the db: for tests, not a valid label value"}
+    annotations = dict(docker_labels)
+    annotations.update({"kubedock.containername": pod.container_name,
+                        "kubedock.hostalias/0": pod.hostname})
+    for i, alias in enumerate(pod.aliases, start=1):
+        annotations[f"kubedock.hostalias/{i}"] = alias
+    for i, network in enumerate(pod.networks):
+        annotations[f"kubedock.network/{i}"] = network
+    shuffled = list(annotations.items())
+    random.shuffle(shuffled)  # Go's map iteration order: random from pod to pod
+    annotations = dict(shuffled)
+    labels = {k: v for k, v in docker_labels.items() if re.fullmatch(r"[A-Za-z0-9._-]{0,63}", v)}
+    labels.update({"kubedock.id": instance_id, "kubedock.containerid": pod.short_id})
+    if pod.opted_in:
+        labels["kubedock"] = "true"
+    main: dict[str, Any] = {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
+                            "resources": {}}
+    if command:
+        main["command"] = list(command)
+    spec: dict[str, Any] = {"containers": [main], "restartPolicy": "Never",
+                            "serviceAccountName": "default"}
+    if re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", pod.hostname):
+        spec["hostname"] = pod.hostname
+    if init_container:
+        spec["initContainers"] = [{
+            "name": "setup", "image": init_image, "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", "while [ ! -f /tmp/done ]; do sleep 0.1 ; done"],
+            "resources": {}}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod.name, "namespace": namespace, "labels": labels,
+                         "annotations": annotations},
+            "spec": spec}
+
+
+def mutating_webhook_configuration(name: str, namespace: str, url: str, ca_pem: bytes) -> dict[str, Any]:
+    """The registration the chart makes, pointed at ``url``: opted-in pods of ``namespace`` only,
+    ``failurePolicy: Fail``, ``sideEffects: None``."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": f"pods.kubedock-dns.{namespace}.testbed",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+            "failurePolicy": "Fail",
+            "matchPolicy": "Equivalent",
+            "reinvocationPolicy": "IfNeeded",
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "objectSelector": {"matchLabels": {"kubedock": "true"}},
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""],
+                       "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_pem).decode()},
+        }],
+    }
+
+
+def wait_kubedock_dns_ready(server: ManagedProcess, ops_port: int, progress: Callable[[str], None],
+                            timeout: float = 60.0) -> None:
+    """Until kubedock-dns's ``/readyz`` (on 127.0.0.1) says 200; its log tail if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    opener = _no_proxy_opener()
+    last = "no answer yet"
+    next_note = time.monotonic() + 5
+    while True:
+        if not server.alive():
+            raise BedError(f"kubedock-dns exited during start-up; its log:\n{server.tail()}")
+        try:
+            with opener.open(f"http://127.0.0.1:{ops_port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}: {e.read()[:200]!r}"
+        except OSError as e:
+            last = repr(e)
+        if time.monotonic() > deadline:
+            raise BedError(f"kubedock-dns not ready after {timeout:.0f} s (last /readyz: {last}); its "
+                           f"log:\n{server.tail()}")
+        if time.monotonic() > next_note:
+            progress(f"waiting for kubedock-dns /readyz ({last})")
+            next_note = time.monotonic() + 5
+        time.sleep(0.1)
+
+
+def wait_webhook_in_force(core: Any, namespace: str, probe: dict[str, Any], server: ManagedProcess | None,
+                          progress: Callable[[str], None], timeout: float = 30.0) -> None:
+    """The API server loads webhook configurations through an informer: prove the webhook is in
+    force with a dry-run pod (not stored, so nothing else sees it)."""
+    from kubernetes import client
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            response = core.create_namespaced_pod(namespace, body=probe, dry_run="All",
+                                                  _preload_content=False)
+            spec = json.loads(response.data)["spec"]
+            if spec.get("dnsPolicy") == "None":
+                ns = (spec.get("dnsConfig") or {}).get("nameservers")
+                progress(f"webhook in force: opted-in pods get dnsPolicy None, nameservers {ns}")
+                return
+            last = f"dnsPolicy {spec.get('dnsPolicy')}"
+        except client.ApiException as e:
+            last = f"HTTP {e.status}: {str(e.body)[:300]}"
+        if time.monotonic() > deadline:
+            raise BedError(f"the webhook is not in force after {timeout:.0f} s (last dry-run: {last}); "
+                           f"kubedock-dns log:\n{server.tail() if server else ''}")
+        time.sleep(0.2)
+
+
 class EndToEndBed:
     """See the module docstring.
 
@@ -143,6 +269,8 @@ class EndToEndBed:
         self._prefix = namespace_prefix
         self.service_ip = service_ip
         self.cluster_dns_ip = cluster_dns_ip
+        self.kubernetes_ip = KUBERNETES_IP  # the kubernetes Service, as the cluster DNS answers it
+        self.decoy_db_ip = DECOY_DB_IP      # the cluster's Service db.<namespace>
         self._server_args = list(server_args)
         self._reuse_ips = reuse_ips
         self._server_command = list(server_command or TWISTD)
@@ -289,28 +417,7 @@ class EndToEndBed:
         self.dns_port, self.webhook_port, self.ops_port = ports["dns"], ports["webhook"], ports["ops"]
         self._progress(f"kubedock-dns listening (DNS :{self.dns_port}, webhook :{self.webhook_port}, "
                        f"ops :{self.ops_port})")
-        deadline = time.monotonic() + 60
-        opener = _no_proxy_opener()
-        last = "no answer yet"
-        next_note = time.monotonic() + 5
-        while True:
-            if not self.server.alive():
-                raise BedError(f"kubedock-dns exited during start-up; its log:\n{self.server.tail()}")
-            try:
-                with opener.open(f"http://127.0.0.1:{self.ops_port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:200]!r}"
-            except OSError as e:
-                last = repr(e)
-            if time.monotonic() > deadline:
-                raise BedError(f"kubedock-dns not ready after 60 s (last /readyz: {last}); its "
-                               f"log:\n{self.server.tail()}")
-            if time.monotonic() > next_note:
-                self._progress(f"waiting for kubedock-dns /readyz ({last})")
-                next_note = time.monotonic() + 5
-            time.sleep(0.1)
+        wait_kubedock_dns_ready(self.server, self.ops_port, self._progress)
         self._progress("kubedock-dns ready (pod index synced)")
 
     def _register_webhook(self) -> None:
@@ -318,53 +425,16 @@ class EndToEndBed:
 
         admission: Any = client.AdmissionregistrationV1Api(self._api_client)
         self.webhook_name = f"kubedock-dns-{self.namespace}"
-        body = {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": self.webhook_name},
-            "webhooks": [{
-                "name": f"pods.kubedock-dns.{self.namespace}.testbed",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "timeoutSeconds": 5,
-                "failurePolicy": "Fail",
-                "matchPolicy": "Equivalent",
-                "reinvocationPolicy": "IfNeeded",
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
-                "objectSelector": {"matchLabels": {"kubedock": "true"}},
-                "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""],
-                           "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "clientConfig": {"url": f"https://127.0.0.1:{self.webhook_port}/mutate",
-                                 "caBundle": base64.b64encode(self.tls.ca_pem).decode()},
-            }],
-        }
+        body = mutating_webhook_configuration(self.webhook_name, self.namespace,
+                                              f"https://127.0.0.1:{self.webhook_port}/mutate",
+                                              self.tls.ca_pem)
         admission.create_mutating_webhook_configuration(body=body, _preload_content=False)
         self._stack.callback(self._delete_webhook, admission)
-        # The API server loads webhook configurations through an informer: prove it is in
-        # force with a dry-run pod (not stored, so nothing else sees it).
-        probe = self._pod_body(BedPod(name="webhook-probe", hostname="webhook-probe",
-                                      container_name="webhook-probe",
-                                      container_id=secrets.token_hex(32), networks=(new_network_id(),),
-                                      aliases=()), init_container=False)
-        deadline = time.monotonic() + 30
-        last = ""
-        while True:
-            try:
-                response = self.core.create_namespaced_pod(self.namespace, body=probe, dry_run="All",
-                                                           _preload_content=False)
-                spec = json.loads(response.data)["spec"]
-                if spec.get("dnsPolicy") == "None":
-                    ns = (spec.get("dnsConfig") or {}).get("nameservers")
-                    self._progress(f"webhook in force: opted-in pods get dnsPolicy None, "
-                                   f"nameservers {ns}")
-                    return
-                last = f"dnsPolicy {spec.get('dnsPolicy')}"
-            except client.ApiException as e:
-                last = f"HTTP {e.status}: {str(e.body)[:300]}"
-            if time.monotonic() > deadline:
-                raise BedError(f"the webhook is not in force after 30 s (last dry-run: {last}); "
-                               f"kubedock-dns log:\n{self.server.tail() if self.server else ''}")
-            time.sleep(0.2)
+        probe = kubedock_pod_manifest(
+            BedPod(name="webhook-probe", hostname="webhook-probe", container_name="webhook-probe",
+                   container_id=secrets.token_hex(32), networks=(new_network_id(),), aliases=()),
+            self.namespace, self.instance_id, init_container=False)
+        wait_webhook_in_force(self.core, self.namespace, probe, self.server, self._progress)
 
     def _delete_webhook(self, admission: Any) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -406,46 +476,8 @@ class EndToEndBed:
 
     # -- pods
 
-    def _pod_body(self, pod: BedPod, *, init_container: bool = True, image: str = "busybox:1.36",
-                  command: Sequence[str] | None = None) -> dict[str, Any]:
-        """The pod as kubedock's deploy.go writes it: the container's labels (Testcontainers'
-        and an arbitrary one) copied into annotations, and into labels where they are valid
-        label values; annotations in random order, as Go's map iteration writes them."""
-        docker_labels = {"org.testcontainers": "true", "org.testcontainers.lang": "python",
-                         "org.testcontainers.version": "4.8.2",
-                         "org.testcontainers.sessionId": secrets.token_hex(16),
-                         "com.example.description": "the db: for tests, not a valid label value"}
-        annotations = dict(docker_labels)
-        annotations.update({"kubedock.containername": pod.container_name,
-                            "kubedock.hostalias/0": pod.hostname})
-        for i, alias in enumerate(pod.aliases, start=1):
-            annotations[f"kubedock.hostalias/{i}"] = alias
-        for i, network in enumerate(pod.networks):
-            annotations[f"kubedock.network/{i}"] = network
-        shuffled = list(annotations.items())
-        random.shuffle(shuffled)
-        annotations = dict(shuffled)
-        labels = {k: v for k, v in docker_labels.items() if re.fullmatch(r"[A-Za-z0-9._-]{0,63}", v)}
-        labels.update({"kubedock.id": self.instance_id, "kubedock.containerid": pod.short_id})
-        if pod.opted_in:
-            labels["kubedock"] = "true"
-        main: dict[str, Any] = {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
-                                "resources": {}}
-        if command:
-            main["command"] = list(command)
-        spec: dict[str, Any] = {"containers": [main], "restartPolicy": "Never",
-                                "serviceAccountName": "default"}
-        if re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", pod.hostname):
-            spec["hostname"] = pod.hostname
-        if init_container:
-            spec["initContainers"] = [{
-                "name": "setup", "image": "alpine:3", "imagePullPolicy": "IfNotPresent",
-                "command": ["sh", "-c", "while [ ! -f /tmp/done ]; do sleep 0.1 ; done"],
-                "resources": {}}]
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name, "namespace": self.namespace, "labels": labels,
-                             "annotations": annotations},
-                "spec": spec}
+    def _pod_body(self, pod: BedPod, *, init_container: bool = True) -> dict[str, Any]:
+        return kubedock_pod_manifest(pod, self.namespace, self.instance_id, init_container=init_container)
 
     def create_kubedock_pod(self, name: str, network_ids: Iterable[str] = (),
                             aliases: Iterable[str] = (), container_name: str | None = None,

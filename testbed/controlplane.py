@@ -13,6 +13,12 @@ Contract:
   writing pod status themselves.  The ``ServiceAccount`` admission plugin is off, since no
   controller creates the ``default`` service account.
 - ``kubeconfig_path`` names a kubeconfig (token auth, CA data inline) usable by any client.
+- For a real node (:mod:`testbed.node`), ``advertise_address`` (an address of this machine that pods
+  can reach) makes the API server listen on all addresses, advertise that one as the endpoint of
+  the ``kubernetes`` Service (lease reconciler) and put it in its certificate; ``service_accounts``
+  turns the ``ServiceAccount`` admission plugin on (a controller manager then creates the
+  ``default`` accounts and the kubelet mounts their tokens), with ``service_account_key_path`` the
+  key the controller manager signs with.
 - ``restart_apiserver()`` stops and starts only kube-apiserver, on the same port with the same
   etcd, so stored objects survive and clients see a real outage (``stop_apiserver()`` and
   ``start_apiserver()`` hold it open).  The restarted server's watch cache starts afresh, so a
@@ -312,13 +318,13 @@ class _Pki:
     sa_pub: Path
 
 
-def _make_pki(directory: Path, service_ip: str) -> _Pki:
+def _make_pki(directory: Path, service_ip: str, extra_ips: Sequence[str] = ()) -> _Pki:
     """A CA, a serving certificate for loopback and the in-cluster names, and the SA signing key."""
     from kubedock_dns.tls import generate_ca_and_cert
 
     directory.mkdir(mode=0o700)
     hosts = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-             "kubernetes.default.svc.cluster.local", LOOPBACK, "::1", service_ip]
+             "kubernetes.default.svc.cluster.local", LOOPBACK, "::1", service_ip, *extra_ips]
     tls = generate_ca_and_cert(hosts, directory, common_name="kube-apiserver")
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = serialization.Encoding.PEM
@@ -364,8 +370,12 @@ class ControlPlane:
         apiserver_args: Sequence[str] = (),
         startup_timeout: float = 120.0,
         progress: Callable[[str], None] | None = _stderr_progress,
+        advertise_address: str | None = None,
+        service_accounts: bool = False,
     ) -> None:
         net = ipaddress.ip_network(service_cidr)
+        self.advertise_address = advertise_address
+        self.service_accounts = service_accounts
         self.service_cidr = str(net)
         self.service_ip = str(next(net.hosts()))
         self._binaries = binaries
@@ -405,7 +415,8 @@ class ControlPlane:
                 self._binaries = find_binaries(self._progress)
             self.base_dir = Path(tempfile.mkdtemp(prefix="kubedock-dns-cp-"))
             self._etcd_dir = self._etcd_data_parent()
-            self._pki = _make_pki(self.base_dir / "pki", self.service_ip)
+            extra_ips = [self.advertise_address] if self.advertise_address else []
+            self._pki = _make_pki(self.base_dir / "pki", self.service_ip, extra_ips)
             self.ca_path = self._pki.ca_cert
             _write(self.base_dir / "tokens.csv", f"{self.token},admin,admin,system:masters\n".encode(), 0o600)
             self._start_etcd()
@@ -460,6 +471,13 @@ class ControlPlane:
     def apiserver_running(self) -> bool:
         """Whether the kube-apiserver process is alive (False between stop_ and start_apiserver)."""
         return self._apiserver is not None and self._apiserver.alive()
+
+    @property
+    def service_account_key_path(self) -> Path:
+        """The private key service account tokens are signed with (for a controller manager)."""
+        if self._pki is None:
+            raise ControlPlaneError("the control plane is not started")
+        return self._pki.sa_key
 
     @property
     def binaries(self) -> Binaries | None:
@@ -556,11 +574,25 @@ class ControlPlane:
     def _apiserver_argv(self) -> list[str]:
         assert self._binaries is not None and self.base_dir is not None and self._pki is not None
         pki = self._pki
+        if self.advertise_address:
+            # Pods reach the API server through the kubernetes Service, whose endpoint is this
+            # address (kept by the lease reconciler).
+            placement = ["--bind-address=0.0.0.0", f"--advertise-address={self.advertise_address}",
+                         "--endpoint-reconciler-type=lease"]
+        else:
+            # The loopback advertise address may not be an endpoint of the kubernetes Service.
+            placement = [f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}",
+                         "--endpoint-reconciler-type=none"]
+        plugins = "NamespaceLifecycle,LimitRanger,DefaultTolerationSeconds,MutatingAdmissionWebhook," \
+                  "ValidatingAdmissionWebhook,ResourceQuota"
+        if self.service_accounts:
+            admission = [f"--enable-admission-plugins={plugins},ServiceAccount"]
+        else:
+            admission = [f"--enable-admission-plugins={plugins}", "--disable-admission-plugins=ServiceAccount"]
         return [
             self._binaries.kube_apiserver,
             f"--etcd-servers={self.etcd_url}",
-            f"--bind-address={LOOPBACK}",
-            f"--advertise-address={LOOPBACK}",
+            *placement,
             f"--secure-port={self._apiserver_port}",
             f"--tls-cert-file={pki.serving_cert}",
             f"--tls-private-key-file={pki.serving_key}",
@@ -570,11 +602,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
-            "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,DefaultTolerationSeconds,"
-            "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
-            "--disable-admission-plugins=ServiceAccount",
-            # The loopback advertise address may not be an endpoint of the kubernetes Service.
-            "--endpoint-reconciler-type=none",
+            *admission,
             "--allow-privileged=true",
             "--profiling=false",
             *self._extra_args,

@@ -1,8 +1,10 @@
 """The demo: one command that shows kubedock-dns resolving Docker network names per test run.
 
-``python -m testbed.demo`` (what ``scripts/demo`` runs) builds or reuses the cached control plane
-(``scripts/build-tools.sh``: kube-apiserver and etcd under ``~/.cache/kubedock-dns/``), brings up
-the end-to-end bed (:mod:`testbed.bed`), and plays two test runs side by side in one namespace,
+``python -m testbed.demo`` (what ``scripts/demo`` runs) builds or reuses the cached Kubernetes
+binaries (``scripts/build-tools.sh`` under ``~/.cache/kubedock-dns/``), brings up a real single
+node (:mod:`testbed.node`: kube-apiserver, controller manager, scheduler, kubelet, kube-proxy,
+containerd, CoreDNS) with kubedock-dns serving one namespace behind a Service
+(:mod:`testbed.node.nodebed`), and plays two test runs side by side in that namespace,
 as two testcontainers suites sharing one kubedock would: each run is a Docker network with a
 ``db`` and a ``service`` container, created as kubedock creates pods. Then each run's
 ``service`` resolves names from inside its pod (glibc ``getent``, through the resolv.conf the
@@ -10,9 +12,12 @@ webhook's mutation produced) and a table shows who asked what, the answer, wheth
 and why. Everything is torn down at the end, also on failure or Ctrl-C.
 
 Exit status: 0 when every answer is right, 1 when any is wrong, 2 when the demo cannot run
-(the message says what is missing). Without root (or with ``--loopback``) there are no network
-namespaces: pods are source addresses in 127.0.0.0/8 and the lookups are made with dnspython
-bound to them (glibc's search-list handling is emulated), which the output says.
+(the message says what is missing). ``--stand-in`` (or a machine that cannot run a node, which
+the output says) uses the quick end-to-end bed instead (:mod:`testbed.bed`: the same API server
+and webhook, a kubelet stand-in with network namespaces, dnsmasq as the cluster DNS).  Without
+root (or with ``--loopback``) there are no network namespaces: pods are source addresses in
+127.0.0.0/8 and the lookups are made with dnspython bound to them (glibc's search-list handling is
+emulated), which the output says.
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ class Resolver:
 
 def run_scenario(bed) -> list[Row]:
     """Two test runs, each a network with ``db`` and ``service``; their lookups as rows."""
-    from testbed.bed import DECOY_DB_IP, KUBERNETES_IP, new_network_id
+    from testbed.bed import new_network_id
 
     runs = {}
     for run in ("run-a", "run-b"):
@@ -131,12 +136,12 @@ def run_scenario(bed) -> list[Row]:
     fqdn = f"db.{bed.namespace}.svc.cluster.local"
     rows.append(Row("run-a/service", f"run-a ({network[:8]})", fqdn,
                     resolver.forward(service, fqdn + "."), db.ip,
-                    f"search suffix stripped: the cluster's Service db ({DECOY_DB_IP}) never answers"))
+                    f"search suffix stripped: the cluster's Service db ({bed.decoy_db_ip}) never answers"))
     rows.append(Row("run-a/service", f"run-a ({network[:8]})", "cache", resolver.forward(service, "cache"),
                     NOT_FOUND, "no container called cache in run-a: not found, as in Docker "
                     "(never a namespace Service)"))
     rows.append(Row("run-a/service", f"run-a ({network[:8]})", "kubernetes.default",
-                    resolver.forward(service, "kubernetes.default"), KUBERNETES_IP,
+                    resolver.forward(service, "kubernetes.default"), bed.kubernetes_ip,
                     "not a container name: forwarded to the cluster DNS"))
     return rows
 
@@ -163,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "test runs resolving their own Docker networks; tear everything down.")
     parser.add_argument("--loopback", action="store_true",
                         help="no network namespaces even as root: pods are 127.0.0.0/8 addresses")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="the quick bed (kubelet stand-in, network namespaces) instead of a real node")
     args = parser.parse_args(argv)
 
     def interrupted(signum: int, frame: object) -> None:
@@ -173,7 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from testbed import netns
     from testbed.bed import BedError, EndToEndBed
     from testbed.controlplane import BinariesUnavailable, ControlPlane, ControlPlaneError, find_binaries
+    from testbed.node.cluster import unavailable_reason
 
+    if not (args.loopback or args.stand_in):
+        reason = unavailable_reason()
+        if reason is None:
+            return _on_a_real_node()
+        say(f"NOTE: no real node here ({reason}); using the stand-in bed")
     if args.loopback:
         say(f"--loopback: {netns.LOOPBACK_FALLBACK}")
     else:
@@ -207,11 +220,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BedError, ControlPlaneError) as e:
         say(f"the demo could not run: {e}")
         return 2
+    where = ("from inside each pod's network namespace with glibc (getent), kubelet stand-in"
+             if not bed.loopback else "with dnspython from each pod's 127.0.0.0/8 address (no "
+             f"namespaces: {bed.loopback_reason})")
+    return _report(rows, bed.namespace, where, leftover)
+
+
+def _on_a_real_node() -> int:
+    """The demo on a real single node: real pods, kubelet, kube-proxy, CoreDNS."""
+    from testbed.bed import BedError
+    from testbed.controlplane import ControlPlaneError
+    from testbed.node.cluster import Node
+    from testbed.node.errors import NodeError
+    from testbed.node.nodebed import NodeBed
+
+    say("data plane: a real single node (kubelet, kube-proxy, containerd + runc + bridge CNI, "
+        "CoreDNS); binaries built once into ~/.cache/kubedock-dns by scripts/build-tools.sh "
+        "(a first build takes 20-30 minutes on 2 cores)")
+    try:
+        with Node(progress=lambda m: say(f"node: {m}")) as node:
+            with NodeBed(node, namespace_prefix="demo", progress=say) as bed:
+                say(f"kubedock-dns serves namespace {bed.namespace} behind Service {bed.service_ip} "
+                    f"(kube-proxy, {node.proxy_mode} mode); CoreDNS behind {node.cluster_dns_ip}")
+                rows = run_scenario(bed)
+                if any(not r.ok for r in rows):
+                    say("some answers are wrong; kubedock-dns's log ends with:\n" + bed.server_log(40))
+            leftover = bed.leftovers()
+        leftover += node.leftovers()
+    except KeyboardInterrupt:
+        say("interrupted; everything was torn down")
+        return 130
+    except (NodeError, BedError, ControlPlaneError) as e:
+        say(f"the demo could not run: {e}")
+        return 2
+    where = ("inside real pods started by the kubelet (glibc getent), through the kubedock-dns "
+             "Service IP programmed by kube-proxy")
+    return _report(rows, bed.namespace, where, leftover)
+
+
+def _report(rows: Sequence[Row], namespace: str, where: str, leftover: Sequence[str]) -> int:
     print()
-    where = ("from inside each pod's network namespace with glibc (getent)" if not bed.loopback
-             else "with dnspython from each pod's 127.0.0.0/8 address (no namespaces: "
-                  f"{bed.loopback_reason})")
-    print(f"Two test runs in namespace {bed.namespace}, one Docker network each; lookups made {where}:")
+    print(f"Two test runs in namespace {namespace}, one Docker network each; lookups made {where}:")
     print()
     print_table(rows)
     print()

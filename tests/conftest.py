@@ -1,5 +1,6 @@
 """Shared fixtures: the real control plane (one per session) and a fresh namespace per test.
 
+``node`` is a real single node (see tests/test_node.py), started on first use.
 ``control_plane`` is a :class:`testbed.controlplane.ControlPlane` (etcd + kube-apiserver on
 loopback); it skips, with the reason, only when the binaries cannot be obtained at all (no cached
 build and no Go toolchain).  ``core_api`` is a ``CoreV1Api`` on it, ``namespace`` the name of a
@@ -69,3 +70,32 @@ def _delete_namespace(core_api: Any, name: str) -> None:
     except ApiException as e:
         if e.status != 404:
             raise
+
+
+@pytest.fixture(scope="session")
+def node() -> Iterator[Any]:
+    """A real single node (``testbed.node.Node``) for the whole session; at its end, the proof that
+    it left nothing behind (processes, mounts, network namespaces, bridge, kube-proxy's rules,
+    its run directory).  Skips, with the reason, only when this machine cannot run a node at all."""
+    from testbed.node.cluster import Node
+    from testbed.node.errors import NodeUnavailable
+
+    bed = Node(registry_hosts=_registry_hosts())
+    try:
+        bed.start()
+    except NodeUnavailable as e:
+        pytest.skip(f"no real node on this machine: {e}")
+    try:
+        yield bed
+    finally:
+        bed.close()
+    left = bed.leftovers()
+    assert left == [], f"the node left things behind: {left}"
+
+
+def _registry_hosts() -> list[str]:
+    """Registries containerd must pull from over plain HTTP (``KUBEDOCK_DNS_TEST_REGISTRIES``,
+    comma-separated host:port)."""
+    import os
+
+    return [h for h in os.environ.get("KUBEDOCK_DNS_TEST_REGISTRIES", "").split(",") if h]

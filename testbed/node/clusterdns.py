@@ -1,0 +1,90 @@
+"""CoreDNS as the cluster DNS: a Deployment in kube-system behind the ``kube-dns`` Service.
+
+Contract: :func:`cluster_dns_objects` returns the objects a cluster installer (kubeadm's CoreDNS
+addon) creates, adapted to this bed: the image is the static CoreDNS binary packed here
+(:func:`testbed.node.images.coredns_image`), it runs as an unprivileged user and so listens on
+port 1053 (the Service maps 53 to it: no capability needed), with the ``kubernetes`` plugin for
+``cluster.local`` and reverse zones, ``ready`` on 8181 as the readiness probe, and everything else
+forwarded to the node's resolvers (``dnsPolicy: Default``).  The Service has the fixed ClusterIP
+the kubelet's ``clusterDNS`` names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["COREFILE", "cluster_dns_objects"]
+
+COREFILE = """.:1053 {
+    errors
+    health :8080
+    ready :8181
+    kubernetes %(domain)s in-addr.arpa ip6.arpa {
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }
+    forward . /etc/resolv.conf {
+        max_concurrent 1000
+    }
+    cache 30
+}
+"""
+
+_LABELS = {"k8s-app": "kube-dns"}
+
+
+def cluster_dns_objects(image: str, cluster_ip: str, domain: str = "cluster.local") -> list[dict[str, Any]]:
+    ns = "kube-system"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "system:coredns"},
+         "rules": [
+             {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+              "verbs": ["list", "watch"]},
+             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "system:coredns"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+         "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": ns}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": ns},
+         "data": {"Corefile": COREFILE % {"domain": domain}}},
+        {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {"name": "coredns", "namespace": ns, "labels": _LABELS},
+         "spec": {
+             "replicas": 1,
+             "selector": {"matchLabels": _LABELS},
+             "template": {
+                 "metadata": {"labels": _LABELS},
+                 "spec": {
+                     "serviceAccountName": "coredns",
+                     "dnsPolicy": "Default",
+                     "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [{
+                         "name": "coredns",
+                         "image": image,
+                         "imagePullPolicy": "IfNotPresent",
+                         "args": ["-conf", "/etc/coredns/Corefile"],
+                         "ports": [{"name": "dns", "containerPort": 1053, "protocol": "UDP"},
+                                   {"name": "dns-tcp", "containerPort": 1053, "protocol": "TCP"}],
+                         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181},
+                                            "periodSeconds": 2},
+                         "livenessProbe": {"httpGet": {"path": "/health", "port": 8080},
+                                           "periodSeconds": 10, "failureThreshold": 5},
+                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                             "capabilities": {"drop": ["ALL"]}},
+                         "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+                     }],
+                     "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+                 },
+             },
+         }},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": ns, "labels": _LABELS},
+         "spec": {"clusterIP": cluster_ip, "selector": _LABELS,
+                  "ports": [{"name": "dns", "port": 53, "targetPort": 1053, "protocol": "UDP"},
+                            {"name": "dns-tcp", "port": 53, "targetPort": 1053, "protocol": "TCP"}]}},
+    ]
