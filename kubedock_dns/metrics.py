@@ -36,6 +36,7 @@ METRICS: dict[str, tuple[str, str]] = {
                           "failed)."),
     "refused": (COUNTER, "Queries answered REFUSED because too many forwarded queries were in flight."),
     "formerr": (COUNTER, "Malformed queries answered FORMERR."),
+    "badvers": (COUNTER, "Queries with an EDNS version above 0, answered BADVERS (RFC 6891 6.1.3)."),
     "notimp": (COUNTER, "Queries with an opcode other than QUERY, answered NOTIMP."),
     "dropped": (COUNTER, "Datagrams dropped unanswered (shorter than a header, or a response)."),
     "held": (COUNTER, "Queries held waiting for a name (or the asker) to appear in the index."),
