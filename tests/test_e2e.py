@@ -51,7 +51,7 @@ def bed(request: pytest.FixtureRequest) -> Iterator[Any]:
     ok, reason = netns.is_available()
     if not ok:
         pytest.skip(reason)
-    with EndToEndBed(control_plane=control_plane, dataplane="netns",
+    with EndToEndBed(control_plane=request.getfixturevalue("control_plane"), dataplane="netns",
                      server_args=["--unresolved-network", KUBEDOCK_BRIDGE]) as b:
         assert b.server is not None and b.server.popen is not None
         server_pid = b.server.popen.pid
