@@ -21,9 +21,11 @@ so its cost in the DNS process is a copy of bytes, whatever the review holds.
 from __future__ import annotations
 
 import multiprocessing
+import sys
+from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -33,6 +35,27 @@ from kubedock_dns.webhook import Rendered, WebhookConfig, render_review
 log = Logger()
 
 __all__ = ["ReviewPool"]
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """A spawned process re-imports the parent's ``__main__`` (by module name, or by file path)
+    before it runs anything: an entry script without a ``__main__`` guard would run again in the
+    worker, and one read from stdin cannot be found.  The worker needs only this package, so
+    while processes are started ``__main__`` shows neither (the executor starts them in
+    ``submit``, in this thread)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _unavailable(reason: str) -> Rendered:
@@ -64,7 +87,8 @@ class ReviewPool:
             return succeed(_unavailable(f"{self.pending} reviews are waiting already"))
         executor = self._pool()
         try:
-            future = executor.submit(render_review, body, self.config)
+            with _main_not_reimported():
+                future = executor.submit(render_review, body, self.config)
         except (BrokenProcessPool, RuntimeError) as e:
             self._replace(executor, e)
             return succeed(_unavailable(f"the review worker was lost ({type(e).__name__})"))

@@ -18,7 +18,6 @@ import datetime
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from testbed.ports import wait_for_ports
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "kubedock-dns"
@@ -660,14 +661,10 @@ def test_rendered_webhook_mutates_pods_for_real(
     mounted.mkdir()
     for key, data in one(objects, "Secret")["data"].items():
         (mounted / key).write_bytes(base64.b64decode(data))
-    ports = {}
-    for name in ("dns", "webhook", "ops"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports[name] = s.getsockname()[1]
+    # Port 0 for each listener: the server logs the ports the kernel gave (testbed.ports).
     local = {
-        "--dns-port": str(ports["dns"]), "--webhook-port": str(ports["webhook"]),
-        "--ops-port": str(ports["ops"]), "--tls-cert": str(mounted / "tls.crt"),
+        "--dns-port": "0", "--webhook-port": "0",
+        "--ops-port": "0", "--tls-cert": str(mounted / "tls.crt"),
         "--tls-key": str(mounted / "tls.key"),
     }
     argv = []
@@ -685,6 +682,7 @@ def test_rendered_webhook_mutates_pods_for_real(
     admission: Any = client.AdmissionregistrationV1Api(core_api.api_client)
     webhook = one(objects, "MutatingWebhookConfiguration")
     try:
+        ports = wait_for_ports(tmp_path / "kubedock-dns.log", ("dns", "webhook", "ops"), lambda: server.poll() is None)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + 60
         while True:

@@ -39,11 +39,12 @@ def test_short_coverage_guided_run_finds_nothing(target, tmp_path):
     without a crash; a crash is written to the test's temporary directory and named here, to be
     copied into tests/fuzz_corpus/<target>/ with its fix."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    (tmp_path / "work").mkdir()  # new inputs go here; the kept corpus is only read
     done = subprocess.run(
         [sys.executable, "-m", "tests.fuzz", target, f"-max_total_time={SHORT_RUN_SECONDS}",
          f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", str(tmp_path / "work"), str(CORPUS / target)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=SHORT_RUN_SECONDS * 6 + 60,
-    ) if (tmp_path / "work").mkdir() is None else None
+    )
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name != "work")
     assert done.returncode == 0 and not crashes, (crashes, done.stderr[-3000:])
     runs = [line for line in done.stderr.splitlines() if line.startswith("stat::number_of_executed_units")]

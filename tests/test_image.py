@@ -32,7 +32,8 @@ import pytest
 
 from kubedock_dns.tls import generate_ca_and_cert
 from testbed.image import Podman, PodmanUnavailable, Registry, debian_base, podman_shim
-from testbed.upstream import Dnsmasq, free_port
+from testbed.ports import listening_ports
+from testbed.upstream import Dnsmasq
 from tests.podfactory import kubedock_pod, network_id
 
 pytestmark = pytest.mark.image
@@ -175,6 +176,20 @@ def _wait_http(url: str, context: ssl.SSLContext | None, container: str, podman:
     raise AssertionError(f"{url} never answered 200 ({last}); container {container}:\n{logs[-4000:]}")
 
 
+def _logged_ports(container: str, podman: Podman, timeout: float = 90) -> dict[str, int]:
+    """The ports the server in ``container`` logged it listens on (testbed.ports)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ports = listening_ports(podman("logs", container))
+        if {"dns", "webhook", "ops"} <= ports.keys():
+            return ports
+        state = podman("inspect", "--format", "{{.State.Status}}", container).strip()
+        if state != "running" or time.monotonic() > deadline:
+            raise AssertionError(f"container {container} ({state}) did not log its ports:\n"
+                                 f"{podman('logs', container)[-4000:]}")
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def running(built: Built, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The pulled image started as the chart starts it (module docstring), serving two networks
@@ -196,8 +211,7 @@ def running(built: Built, tmp_path: Path) -> Iterator[dict[str, Any]]:
         os.chown(directory, 0, UID)
         directory.chmod(0o750)
     name = f"kubedock-dns-test-{secrets.token_hex(4)}"
-    with Dnsmasq("127.0.0.1", free_port(), namespace="tests") as upstream:
-        dns_port, webhook_port, ops_port = free_port(), free_port(), free_port()
+    with Dnsmasq("127.0.0.1", namespace="tests") as upstream:
         built.podman(
             "run", "--detach", "--name", name, "--network", "host",
             "--user", f"{UID}:{UID}", "--read-only", "--read-only-tmpfs=false",
@@ -206,14 +220,17 @@ def running(built: Built, tmp_path: Path) -> Iterator[dict[str, Any]]:
             "--volume", f"{tls}:/etc/kubedock-dns/tls:ro", "--volume", f"{data}:/data:ro",
             built.ref,
             "--pods-file=/data/pods.json",
-            f"--dns-port={dns_port}", "--dns-interface=127.0.0.1", f"--upstream={upstream.upstream_arg}",
-            f"--webhook-port={webhook_port}", "--webhook-interface=127.0.0.1",
+            "--dns-port=0", "--dns-interface=127.0.0.1", f"--upstream={upstream.upstream_arg}",
+            "--webhook-port=0", "--webhook-interface=127.0.0.1",
             f"--tls-cert=/etc/kubedock-dns/tls/{generated.cert_path.name}",
             f"--tls-key=/etc/kubedock-dns/tls/{generated.key_path.name}",
             "--dns-service-ip=10.96.0.53",
-            f"--ops-port={ops_port}", "--ops-interface=127.0.0.1",
+            "--ops-port=0", "--ops-interface=127.0.0.1",
         )
         try:
+            # Port 0 for each listener (host network): the server logs what the kernel gave it.
+            ports = _logged_ports(name, built.podman)
+            dns_port, webhook_port, ops_port = ports["dns"], ports["webhook"], ports["ops"]
             context = ssl.create_default_context(cadata=generated.ca_pem.decode())
             _wait_http(f"http://127.0.0.1:{ops_port}/readyz", None, name, built.podman)
             _wait_http(f"https://127.0.0.1:{webhook_port}/healthz", context, name, built.podman)

@@ -10,6 +10,7 @@ huge review does not stall DNS answers served by the same process.
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import socket
@@ -371,3 +372,31 @@ def test_log_lines_about_a_review_stay_short(annotations: dict[str, str] | None)
         globalLogPublisher.removeObserver(observer)
     assert lines
     assert max(map(len, lines)) < 3000
+
+
+STDIN_PARENT = """
+import json, sys
+from twisted.internet import reactor
+from kubedock_dns.reviewing import ReviewPool
+from kubedock_dns.webhook import WebhookConfig
+from tests.test_webhook import admission_review, pod
+pool = ReviewPool(WebhookConfig(nameserver_ip="10.96.0.53"), reactor)
+def go():
+    def done(rendered):
+        print("status", rendered.status, flush=True)
+        pool.close()
+        reactor.stop()
+    pool.review(json.dumps(admission_review("CREATE", pod())).encode()).addCallback(done)
+reactor.callWhenRunning(go)
+reactor.run()
+"""
+
+
+def test_the_worker_starts_whatever_the_parent_main_is():
+    """The worker is spawned without re-importing the parent's __main__: a parent whose
+    program came from stdin (no file to import) with no __main__ guard still gets its reviews
+    decided, instead of 503 for every review."""
+    done = subprocess.run([sys.executable, "-"], input=STDIN_PARENT, capture_output=True, text=True,
+                          timeout=120, cwd=str(Path(__file__).resolve().parent.parent),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert "status 200" in done.stdout, done.stdout + done.stderr[-2000:]
