@@ -21,34 +21,27 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from kubedock_dns.logs import WarningLimiter
+
 log = Logger()
 
 __all__ = ["ConnectionCap", "RateLimitedLog", "Refused"]
 
 
 class RateLimitedLog:
-    """One warning per ``interval`` seconds per ``kind``, with the count of the ones skipped."""
+    """One warning per ``interval`` seconds per ``kind``, with the count of the ones skipped
+    (:class:`kubedock_dns.logs.WarningLimiter` does the limiting), and a count per kind."""
 
     def __init__(self, clock: Any, interval: float = 60.0) -> None:
-        self._clock = clock
         self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._limiter = WarningLimiter(log, clock.seconds, interval)
         self.counts: dict[str, int] = {}
 
     def bite(self, kind: str, text: str) -> None:
         """Count one event of ``kind``; log ``text`` unless one was logged within the interval."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        now = self._clock.seconds()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        skipped = self._suppressed.pop(kind, 0)
-        self._last[kind] = now
-        more = f" ({skipped} more since the last report)" if skipped else ""
-        log.warn("{text}{more}; logged at most once per {interval:.0f}s",
-                 text=text, more=more, interval=self.interval)
+        self._limiter.warn(kind, "{text}; logged at most once per {interval:.0f}s", text=text,
+                           interval=self.interval)
 
 
 class _Counted(ProtocolWrapper):
