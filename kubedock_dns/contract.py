@@ -201,7 +201,7 @@ def name_problem(value: Any) -> str | None:
             what = "it ends with '.'"
         else:
             what = f"it starts with {value[0]!r}"
-        return f"{what}: DNS names use letters, digits, '-', '_' and '.', starting with a letter or digit"
+        return f"{what} (use letters, digits, '-', '_', '.'; start with a letter or digit)"
     for label in value.split("."):
         if not label:
             return "it has an empty part between dots"

@@ -15,9 +15,9 @@ Contract (DESIGN section 5):
   (:func:`kubedock_dns.contract.check_pod_annotations`; denial code 400 naming key and value),
   ``spec.hostNetwork: true`` is refused (code 403); a name that cannot be a DNS name (an alias
   ``db:5432``, a container name longer than 63 characters) is admitted with an admission warning
-  naming the container and the name (it is simply not resolvable, as in Docker); other annotations
-  (kubedock copies the container's labels into them) are left alone.  The pod is mutated with a JSON patch setting
-  ``spec.dnsPolicy: None`` and ``spec.dnsConfig``.  In that ``dnsConfig`` kubedock-dns owns
+  naming the container and the name (it is simply not resolvable, as in Docker); other
+  annotations (kubedock copies the container's labels into them) are left alone.  The pod is
+  mutated with a JSON patch setting ``spec.dnsPolicy: None`` and ``spec.dnsConfig``.  In that ``dnsConfig`` kubedock-dns owns
   ``nameservers`` (exactly the configured IP) and ``searches`` (``<ns>.svc.<domain>``,
   ``svc.<domain>``, ``<domain>``: the cluster's usual list) and the ``ndots`` option; the pod's other
   options are kept, in their order, after ``ndots``.  The patch uses ``add``, which per RFC 6902
@@ -59,9 +59,9 @@ from kubedock_dns.contract import (
     DEFAULT_OPT_IN_LABEL,
     HOSTALIAS_PREFIX,
     NETWORK_PREFIX,
+    CONTAINER_NAME_ANNOTATION,
     AnnotationError,
     canonical_ip,
-    CONTAINER_NAME_ANNOTATION,
     check_pod_annotations,
     contract_view,
     sort_names,
@@ -296,17 +296,19 @@ def _describe_changes(old: Mapping[str, str], new: Mapping[str, str]) -> str:
 def _name_warnings(request: Mapping[str, Any], annotations: Mapping[str, str],
                    labels: Mapping[str, str]) -> list[str]:
     """One warning per name that cannot be a DNS name: the pod runs, that name does not resolve."""
+    # Names shortened: the API server cuts every warning to 256 characters once all exceed 4 KiB.
     container = annotations.get(CONTAINER_NAME_ANNOTATION)
-    who = f"container {_shorten(container.lstrip('/'))!r} ({_describe(request)})" if container else _describe(request)
+    who = _describe(request)
+    if container:
+        who = f"container {_shorten(container.lstrip('/'))!r} ({who})"
     return [
-        f"{who}: {key}={_shorten(value)!r} cannot be a DNS name ({reason}); the container runs, "
-        f"but no other container can resolve it by this name: use a name of letters, digits, "
-        f"'-', '_' and '.', at most 63 characters between dots, to make it resolvable"
+        f"{who}: {key}={_shorten(value)!r} cannot be a DNS name: {reason}; the container runs, but "
+        f"nothing can resolve it by this name: rename it to make it resolvable"
         for key, value, reason in sort_names(annotations, labels).refused
     ]
 
 
-def _shorten(value: str, limit: int = 80) -> str:
+def _shorten(value: str, limit: int = 48) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 

@@ -410,11 +410,9 @@ class UnknownAskerTests(DNSServerTestCase):
     @defer.inlineCallbacks
     def test_outside_names_are_forwarded_at_once_while_a_pod_awaits_its_address(self):
         """An unknown source's outside names are not held even while some pod awaits its IP."""
-        started = time.monotonic()
         for _ in range(3):
             r = yield self.ask(OUTSIDER, "kubernetes.default.svc.cluster.local")
             self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
-        self.assertLess(time.monotonic() - started, 1.4)
         self.assertEqual(self.top.dns_factory.counters.held, 0)
 
     @defer.inlineCallbacks
@@ -425,23 +423,21 @@ class UnknownAskerTests(DNSServerTestCase):
         r = yield self.ask(OUTSIDER, f"db.{NS}.svc.cluster.local")
         self.assertGreaterEqual(time.monotonic() - started, 1.4)
         self.assertEqual(addresses(r), [self.dnsmasq.service_ip])  # a plain forwarder for a non-pod
-        started = time.monotonic()
         for name in (f"db.{NS}.svc.cluster.local", "db.svc.cluster.local", "db"):
             yield self.ask(OUTSIDER, name)
-        self.assertLess(time.monotonic() - started, 1.4)
         self.assertEqual(self.top.dns_factory.counters.held, 1)
 
     @defer.inlineCallbacks
     def test_held_question_is_decided_when_the_askers_ip_is_indexed(self):
         """The moment the pod that awaited its address gets the asker's IP, its held question is
         answered from its network, well before the hold bound."""
-        started = time.monotonic()
         pending = self.ask("127.10.2.50", "db")
         yield task.deferLater(reactor, 0.2, lambda: None)
         self.index.apply([Upserted(record("newbie", [NET_B], ip="127.10.2.50", namespace=NS, uid="newbie"))])
         r = yield pending
         self.assertEqual(addresses(r), [B_DB])
-        self.assertLess(time.monotonic() - started, 1.2)
+        counters = self.top.dns_factory.counters
+        self.assertEqual((counters.held, counters.hold_expired), (1, 0))  # decided, not timed out
 
 
 class ForwardingTests(DNSServerTestCase):

@@ -353,8 +353,12 @@ def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEn
     assert rc == 2 and DECOY_DB_IP not in ips, context(bed, out)
     assert dig_status(bed, app, f"db.{bed.namespace}.svc.cluster.local") == ("NXDOMAIN", [])
     db = bed.create_kubedock_pod("db", [network])
+    # app missed db a moment ago, so it is not held again: poll until the watch delivered db
+    deadline = time.monotonic() + 5
+    while ahosts(bed, app, "db")[:2] != (0, {db.ip}) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert ahosts(bed, app, "db")[:2] == (0, {db.ip})
-    bed.delete_pod(db, linger=20, wait=False)  # the pod stays Terminating with its IP
+    bed.delete_pod(db, linger=30, wait=False)  # the pod stays Terminating with its IP
     deadline = time.monotonic() + 5
     while True:
         rc, ips, out = ahosts(bed, app, "db")
@@ -369,7 +373,7 @@ def test_missing_container_is_not_found_never_the_namespace_service(bed: EndToEn
 
 def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> None:
     """kubedock deletes with the default grace period, so a removed container's pod stays
-    Terminating (here 20 s, its IP still up): its names and its reverse name stop resolving as
+    Terminating (here 30 s, its IP still up): its names and its reverse name stop resolving as
     soon as the deletion is seen (``docker rm``), while the terminating pod itself still resolves
     its peers."""
     network = new_network_id()
@@ -377,7 +381,7 @@ def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> Non
     peer = bed.create_kubedock_pod("peer", [network])
     assert ahosts(bed, peer, "doomed")[:2] == (0, {victim.ip})
     began = time.monotonic()
-    bed.delete_pod(victim, linger=20, wait=False)
+    bed.delete_pod(victim, linger=30, wait=False)
     while True:
         rc, ips, out = ahosts(bed, peer, "doomed")
         if rc == 2 or time.monotonic() - began > 5:
@@ -387,7 +391,7 @@ def test_grace_period_deletion_removes_the_name_at_once(bed: EndToEndBed) -> Non
     assert stored["metadata"]["deletionTimestamp"] and stored["status"]["podIP"] == victim.ip
     assert dig(bed, peer, "-x", victim.ip) == []
     assert ahosts(bed, victim, "peer")[:2] == (0, {peer.ip})
-    assert time.monotonic() - began < 15, "the checks ran after the grace period: they prove nothing"
+    assert time.monotonic() - began < 25, "the checks ran after the grace period: they prove nothing"
 
 
 def test_reverse_lookup_answers_the_container_name(bed: EndToEndBed) -> None:
@@ -416,11 +420,55 @@ def test_default_bridge_network_resolves_nothing(bed: EndToEndBed) -> None:
     network = new_network_id()
     both = bed.create_kubedock_pod("both", [KUBEDOCK_BRIDGE, network])
     store = bed.create_kubedock_pod("store", [network])
-    began = time.monotonic()
+    held = bed.metrics()["kubedock_dns_held_total"]
     rc, ips, out = ahosts(bed, lone_a, "lone-b")
     assert rc == 2 and lone_b.ip not in ips, context(bed, out)
-    assert time.monotonic() - began < 1.4, "a name on the bridge was held as if it could appear"
+    assert bed.metrics()["kubedock_dns_held_total"] == held, "held as if a name could appear there"
     assert ahosts(bed, both, "lone-a")[0] == 2
     assert ahosts(bed, both, "store")[:2] == (0, {store.ip})
     assert ahosts(bed, store, "both")[:2] == (0, {both.ip})
     assert KUBEDOCK_BRIDGE not in bed.debug_networks()["networks"]
+
+
+def test_docker_client_through_a_kubedock_compatible_api(bed: EndToEndBed) -> None:
+    """The Docker client's view (docker-py against a kubedock-compatible API that creates pods as
+    kubedock does): a container with a name longer than 63 characters and an alias ``db:5432``
+    starts (no "admission webhook denied" error) and is found by its valid names; containers run
+    without a network share the bridge and do not resolve each other; ``docker rm -f`` removes
+    the name at once although the pod is still terminating."""
+    docker = pytest.importorskip("docker")
+    from testbed.dockerapi import KubedockAPI
+
+    with KubedockAPI(bed, KUBEDOCK_BRIDGE, linger=30) as kubedock:
+        client = docker.DockerClient(base_url=kubedock.base_url, version="1.41", timeout=90)
+        api = client.api
+        network = client.networks.create("it-net")
+        long_name = "tc-postgres-" + "p" * 60
+        db = api.create_container(
+            "postgres:16", name=long_name, hostname="db",
+            host_config=api.create_host_config(network_mode=network.name),
+            networking_config=api.create_networking_config(
+                {network.name: api.create_endpoint_config(aliases=["db:5432", "postgres"])}))
+        api.start(db)
+        app = client.containers.run("busybox", name="app", network=network.name, detach=True)
+        db_pod, app_pod = kubedock.pod(db["Id"]), kubedock.pod(app.id)
+        assert len(db_pod.warnings) == 2, db_pod.warnings
+        for name in ("db", "postgres", db["Id"][:12]):
+            assert ahosts(bed, app_pod, name)[:2] == (0, {db_pod.ip}), context(bed, name)
+        rc, names, out = reverse(bed, app_pod, db_pod.ip)
+        assert (rc, names[:1]) == (0, ["db"]), context(bed, out)  # the long name is no DNS name
+
+        lone = client.containers.run("busybox", name="lone", hostname="lone", detach=True)
+        other = client.containers.run("busybox", name="other", detach=True)
+        assert kubedock.pod(lone.id).networks == (KUBEDOCK_BRIDGE,)
+        rc, ips, out = ahosts(bed, kubedock.pod(other.id), "lone")
+        assert rc == 2 and not ips, context(bed, out)
+
+        api.remove_container(db, force=True)
+        deadline = time.monotonic() + 5
+        while True:
+            rc, ips, out = ahosts(bed, app_pod, "postgres")
+            if rc == 2 or time.monotonic() > deadline:
+                break
+        assert rc == 2 and not ips, context(bed, out)
+        assert bed.stored_pod(db_pod)["metadata"].get("deletionTimestamp")

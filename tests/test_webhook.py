@@ -296,14 +296,16 @@ def test_malformed_network_annotations_are_refused_naming_key_and_value(
 @pytest.mark.parametrize(
     ("annotations", "labels", "expected"),
     [
-        ({"kubedock.hostalias/1": "db:5432"}, {}, ["kubedock.hostalias/1='db:5432'", "letters, digits"]),
+        ({"kubedock.hostalias/1": "db:5432"}, {}, ["kubedock.hostalias/1='db:5432'", "':' is not allowed"]),
         ({"kubedock.hostalias/1": "a" * 64}, {}, ["kubedock.hostalias/1", "64 characters", "63"]),
         ({"kubedock.containername": "/" + "c" * 70}, {}, ["kubedock.containername", "70 characters"]),
-        ({"kubedock.hostalias/0": "-db"}, {}, ["kubedock.hostalias/0='-db'", "starting with a letter"]),
+        ({"kubedock.hostalias/0": "-db"}, {}, ["kubedock.hostalias/0='-db'", "it starts with '-'"]),
         ({"kubedock.containername": "/my db"}, {}, ["kubedock.containername='my db'"]),
         ({}, {"kubedock.containerid": "_bad"}, ["kubedock.containerid='_bad'"]),
+        ({"kubedock.hostalias/x": "db2"}, {}, ["kubedock.hostalias/x='db2'", "is not an index"]),
     ],
-    ids=["alias-with-port", "long-alias", "long-container-name", "leading-dash", "space", "container-id"],
+    ids=["alias-with-port", "long-alias", "long-container-name", "leading-dash", "space", "container-id",
+         "alias-key"],
 )
 def test_names_that_cannot_be_dns_names_are_admitted_with_a_warning(
     client: Client, annotations: dict[str, str], labels: dict[str, str], expected: list[str]
