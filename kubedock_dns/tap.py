@@ -7,6 +7,7 @@ Only the reactor thread touches the index: the watcher thread hands its changes 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import time
 from collections import OrderedDict
@@ -134,6 +135,16 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     if not upstreams:
         with open(config.resolv_conf) as f:
             upstreams = upstreams_from_resolv_conf(f.read())
+    nameserver = injected_nameserver(config) if config.webhook_enabled else None
+    looping = [u for u in upstreams
+               if nameserver is not None and ipaddress.ip_address(u.host) == ipaddress.ip_address(nameserver)]
+    if looping:
+        source = "--upstream" if config.upstreams else config.resolv_conf
+        raise ValueError(
+            f"upstream {looping[0].host} (from {source}) is kubedock-dns' own Service address, which the "
+            f"webhook gives opted-in pods: every forwarded query would come back here. Do not label "
+            f"kubedock-dns' own pods for opt-in, and leave them dnsPolicy ClusterFirst (or give --upstream)"
+        )
     forwarder = Forwarder(reactor, upstreams, config.forward_timeout, config.max_forwards)
     ForwarderService(forwarder).setServiceParent(top)
 
@@ -167,8 +178,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
         )
         watcher.setServiceParent(top)
 
-    if config.webhook_enabled:
-        webhook_child(config, reactor, lambda: index.synced).setServiceParent(top)
+    if nameserver is not None:
+        webhook_child(config, nameserver, reactor, lambda: index.synced).setServiceParent(top)
 
     watcher_service = top.namedServices.get("watcher")
 
@@ -208,17 +219,21 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     return top
 
 
-def webhook_child(config: Config, reactor, ready) -> service.Service:
-    """The TLS admission webhook, injecting --dns-service-ip (or the named Service's IP)."""
+def injected_nameserver(config: Config) -> str:
+    """The address the webhook gives opted-in pods: --dns-service-ip, else the named Service's IP."""
+    if config.dns_service_ip:
+        return config.dns_service_ip
+    assert config.dns_service_name  # options require one of the two with the webhook
+    from kubedock_dns.watcher import service_cluster_ip
+
+    return service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
+
+
+def webhook_child(config: Config, nameserver: str, reactor, ready) -> service.Service:
+    """The TLS admission webhook, injecting ``nameserver`` into opted-in pods."""
     from kubedock_dns.webhook import WebhookApp, WebhookConfig, webhook_service
 
     assert config.tls_cert and config.tls_key  # webhook_enabled
-    nameserver = config.dns_service_ip
-    if not nameserver:
-        assert config.dns_service_name  # options require one of the two
-        from kubedock_dns.watcher import service_cluster_ip
-
-        nameserver = service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
     app = WebhookApp(
         WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
                       ndots=config.ndots, opt_in_label=config.opt_in_label),

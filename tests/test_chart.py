@@ -197,7 +197,7 @@ def test_deployment_stays_available(default: list[dict[str, Any]]) -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert ports[c[probe]["httpGet"]["port"]] == 8080
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
-    assert spec["template"]["spec"]["dnsPolicy"] == "Default"
+    assert spec["template"]["spec"]["dnsPolicy"] == "ClusterFirst"
 
 
 def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -> None:
@@ -209,7 +209,7 @@ def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -
     assert args["--opt-in-label"] == ["kubedock"]
     assert args["--dns-service-name"] == [one(default, "Service")["metadata"]["name"]]
     assert "--dns-service-ip" not in args
-    assert "--upstream" not in args  # helm template has no cluster: resolv.conf is used
+    assert "--upstream" not in args  # the pod's resolv.conf (ClusterFirst: the cluster DNS) is used
     pod = one(default, "Deployment")["spec"]["template"]["spec"]
     mount = next(m for m in container(default)["volumeMounts"] if m["name"] == "tls")
     volume = next(v for v in pod["volumes"] if v["name"] == "tls")
@@ -403,6 +403,21 @@ def test_explicit_tls_values_are_kept_across_upgrades(helm: str, default: list[d
     assert one(fresh, "Secret")["data"]["ca.crt"] != first["ca.crt"]
 
 
+def test_pod_labels_that_would_opt_the_server_in_are_refused(helm: str) -> None:
+    """podLabels carrying the opt-in label would make the webhook point kubedock-dns' own pods
+    at their own Service (a forwarding loop): rendering fails and says which label to remove.
+    Other pod labels, and the opt-in label with another value, are fine."""
+    result = run_helm(helm, "template", "kd", str(CHART), "--set-string", "podLabels.kubedock=true", check=False)
+    assert result.returncode != 0
+    assert "podLabels.kubedock=true would opt kubedock-dns' own pods in" in result.stderr
+    custom = run_helm(helm, "template", "kd", str(CHART), "--set", "optInLabel=example.com/kd",
+                      "--set-string", "podLabels.example\\.com/kd=true", check=False)
+    assert custom.returncode != 0 and "podLabels.example.com/kd=true" in custom.stderr
+    fine = render(helm, "--set-string", "podLabels.team=qa", "--set-string", "podLabels.kubedock=false")
+    labels = one(fine, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "qa" and labels["kubedock"] == "false"
+
+
 def test_partial_tls_values_are_refused(helm: str) -> None:
     """Giving only some of tls.caCert/cert/key fails with a message naming all three."""
     result = run_helm(helm, "template", "kd", str(CHART), "--set", "tls.cert=abc", check=False)
@@ -493,6 +508,73 @@ def test_every_rendered_object_is_accepted_by_the_api_server(
         assert result["metadata"]["name"] == obj["metadata"]["name"]
         applied.append(obj["kind"])
     assert "Deployment" in applied and "MutatingWebhookConfiguration" in applied
+
+
+def _without_tls_material(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects with the generated certificate's bytes (Secret data, caBundle) blanked."""
+    objects = json.loads(json.dumps(objects))
+    for obj in objects:
+        if obj["kind"] == "Secret":
+            obj["data"] = {key: "<generated>" for key in obj["data"]}
+        if obj["kind"] == "MutatingWebhookConfiguration":
+            for webhook in obj["webhooks"]:
+                webhook["clientConfig"]["caBundle"] = "<generated>"
+    return objects
+
+
+@pytest.mark.controlplane
+def test_helm_template_renders_what_helm_install_installs(
+    helm: str, control_plane: Any, core_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    """What GitOps tools apply (``helm template``, no cluster access) is what ``helm install``
+    applies on a real API server, even where a cluster DNS Service ``kube-system/kube-dns``
+    exists: the chart looks nothing up to find the upstream (the server reads its resolv.conf at
+    run time).  With the certificate given as values the manifests are identical; generated, only
+    the certificate's bytes differ (each render makes a new one)."""
+    from kubernetes.client.exceptions import ApiException
+
+    release = "kd"
+    created_kube_dns = False
+    try:
+        core_api.read_namespaced_service("kube-dns", "kube-system")
+    except ApiException as e:
+        assert e.status == 404
+        net = ipaddress.ip_network(control_plane.service_cidr)
+        core_api.create_namespaced_service("kube-system", {
+            "metadata": {"name": "kube-dns"},
+            "spec": {"clusterIP": str(net.network_address + 10), "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+        })
+        created_kube_dns = True
+    from kubedock_dns.tls import generate_ca_and_cert
+
+    tls = generate_ca_and_cert([f"{release}-kubedock-dns.{namespace}.svc"], tmp_path / "tls")
+    fixed = tmp_path / "values.yaml"
+    fixed.write_text(yaml.safe_dump({"tls": {"caCert": tls.ca_pem.decode(), "cert": tls.cert_path.read_text(),
+                                             "key": tls.key_path.read_text()}}))
+    common = ["--kubeconfig", str(control_plane.kubeconfig_path), "--namespace", namespace]
+
+    def installed(*args: str) -> list[dict[str, Any]]:
+        run_helm(helm, "install", release, str(CHART), *common, *args)
+        try:
+            manifest = run_helm(helm, "get", "manifest", release, *common).stdout
+        finally:
+            run_helm(helm, "uninstall", release, *common)
+        return [doc for doc in yaml.safe_load_all(manifest) if doc]
+
+    def key(obj: dict[str, Any]) -> tuple[str, str]:
+        return obj["kind"], obj["metadata"]["name"]
+
+    try:
+        for args, normalise in ((["-f", str(fixed)], lambda o: o), ([], _without_tls_material)):
+            templated = sorted(normalise(render(helm, *args, release=release, namespace=namespace)), key=key)
+            applied = sorted(normalise(installed(*args)), key=key)
+            assert [key(o) for o in templated] == [key(o) for o in applied]
+            for rendered, real in zip(templated, applied):
+                assert rendered == real, f"{key(rendered)} differs between helm template and helm install"
+            assert "--upstream" not in args_of(templated)
+    finally:
+        if created_kube_dns:
+            core_api.delete_namespaced_service("kube-dns", "kube-system")
 
 
 @pytest.mark.controlplane

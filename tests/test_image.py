@@ -1,342 +1,378 @@
-"""The container image: what the Dockerfile installs, and that its entrypoint starts.
+"""The container image, built for real: what a user builds, pushes and runs.
 
-No container engine exists on the test machines, so instead of building the image this module
-replays the Dockerfile: it reads the ``RUN`` instructions marked ``# image-test: run``, copies the
-build context exactly as ``.dockerignore`` filters it, and runs those commands with ``/bin/sh -c``
-(as Docker does) stage by stage, with the stage's ``ARG`` and ``ENV`` values, the image's
-directories (``WHEEL_DIR``, ``VENV``) redirected into a temporary directory and a fresh virtual
-environment standing in for the ``python`` base image (pip's download cache allowed and .pyc
-writing skipped, for speed only).  Then it starts the image's ``ENTRYPOINT``
-from the result.  So the test proves the install steps the image really performs, not a copy.
-
-The static checks below pin the properties the chart's restricted security context relies on
-(a numeric non-root user, an exec-form entrypoint) and the absence of build tools in the final
-stage.
+The repository's ``Dockerfile`` is built unchanged by podman (buildah) with the very commands
+docs/install.md gives (read from it and run by ``bash``), on a Debian base made here by
+debootstrap because ``python:3.11-slim`` cannot be pulled (:mod:`testbed.image`); the only
+differences are the settings this machine needs, added by a ``podman`` shim on ``PATH``:
+the test bed's storage, ``--isolation chroot`` and ``PYTHON_IMAGE``.  The image is
+pushed to a real registry (Debian's docker-registry on loopback), removed locally, pulled back,
+and run the way the chart runs it: uid 10001, read-only root filesystem, a writable ``/tmp``, all
+capabilities dropped, no privilege escalation, the TLS Secret mounted read-only with mode 0440.
+It must then serve DNS (``dig`` from a pod's address gets that pod's network's answer, and a
+cluster name is forwarded), the webhook (TLS, ``/healthz``, a real mutation) and the ops
+endpoint (``/readyz``, ``/metrics``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
-import shlex
-import shutil
+import secrets
+import ssl
 import subprocess
-import venv
-from dataclasses import dataclass, field
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
+from kubedock_dns.tls import generate_ca_and_cert
+from testbed.image import Podman, PodmanUnavailable, Registry, debian_base, podman_shim
+from testbed.upstream import Dnsmasq, free_port
+from tests.podfactory import kubedock_pod, network_id
+
+pytestmark = pytest.mark.image
+
 REPO = Path(__file__).resolve().parent.parent
-DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
-MARKER = "# image-test: run"
+INSTALL_DOC = REPO / "docs" / "install.md"
+TAG = "0.1.0-test"
+UID = 10001
 
-# The options the chart passes (helm/kubedock-dns/templates/deployment.yaml): the entrypoint of
-# the installed image must know every one of them.
-CHART_OPTIONS = (
-    "--dns-port",
-    "--webhook-port",
-    "--ops-port",
-    "--tls-cert",
-    "--tls-key",
-    "--dns-service-name",
-    "--dns-service-ip",
-    "--namespace",
-    "--opt-in-label",
-    "--ttl",
-    "--cluster-domain",
-    "--ndots",
-    "--upstream",
-    "--require-ready",
-)
+# Loopback only: never through a proxy the environment may name.
+urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
 
 
-# --- a small Dockerfile reader -------------------------------------------------------------------
+def documented_podman_commands() -> str:
+    """The ``podman build ... && podman push ...`` line of docs/install.md section 1."""
+    section = INSTALL_DOC.read_text().split("## 1.", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("podman build ")]
+    assert len(lines) == 1, f"docs/install.md section 1 should give one podman build line, found {lines}"
+    assert "podman push" in lines[0]
+    return lines[0]
 
 
-@dataclass
-class Instruction:
-    """One Dockerfile instruction with continuation lines joined, and whether it is marked."""
+class Built:
+    """The image as built, pushed and pulled back once for this module."""
 
-    keyword: str
-    arguments: str
-    marked: bool
-
-
-@dataclass
-class Stage:
-    """One ``FROM`` ... stage: its base, name and instructions."""
-
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-
-@dataclass
-class Dockerfile:
-    global_args: dict[str, str]
-    stages: list[Stage]
-
-
-def parse_dockerfile(text: str) -> Dockerfile:
-    """Split a Dockerfile into global ARGs and stages; continuation lines joined as Docker does
-    (the backslash and newline vanish; comment lines inside a continuation are dropped)."""
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    lines = text.splitlines()
-    i = 0
-    marked = False
-    while i < len(lines):
-        line = lines[i].strip()
-        i += 1
-        if not line:
-            continue
-        if line.startswith("#"):
-            if line == MARKER:
-                marked = True
-            continue
-        parts = [line]
-        while parts[-1].endswith("\\") and i < len(lines):
-            parts[-1] = parts[-1][:-1]
-            nxt = lines[i]
-            i += 1
-            if nxt.strip().startswith("#"):
-                parts.append("\\")  # keep continuing past the comment
-                continue
-            parts.append(nxt)
-        joined = "".join(p for p in parts if p != "\\")
-        keyword, _, arguments = joined.strip().partition(" ")
-        keyword = keyword.upper()
-        instruction = Instruction(keyword, arguments.strip(), marked)
-        marked = False
-        if keyword == "FROM":
-            words = arguments.split()
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(words[0], name))
-        elif not stages:
-            if keyword == "ARG":
-                key, _, default = arguments.strip().partition("=")
-                global_args[key] = default
-        else:
-            stages[-1].instructions.append(instruction)
-    return Dockerfile(global_args, stages)
-
-
-_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
-def substitute(text: str, variables: dict[str, str]) -> str:
-    """Dockerfile variable substitution (``$VAR`` and ``${VAR}``)."""
-    return _VARIABLE.sub(lambda m: variables.get(m.group(1) or m.group(2), ""), text)
-
-
-def env_pairs(arguments: str) -> list[tuple[str, str]]:
-    """The ``KEY=VALUE`` pairs of an ``ENV`` instruction."""
-    return [tuple(word.split("=", 1)) for word in shlex.split(arguments)]  # type: ignore[misc]
-
-
-def shell_command(run_arguments: str) -> str:
-    """The shell-form command of a ``RUN``, without its ``--mount``/``--network`` flags."""
-    rest = run_arguments.strip()
-    while rest.startswith("--"):
-        rest = rest.split(None, 1)[1] if " " in rest else ""
-        rest = rest.lstrip()
-    assert not rest.startswith("["), "marked RUN instructions must use the shell form"
-    return rest
-
-
-# --- .dockerignore, with moby's patternmatcher semantics -----------------------------------------
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    out = ""
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out += "(.*/)?"
-            i += 3
-        elif pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-        else:
-            c = pattern[i]
-            out += "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c)
-            i += 1
-    return re.compile(f"^{out}$")
-
-
-def build_context_files(root: Path) -> list[Path]:
-    """Relative paths of the files ``docker build`` would send: the last matching pattern of
-    ``.dockerignore`` decides, and a pattern matching a parent directory matches its files."""
-    rules = []
-    for raw in DOCKERIGNORE.read_text().splitlines():
-        raw = raw.strip()
-        if not raw or raw.startswith("#"):
-            continue
-        exclude = not raw.startswith("!")
-        pattern = os.path.normpath(raw.lstrip("!").strip("/"))
-        rules.append((exclude, pattern, _pattern_regex(pattern), pattern.count("/") + 1))
-    kept = []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or ".git" in path.relative_to(root).parts[:1]:
-            continue
-        rel = path.relative_to(root).as_posix()
-        parts = rel.split("/")
-        excluded = False
-        for exclude, _, regex, depth in rules:
-            if regex.match(rel) or (len(parts) > depth and regex.match("/".join(parts[:depth]))):
-                excluded = exclude
-        if not excluded:
-            kept.append(Path(rel))
-    return kept
-
-
-# --- the replay ----------------------------------------------------------------------------------
-
-
-def _host_env(base_bin: Path) -> dict[str, str]:
-    """The environment a fresh ``python`` image would give: its interpreter first on PATH, none of
-    this machine's Python or pip redirections (the network settings, like certificates, stay)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PYTHON", "PYENV", "VIRTUAL_ENV", "CONDA"))
-        and k not in {"PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_REQUIRE_VIRTUALENV", "PIP_USER"}
-    }
-    env["PATH"] = f"{base_bin}{os.pathsep}/usr/local/bin:/usr/bin:/bin"
-    return env
-
-
-def replay(dockerfile: Dockerfile, context: Path, work: Path) -> dict[str, str]:
-    """Run every marked RUN of every stage; return the final stage's environment."""
-    base = work / "base-python"
-    venv.EnvBuilder(with_pip=True, clear=True).create(base)
-    build_args = {"WHEEL_DIR": str(work / "wheels"), "VENV": str(work / "image-venv")}
-    env: dict[str, str] = {}
-    for stage in dockerfile.stages:
-        env = _host_env(base / "bin")
-        variables = dict(env)
-        cwd = work
-        for instruction in stage.instructions:
-            if instruction.keyword == "ARG":
-                key, _, default = instruction.arguments.partition("=")
-                value = build_args.get(key, default or dockerfile.global_args.get(key, ""))
-                variables[key] = env[key] = value
-            elif instruction.keyword == "ENV":
-                for key, value in env_pairs(instruction.arguments):
-                    variables[key] = env[key] = substitute(value, variables)
-            elif instruction.keyword == "WORKDIR":
-                cwd = work / "root" / instruction.arguments.lstrip("/")
-                cwd.mkdir(parents=True, exist_ok=True)
-            elif instruction.keyword == "COPY" and instruction.arguments.split() == [".", "."]:
-                for rel in build_context_files(context):
-                    (cwd / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(context / rel, cwd / rel)
-            elif instruction.keyword == "RUN" and instruction.marked:
-                command = shell_command(instruction.arguments)
-                # The deliberate differences: pip may use this machine's download cache and skips
-                # writing .pyc files.  They change how long the test takes (minutes on a busy
-                # 2-core machine), never which packages get installed.
-                run_env = {k: v for k, v in env.items() if k != "PIP_NO_CACHE_DIR"}
-                run_env["PIP_NO_COMPILE"] = "1"
-                result = subprocess.run(
-                    ["/bin/sh", "-c", command], cwd=cwd, env=run_env, capture_output=True, text=True, timeout=300
-                )
-                assert result.returncode == 0, (
-                    f"Dockerfile step failed ({result.returncode}): RUN {command}\n"
-                    f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
-                )
-    return env
-
-
-# --- the tests -----------------------------------------------------------------------------------
+    def __init__(self, podman: Podman, registry: Registry, ref: str, image_id: str, build_log: str) -> None:
+        self.podman = podman
+        self.registry = registry
+        self.ref = ref
+        self.image_id = image_id
+        self.build_log = build_log
 
 
 @pytest.fixture(scope="module")
-def dockerfile() -> Dockerfile:
-    return parse_dockerfile(DOCKERFILE.read_text())
+def podman() -> Podman:
+    try:
+        return Podman()
+    except PodmanUnavailable as e:
+        pytest.skip(str(e))
 
 
-def test_final_stage_runs_as_numeric_non_root_user(dockerfile: Dockerfile) -> None:
-    """The final stage switches to uid 10001 by number, so Kubernetes' runAsNonRoot can verify it
-    (a user name cannot be checked) and it matches the chart's runAsUser."""
-    users = [i.arguments for i in dockerfile.stages[-1].instructions if i.keyword == "USER"]
-    assert users and users[-1].split(":")[0] == "10001"
+def _firewall_rules() -> set[str]:
+    """The machine's iptables rules that podman's network stack (netavark) owns."""
+    rules = set()
+    for table in ("nat", "filter"):
+        result = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, timeout=60)
+        rules |= {f"{table}: {line}" for line in result.stdout.splitlines() if "NETAVARK" in line.upper()}
+    return rules
 
 
-def test_entrypoint_is_twistd_kubedock_dns_in_exec_form(dockerfile: Dockerfile) -> None:
-    """The entrypoint is exactly ``twistd --nodaemon --pidfile= kubedock-dns`` in exec form: no
-    shell in between (signals reach twistd), no pid file (read-only root filesystem), and the
-    chart's ``args`` are appended as the plugin's options."""
-    entrypoints = [i.arguments for i in dockerfile.stages[-1].instructions if i.keyword == "ENTRYPOINT"]
-    assert json.loads(entrypoints[-1]) == ["twistd", "--nodaemon", "--pidfile=", "kubedock-dns"]
+@pytest.fixture(scope="module")
+def built(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    """Built, pushed and pulled back once; afterwards the image is gone from the store, and
+    neither the builds (chroot isolation) nor the runs (host or no network) left podman
+    firewall rules behind on this shared machine."""
+    rules_before = _firewall_rules()
+    work = tmp_path_factory.mktemp("image")
+    with Registry(work) as registry:
+        shim_dir = work / "bin"
+        shim_dir.mkdir()
+        podman_shim(podman, shim_dir, build_args={"PYTHON_IMAGE": debian_base(podman)})
+        env = dict(os.environ, REGISTRY=registry.address, TAG=TAG,
+                   PATH=f"{shim_dir}{os.pathsep}{os.environ['PATH']}")
+        command = documented_podman_commands()
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, (f"the documented build failed ({result.returncode}): {command}\n"
+                                        f"{(result.stdout + result.stderr)[-4000:]}")
+        ref = f"{registry.address}/kubedock-dns:{TAG}"
+        image_id = podman("image", "inspect", "--format", "{{.Id}}", ref).strip()
+        # Forget the local copy: everything below runs what came back from the registry.
+        podman("rmi", "--force", ref)
+        assert not podman.image_exists(ref)
+        podman("pull", "--tls-verify=false", ref)
+        yield Built(podman, registry, ref, image_id, result.stdout + result.stderr)
+        podman("rmi", "--force", ref)
+    assert _firewall_rules() <= rules_before, f"podman left firewall rules: {_firewall_rules() - rules_before}"
 
 
-def test_final_stage_has_no_build_tools(dockerfile: Dockerfile) -> None:
-    """Multi-stage: the final stage starts from the slim Python image, installs no system packages
-    or compilers, installs only from pre-built wheels (never an index), and copies no sources."""
-    assert len(dockerfile.stages) >= 2
-    final = dockerfile.stages[-1]
-    base = substitute(final.base, dockerfile.global_args)
-    assert re.fullmatch(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?", base), base
-    runs = " ".join(i.arguments for i in final.instructions if i.keyword == "RUN")
-    for tool in ("apt-get", "apk ", "gcc", "build-essential", "git "):
-        assert tool not in runs
-    assert "--no-index" in runs
-    assert not any(i.keyword in {"COPY", "ADD"} and i.arguments.split()[:1] == ["."] for i in final.instructions)
-    assert any(i.marked and i.keyword == "RUN" for i in final.instructions)
+def test_documented_push_reaches_the_registry_and_pulls_back_identical(built: Built) -> None:
+    """The push stored the tag in the registry, with a manifest naming the image's config and
+    its layers, and the image pulled back from it is the image that was built (same ID, i.e.
+    the same configuration digest)."""
+    assert TAG in built.registry.tags("kubedock-dns")
+    manifest = built.registry.manifest("kubedock-dns", TAG)
+    assert manifest["config"]["digest"] == f"sha256:{built.image_id}"
+    assert len(manifest["layers"]) >= 2  # the base and the application
+    pulled = built.podman("image", "inspect", "--format", "{{.Id}}", built.ref).strip()
+    assert pulled == built.image_id
 
 
-def test_build_context_holds_only_what_the_wheel_needs() -> None:
-    """``.dockerignore`` keeps the package, the Twisted plugin and the packaging metadata, and
-    leaves out tests, the test bed, the chart, caches and the plugin cache of this checkout."""
-    files = {p.as_posix() for p in build_context_files(REPO)}
-    assert "setup.cfg" in files and "kubedock_dns/__init__.py" in files
-    assert "twisted/plugins/kubedock_dns.py" in files
-    for path in files:
-        assert not path.startswith(("tests/", "testbed/", "helm/", "docs/", ".git/", "examples/"))
-        assert "__pycache__" not in path and not path.endswith("dropin.cache")
+def test_image_config_matches_the_charts_security_context(built: Built) -> None:
+    """The image runs as the numeric uid the chart's runAsNonRoot/runAsUser check, starts twistd
+    in exec form (signals reach it; no pid file on a read-only root) and exposes the ports the
+    chart wires."""
+    config = json.loads(built.podman("image", "inspect", "--format", "{{json .Config}}", built.ref))
+    assert config["User"] == f"{UID}:{UID}"
+    assert config["Entrypoint"] == ["twistd", "--nodaemon", "--pidfile=", "kubedock-dns"]
+    assert set(config["ExposedPorts"]) == {"5353/udp", "5353/tcp", "8443/tcp", "8080/tcp"}
 
 
-def test_dockerfile_install_steps_produce_a_working_entrypoint(dockerfile: Dockerfile, tmp_path: Path) -> None:
-    """Replaying the image's install steps in a clean virtual environment gives an environment in
-    which the image's entrypoint starts and knows every option the Helm chart passes to it; the
-    installed set holds the package, plugin and the ``kubedock-dns`` command but not the tests or
-    test bed."""
-    env = replay(dockerfile, REPO, tmp_path)
-    image_venv = Path(env["VENV"])
-    assert (image_venv / "bin" / "twistd").exists()
-
-    entrypoint = json.loads(
-        [i.arguments for i in dockerfile.stages[-1].instructions if i.keyword == "ENTRYPOINT"][-1]
+def test_image_holds_the_package_but_no_tests_pip_or_sources(built: Built) -> None:
+    """Only the package and its dependencies are installed: not the tests or the test bed (the
+    build context is an allow-list), no pip (nothing installs at run time), no source tree,
+    and Twisted's plugin cache is already written."""
+    probe = (
+        "import importlib.util as u, pathlib, kubedock_dns, twisted.plugins.kubedock_dns;"
+        "site = pathlib.Path(kubedock_dns.__file__).parent.parent;"
+        "print(u.find_spec('testbed') is None, u.find_spec('tests') is None, u.find_spec('pip') is None,"
+        " pathlib.Path('/src').exists(), (site / 'twisted/plugins/dropin.cache').exists())"
     )
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    out = built.podman("run", "--rm", "--network", "none", "--entrypoint", "python", built.ref, "-c", probe)
+    assert out.split() == ["True", "True", "True", "False", "True"]
+
+
+def _dig(server_port: int, source: str, name: str, *extra: str) -> str:
     result = subprocess.run(
-        [*entrypoint, "--help"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=60
+        ["dig", "@127.0.0.1", "-p", str(server_port), "-b", source, "+tries=1", "+time=3", *extra, name],
+        capture_output=True, text=True, timeout=30,
     )
-    assert result.returncode == 0, f"entrypoint failed:\n{result.stdout}\n{result.stderr}"
-    for option in CHART_OPTIONS:
-        assert option in result.stdout, f"{option} missing from `kubedock-dns --help`:\n{result.stdout}"
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
-    python = image_venv / "bin" / "python"
-    probe = subprocess.run(
-        [str(python), "-c",
-         "import importlib.util as u, twisted.plugins.kubedock_dns, kubedock_dns;"
-         "print(u.find_spec('testbed') is None, u.find_spec('tests') is None)"],
-        cwd=run_dir, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == ["True", "True"]
-    # `kubectl exec deploy/kubedock-dns -- kubedock-dns explain ...`: the console command is on
-    # the image's PATH and asks the ops port (here nothing listens: a clear error, status 2).
-    command = image_venv / "bin" / "kubedock-dns"
-    assert command.exists(), "the kubedock-dns console command is not installed"
-    asked = subprocess.run([str(command), "--ops", "http://127.0.0.1:1", "networks"], cwd=run_dir, env=env,
-                           capture_output=True, text=True, timeout=60)
-    assert asked.returncode == 2 and "cannot ask the server at http://127.0.0.1:1" in asked.stderr, asked
-    # The plugin cache was written at build time, so a read-only root filesystem costs nothing.
-    caches = list((image_venv / "lib").glob("python3*/site-packages/twisted/plugins/dropin.cache"))
-    assert caches, "Twisted's plugin cache was not written during the install"
+
+def _wait_http(url: str, context: ssl.SSLContext | None, container: str, podman: Podman, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urlopen(url, timeout=2) if context is None else urllib.request.urlopen(url, timeout=2, context=context) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.URLError) as e:
+            last = e
+        state = podman("inspect", "--format", "{{.State.Status}}", container).strip()
+        if state != "running":
+            break
+        time.sleep(0.2)
+    logs = podman("logs", container)
+    raise AssertionError(f"{url} never answered 200 ({last}); container {container}:\n{logs[-4000:]}")
+
+
+@pytest.fixture
+def running(built: Built, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The pulled image started as the chart starts it (module docstring), serving two networks
+    from a pods file, forwarding to a dnsmasq; yields the ports, addresses and CA."""
+    net_a, net_b = network_id("image-a"), network_id("image-b")
+    pods = [kubedock_pod("db", [net_a], ip="127.88.1.1", uid="a-db"),
+            kubedock_pod("app", [net_a], ip="127.88.1.2", uid="a-app"),
+            kubedock_pod("db", [net_b], ip="127.88.2.1", uid="b-db")]
+    data = tmp_path / "data"
+    tls = tmp_path / "tls"
+    data.mkdir()
+    generated = generate_ca_and_cert(["127.0.0.1"], tls)
+    (data / "pods.json").write_text(json.dumps(pods))
+    # As the chart's Secret volume: readable by the pod's group (fsGroup 10001), mode 0440.
+    for path in (generated.cert_path, generated.key_path, data / "pods.json"):
+        os.chown(path, 0, UID)
+        path.chmod(0o440)
+    for directory in (tls, data, tmp_path):
+        os.chown(directory, 0, UID)
+        directory.chmod(0o750)
+    name = f"kubedock-dns-test-{secrets.token_hex(4)}"
+    with Dnsmasq("127.0.0.1", free_port(), namespace="tests") as upstream:
+        dns_port, webhook_port, ops_port = free_port(), free_port(), free_port()
+        built.podman(
+            "run", "--detach", "--name", name, "--network", "host",
+            "--user", f"{UID}:{UID}", "--read-only", "--read-only-tmpfs=false",
+            "--tmpfs", "/tmp:rw,size=16m,mode=1777", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
+            "--volume", f"{tls}:/etc/kubedock-dns/tls:ro", "--volume", f"{data}:/data:ro",
+            built.ref,
+            "--pods-file=/data/pods.json",
+            f"--dns-port={dns_port}", "--dns-interface=127.0.0.1", f"--upstream={upstream.upstream_arg}",
+            f"--webhook-port={webhook_port}", "--webhook-interface=127.0.0.1",
+            f"--tls-cert=/etc/kubedock-dns/tls/{generated.cert_path.name}",
+            f"--tls-key=/etc/kubedock-dns/tls/{generated.key_path.name}",
+            "--dns-service-ip=10.96.0.53",
+            f"--ops-port={ops_port}", "--ops-interface=127.0.0.1",
+        )
+        try:
+            context = ssl.create_default_context(cadata=generated.ca_pem.decode())
+            _wait_http(f"http://127.0.0.1:{ops_port}/readyz", None, name, built.podman)
+            _wait_http(f"https://127.0.0.1:{webhook_port}/healthz", context, name, built.podman)
+            yield {"name": name, "dns": dns_port, "webhook": webhook_port, "ops": ops_port,
+                   "context": context, "upstream": upstream}
+        finally:
+            logs = subprocess.run(built.podman.command("logs", name), capture_output=True, text=True,
+                                  env=built.podman.env, timeout=60)
+            built.podman.remove_containers([name])
+            print(f"--- logs of {name}\n{(logs.stdout + logs.stderr)[-3000:]}")
+
+
+def test_runs_as_uid_10001_on_a_read_only_root(built: Built, running: dict[str, Any]) -> None:
+    """Inside the running container the server is uid 10001 and the root filesystem refuses
+    writes (only the /tmp the chart mounts is writable)."""
+    name = running["name"]
+    assert built.podman("exec", name, "python", "-c", "import os; print(os.getuid(), os.getgid())").split() == [str(UID), str(UID)]
+    denied = subprocess.run(built.podman.command("exec", name, "python", "-c", "open('/opt/x', 'w')"),
+                            capture_output=True, text=True, env=built.podman.env, timeout=60)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    built.podman("exec", name, "python", "-c", "open('/tmp/x', 'w').write('ok')")
+
+
+def test_serves_dns_by_the_askers_network_and_forwards_the_rest(running: dict[str, Any]) -> None:
+    """``dig`` from a pod's address gets ``db`` of that pod's network (each network its own),
+    and a cluster name is forwarded to the upstream and answered from there."""
+    port = running["dns"]
+    assert _dig(port, "127.88.1.2", "db", "+short").split() == ["127.88.1.1"]
+    assert _dig(port, "127.88.2.1", "db", "+short").split() == ["127.88.2.1"]
+    upstream: Dnsmasq = running["upstream"]
+    assert _dig(port, "127.88.1.2", upstream.kubernetes_name, "+short").split() == [upstream.kubernetes_ip]
+    assert re.search(r"status: NOERROR", _dig(port, "127.88.1.2", "db", "+tcp"))
+
+
+def test_serves_the_webhook_over_tls(running: dict[str, Any]) -> None:
+    """The webhook answers over TLS with the mounted certificate: an opted-in pod's
+    AdmissionReview comes back allowed, patched to use the configured nameserver."""
+    pod = kubedock_pod("new", [network_id("image-a")], namespace="tests")
+    pod.pop("status", None)
+    review = {
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "image-test", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "operation": "CREATE", "namespace": "tests", "object": pod},
+    }
+    request = urllib.request.Request(f"https://127.0.0.1:{running['webhook']}/mutate",
+                                     data=json.dumps(review).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10, context=running["context"]) as response:
+        answer = json.load(response)["response"]
+    assert answer["uid"] == "image-test" and answer["allowed"] is True
+    patch = json.loads(base64.b64decode(answer["patch"]))
+    assert {"op": "add", "path": "/spec/dnsPolicy", "value": "None"} in patch
+    config = [op["value"] for op in patch if op["path"] == "/spec/dnsConfig"]
+    assert config and config[0]["nameservers"] == ["10.96.0.53"]
+
+
+def test_serves_readiness_and_metrics(running: dict[str, Any]) -> None:
+    """The ops endpoint says ready (the pods file is loaded) and its metrics count the pods."""
+    with urlopen(f"http://127.0.0.1:{running['ops']}/readyz", timeout=5) as r:
+        assert r.status == 200
+    with urlopen(f"http://127.0.0.1:{running['ops']}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert re.search(r"^kubedock_dns_pods 3(\.0)?$", metrics, re.M), metrics[:2000]
+
+
+def test_explain_and_networks_commands_run_inside_the_container(built: Built, running: dict[str, Any]) -> None:
+    """``kubectl exec deploy/kubedock-dns -- kubedock-dns explain ...`` as documented: the console
+    command is on the image's PATH and tells, from the running server, why a pod gets its db;
+    ``kubedock-dns networks`` lists the two networks."""
+    ops = f"http://127.0.0.1:{running['ops']}"
+    story = built.podman("exec", running["name"], "kubedock-dns", "--ops", ops, "explain", "--from", "127.88.1.2", "db")
+    assert "=> db.tests.svc.cluster.local: 127.88.1.1 (answered from network" in story, story
+    table = built.podman("exec", running["name"], "kubedock-dns", "--ops", ops, "networks")
+    assert table.startswith("NETWORK ID") and network_id("image-a")[:12] in table, table
+
+
+def test_image_size_is_reported_in_the_docs(built: Built) -> None:
+    """docs/install.md states the image's size and its application layer's (to the MB, within
+    10%), so a change that bloats the image shows up here."""
+    total = built.podman.image_size(built.ref)
+    base = built.podman.image_size(debian_base(built.podman))
+    text = INSTALL_DOC.read_text()
+    found = re.search(r"kubedock-dns layer is about (\d+) MB", text)
+    assert found, "docs/install.md should say 'the kubedock-dns layer is about N MB'"
+    documented = int(found.group(1)) * 1_000_000
+    layer = total - base
+    assert abs(layer - documented) <= 0.1 * documented, f"layer is {layer / 1e6:.0f} MB, docs say {found.group(1)} MB"
+
+
+def test_default_base_stays_the_stock_python_image() -> None:
+    """What users build: without a build argument both stages start from python:3.11-slim (the
+    tests only swap the base through PYTHON_IMAGE, never edit the Dockerfile)."""
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+
+
+
+def test_test_pod_image_resolves_with_glibc_and_stops_on_sigterm(built: Built) -> None:
+    """The small image offered for kubedock-like test pods (and as a pause image) comes back
+    from the registry, has glibc's ``getent`` and ``python3``, and its command exits 0 on SIGTERM
+    (as PID 1 it gets no default handler: a plain ``sleep`` would wait for SIGKILL)."""
+    from testbed.image import test_pod_image
+
+    ref = test_pod_image(built.podman, built.registry.address)
+    repository, _, tag = ref.partition("/")[2].partition(":")
+    assert tag in built.registry.tags(repository)
+    built.podman("rmi", "--force", ref)
+    built.podman("pull", "--tls-verify=false", ref)
+    name = f"testpod-{secrets.token_hex(4)}"
+    built.podman("run", "--detach", "--name", name, "--network", "none", ref)
+    try:
+        assert built.podman("exec", name, "getent", "hosts", "localhost").split()[0] in {"127.0.0.1", "::1"}
+        assert built.podman("exec", name, "python3", "-c", "print(6 * 7)").strip() == "42"
+        built.podman("stop", "--time", "60", name)
+        assert built.podman("inspect", "--format", "{{.State.ExitCode}}", name).strip() == "0"
+    finally:
+        built.podman.remove_containers([name])
+        built.podman("rmi", "--force", ref)
+
+
+def test_registry_retries_on_another_port_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The registry cannot bind port 0, so a free port is picked; when another process takes it
+    first, the real docker-registry fails with "address already in use" and the start is retried
+    on another port, answering there.  Leaving the block stops it and removes its storage."""
+    import socket
+
+    from testbed.image import registry as registry_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picked: list[int] = []
+    real_pick = registry_module._free_tcp_port
+
+    def pick() -> int:
+        picked.append(taken.getsockname()[1] if not picked else real_pick())
+        return picked[-1]
+
+    monkeypatch.setattr(registry_module, "_free_tcp_port", pick)
+    try:
+        with Registry(tmp_path) as registry:
+            assert len(picked) == 2 and registry.port == picked[1] != picked[0]
+            assert "address already in use" not in registry.log_tail()  # the log of the retry
+            with urlopen(f"{registry.url}/v2/", timeout=5) as response:
+                assert response.status == 200
+            storage = registry._dir
+        assert storage is not None and not storage.exists()
+    finally:
+        taken.close()
+
+
+def test_registry_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """A registry that exits at once is reported with its own output, not as a timeout."""
+    from testbed.image import RegistryError
+
+    fake = tmp_path / "registry"
+    fake.write_text("#!/bin/sh\necho 'configuration error: no storage driver' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RegistryError, match="exited \\(1\\) on start:\n.*no storage driver"):
+        with Registry(tmp_path, binary=str(fake)):
+            pass

@@ -117,3 +117,24 @@ def test_docker_fidelity_options_parse_into_the_config(tmp_path):
     for bad in ("bridge", "0123456789a", "g" * 64):
         with pytest.raises(usage.UsageError, match=f"--unresolved-network '{bad}': expected a Docker network ID"):
             Options().parseOptions(["--pods-file", str(pods), "--unresolved-network", bad])
+
+
+def test_twistd_refuses_to_forward_to_its_own_service(tmp_path):
+    """When the resolv.conf it forwards to names kubedock-dns' own Service address (its pod was
+    opted in, so the webhook pointed it at itself), the server refuses to start and says why,
+    instead of sending every forwarded query around in a loop."""
+    from kubedock_dns.tls import generate_ca_and_cert
+
+    generated = generate_ca_and_cert(["127.0.0.1"], tmp_path / "tls")
+    (tmp_path / "pods.json").write_text("[]")
+    (tmp_path / "resolv.conf").write_text("search tests.svc.cluster.local\nnameserver 10.96.0.53\n")
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+            "--resolv-conf", str(tmp_path / "resolv.conf"), "--dns-service-ip", "10.96.0.53",
+            "--tls-cert", str(generated.cert_path), "--tls-key", str(generated.key_path),
+            "--dns-port", "0", "--webhook-port", "0", "--ops-port", "0",
+            "--dns-interface", "127.0.0.1", "--webhook-interface", "127.0.0.1", "--ops-interface", "127.0.0.1"]
+    proc = subprocess.run(argv, env=twistd_env(), capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert f"upstream 10.96.0.53 (from {tmp_path / 'resolv.conf'}) is kubedock-dns' own Service address" in output

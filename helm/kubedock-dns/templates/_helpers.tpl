@@ -65,18 +65,22 @@ Hostnames the API server uses to reach the webhook through its Service.
 {{- end }}
 
 {{/*
-Upstream resolvers: the values, else the cluster DNS Service's ClusterIP found at install time,
-else none (the server then reads its /etc/resolv.conf).
+Upstream resolvers: exactly the values.  Nothing is looked up at install time, so `helm template`
+(GitOps) renders what `helm install` does; with none given the server forwards to the
+nameservers of its own /etc/resolv.conf, which dnsPolicy ClusterFirst makes the cluster DNS.
 */}}
 {{- define "kubedock-dns.upstreams" -}}
-{{- $upstreams := .Values.dns.upstreams }}
-{{- if not $upstreams }}
-{{- $clusterDNS := lookup "v1" "Service" "kube-system" "kube-dns" }}
-{{- if and $clusterDNS $clusterDNS.spec $clusterDNS.spec.clusterIP (ne $clusterDNS.spec.clusterIP "None") }}
-{{- $upstreams = list $clusterDNS.spec.clusterIP }}
+{{- .Values.dns.upstreams | default list | toJson }}
 {{- end }}
+
+{{/*
+Refuse pod labels that would opt kubedock-dns' own pods in: the webhook would point them at
+their own Service, and the server would forward every unknown name to itself.
+*/}}
+{{- define "kubedock-dns.checkPodLabels" -}}
+{{- if eq (toString (index .Values.podLabels .Values.optInLabel | default "")) "true" }}
+{{- fail (printf "podLabels.%s=true would opt kubedock-dns' own pods in: the webhook would make them their own upstream. Remove it." .Values.optInLabel) }}
 {{- end }}
-{{- $upstreams | default list | toJson }}
 {{- end }}
 
 {{/*
