@@ -141,10 +141,10 @@ def explain(resolver: Resolver, forwarder: Forwarder | None, asker: str, name: s
         question = ipaddress.ip_address(address).reverse_pointer + "."
     searches = search_list(namespace, resolver.config.cluster_domain)
     forms = resolver_forms(question, searches, ndots) if qtype != TYPE_PTR else [question.rstrip(".")]
-    # A scratch copy of the memory of held names: a real resolver's first held form makes the
-    # next forms of the same name answer at once, and the real memory must not change.
+    # An overlay on the memory of held names: a real resolver's first held form makes the next
+    # forms of the same name answer at once, and the real memory must not change.
     resolver = copy.copy(resolver)
-    resolver.misses = copy.deepcopy(resolver.misses)
+    resolver.misses = resolver.misses.overlay()
     results = []
     for form in forms:
         trace: list[str] = []

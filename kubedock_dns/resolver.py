@@ -101,6 +101,11 @@ class MissMemory:
         while len(self._expiry) > self.size:
             self._expiry.popitem(last=False)
 
+    def overlay(self) -> "MissOverlay":
+        """A memory that reads this one and keeps its own additions (explain walks a pod's search
+        list on one without changing what real queries get), in O(1)."""
+        return MissOverlay(self)
+
     def recently_missed(self, key: tuple[str, str], now: float) -> bool:
         expiry = self._expiry.get(key)
         if expiry is None:
@@ -109,6 +114,22 @@ class MissMemory:
             del self._expiry[key]
             return False
         return True
+
+
+class MissOverlay(MissMemory):
+    """Remembers on its own, answers from its own and the underlying :class:`MissMemory`."""
+
+    def __init__(self, base: MissMemory) -> None:
+        super().__init__(base.seconds, base.size)
+        self.base = base
+        self._added: dict[tuple[str, str], float] = {}
+
+    def remember(self, key: tuple[str, str], now: float) -> None:
+        self._added[key] = now + self.seconds
+
+    def recently_missed(self, key: tuple[str, str], now: float) -> bool:
+        expiry = self._added.get(key)
+        return (expiry is not None and expiry >= now) or self.base.recently_missed(key, now)
 
 
 class Resolver:

@@ -252,3 +252,18 @@ class AskerAndErrorsTests(ExplainTestCase):
         code, _, err = yield deferToThread(run, "explain", "--from", "nobody", "db")
         self.assertEqual(code, 1)
         self.assertIn("no opted-in pod named 'nobody'", err)
+
+
+def test_explain_remembers_held_names_on_an_overlay_only():
+    """The overlay explain walks on sees what real queries remembered, keeps what it adds to
+    itself (so the walk matches a real one), and leaves the real memory as it was."""
+    from kubedock_dns.resolver import MissMemory
+
+    real = MissMemory(30, 100)
+    real.remember(("10.0.0.1", "old"), now=0)
+    overlay = real.overlay()
+    overlay.remember(("10.0.0.1", "new"), now=10)
+    assert overlay.recently_missed(("10.0.0.1", "old"), now=10)
+    assert overlay.recently_missed(("10.0.0.1", "new"), now=10)
+    assert not real.recently_missed(("10.0.0.1", "new"), now=10)
+    assert not overlay.recently_missed(("10.0.0.1", "new"), now=41)

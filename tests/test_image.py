@@ -296,14 +296,15 @@ def test_serves_readiness_and_metrics(running: dict[str, Any]) -> None:
     assert re.search(r"^kubedock_dns_pods 3(\.0)?$", metrics, re.M), metrics[:2000]
 
 
-def test_kubedock_dns_command_asks_the_running_server(built: Built, running: dict[str, Any]) -> None:
-    """``kubectl exec deploy/kubedock-dns -- kubedock-dns networks`` works: the console command is on
-    the image's PATH and, run inside the container, lists the networks the server holds (both
-    networks of the pods file, by their short IDs)."""
-    out = built.podman("exec", running["name"], "kubedock-dns", "--ops", f"http://127.0.0.1:{running['ops']}",
-                       "networks")
-    for network in (network_id("image-a"), network_id("image-b")):
-        assert network[:12] in out, out
+def test_explain_and_networks_commands_run_inside_the_container(built: Built, running: dict[str, Any]) -> None:
+    """``kubectl exec deploy/kubedock-dns -- kubedock-dns explain ...`` as documented: the console
+    command is on the image's PATH and tells, from the running server, why a pod gets its db;
+    ``kubedock-dns networks`` lists the two networks."""
+    ops = f"http://127.0.0.1:{running['ops']}"
+    story = built.podman("exec", running["name"], "kubedock-dns", "--ops", ops, "explain", "--from", "127.88.1.2", "db")
+    assert "=> db.tests.svc.cluster.local: 127.88.1.1 (answered from network" in story, story
+    table = built.podman("exec", running["name"], "kubedock-dns", "--ops", ops, "networks")
+    assert table.startswith("NETWORK ID") and network_id("image-a")[:12] in table, table
 
 
 def test_image_size_is_reported_in_the_docs(built: Built) -> None:
