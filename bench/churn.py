@@ -196,6 +196,37 @@ def _wrong_answers(process: Process, topology: Topology, sources: list[Pod]) -> 
     return wrong
 
 
+def _churn_seen(cp, process: Process, topology: Topology, sources: list[Pod]) -> dict:
+    """Whether kubedock-dns followed the churn: for each source's network, its ``cache`` pod
+    answers exactly when the API server says it is Ready (the flips stop before this runs)."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+    from kubernetes import client
+
+    agree, disagree, not_ready = 0, [], 0
+    with cp.api_client() as api_client:
+        api = client.CoreV1Api(api_client)
+        for source in sources:
+            db = topology.pods()[source.network.index * 2]
+            companion = _companion(topology, db)
+            pod = api.read_namespaced_pod_status(companion["metadata"]["name"], NAMESPACE)
+            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ())
+            not_ready += not ready
+            query = dns.message.make_query("cache.bench.svc.cluster.local", "A")
+            try:
+                reply = dns.query.udp(query, "127.0.0.1", port=process.port, source=source.ip, timeout=5)
+                answered = reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
+            except Exception as e:  # noqa: BLE001 - reported
+                disagree.append(f"{source.ip}: {e!r}")
+                continue
+            if answered == ready:
+                agree += 1
+            else:
+                disagree.append(f"{source.ip}: API Ready={ready}, answered={answered}")
+    return {"agree": agree, "of_which_not_ready": not_ready, "disagree": disagree}
+
+
 def measure(work: Path, networks: int, rate: float, workers: int, duration: float, sources_count: int,
             server_source: Path | None, rounds: int = 3) -> dict:
     from kubernetes import client
@@ -250,6 +281,8 @@ def measure(work: Path, networks: int, rate: float, workers: int, duration: floa
                                                       "first_error": error, "loadavg": os.getloadavg()[0]})
                 result["runs"] = runs
                 result["median_qps"] = {k: statistics.median(r["qps"] for r in v) for k, v in runs.items()}
+                time.sleep(1)  # the last flips' events
+                result["churn_followed"] = _churn_seen(cp, process, topology, sources)
                 result["wrong_after_churn"] = _wrong_answers(process, topology, sources)
                 result["peak_rss_kib"] = process.peak_rss_kib()
                 median = result["median_qps"]

@@ -15,8 +15,8 @@ Kinds:
 
     python -m bench.cost [--queries 2000]
 
-Prints one JSON object.  A regression shows as a larger count even when the machine is busy;
-callgrind counts are stable to well under 1% between runs of the same code.
+Prints one JSON object.  A regression shows as a larger count even when the machine is busy
+(the count does not depend on how much CPU the process was given, only on what it executed).
 """
 
 from __future__ import annotations
