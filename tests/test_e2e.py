@@ -43,7 +43,11 @@ KUBEDOCK_BRIDGE = new_network_id()
 def bed(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One bed per tier for the module (pods of different scenarios live in different networks)."""
     if request.param == "node":
-        with NodeBed(request.getfixturevalue("node"), server_args=["--unresolved-network", KUBEDOCK_BRIDGE]) as node_bed:
+        # The real kubelet takes 1-3 s on this machine from a pod's creation to Running (the stand-in
+        # a few ms): the hold must outlast that for "a peer created a moment later" to be about the
+        # hold and not about how fast containerd starts a sandbox.
+        with NodeBed(request.getfixturevalue("node"),
+                     server_args=["--unresolved-network", KUBEDOCK_BRIDGE, "--hold-timeout", "4"]) as node_bed:
             assert node_bed.server is not None and node_bed.server.server is not None
             yield node_bed
         assert node_bed.leftovers() == []

@@ -124,7 +124,8 @@ class NodeBed:
         except Exception as e:  # noqa: BLE001 - the API's reason is the message
             raise BedError(f"creating pod {pod.name} failed: {getattr(e, 'body', e)}") from None
         stored = json.loads(response.data)
-        pod = replace(pod, uid=stored["metadata"]["uid"])
+        pod = replace(pod, uid=stored["metadata"]["uid"],
+                      warnings=tuple(response.headers.getlist("Warning")))
         if opt_in and stored["spec"].get("dnsPolicy") != "None":
             raise BedError(f"pod {pod.name} was not mutated by the webhook: {stored['spec']}")
         if not wait:
