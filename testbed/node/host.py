@@ -329,17 +329,35 @@ def kube_proxy_rules() -> list[str]:
     return found
 
 
+def other_live_runs(run: Path) -> list[str]:
+    """Run directories of other node runs whose owner is alive (another session's node)."""
+    live = []
+    for path in sorted(STATE_DIR.glob("node-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("run") != str(run) and _pid_alive(int(state.get("pid", 0))):
+            live.append(str(state.get("run")))
+    return live
+
+
 def leftovers(run: Path, bridge: str) -> list[str]:
-    """Everything of the run ``run`` that still exists; empty after a clean teardown."""
+    """Everything of the run ``run`` that still exists; empty after a clean teardown.  While
+    another session's node runs (it took the machine lock after us), the machine-wide traces
+    (container processes, CRI cgroups, kube-proxy's rules) are its own and are not counted."""
     found = [f"process {pid}: {cmd}" for pid, cmd in processes_under(run).items()]
-    found += [f"container process {pid}: {cmd}" for pid, cmd in cri_processes().items()]
+    machine_wide = not other_live_runs(run)
+    if machine_wide:
+        found += [f"container process {pid}: {cmd}" for pid, cmd in cri_processes().items()]
     found += [f"mount {point}" for point in mounts_under(run)]
     if run.exists():
         found.append(f"directory {run}")
     if Path(f"/sys/class/net/{bridge}").exists():
         found.append(f"bridge {bridge}")
-    found += kube_proxy_rules()
-    found += [f"cgroup {d}" for d in cri_cgroups()]
+    if machine_wide:
+        found += kube_proxy_rules()
+        found += [f"cgroup {d}" for d in cri_cgroups()]
     found += [f"control plane directory {d}" for d in control_plane_dirs(run)]
     for link in CONTAINER_LOGS.glob("*.log") if CONTAINER_LOGS.is_dir() else []:
         if str(run) in os.readlink(link) if link.is_symlink() else False:
