@@ -372,10 +372,13 @@ class ControlPlane:
         progress: Callable[[str], None] | None = _stderr_progress,
         advertise_address: str | None = None,
         service_accounts: bool = False,
+        temp_tag: str = "",
     ) -> None:
         net = ipaddress.ip_network(service_cidr)
         self.advertise_address = advertise_address
         self.service_accounts = service_accounts
+        # In the temporary directories' names, so an owner killed outright can find them again.
+        self._temp_tag = f"{temp_tag}-" if temp_tag else ""
         self.service_cidr = str(net)
         self.service_ip = str(next(net.hosts()))
         self._binaries = binaries
@@ -413,7 +416,7 @@ class ControlPlane:
         try:
             if self._binaries is None:
                 self._binaries = find_binaries(self._progress)
-            self.base_dir = Path(tempfile.mkdtemp(prefix="kubedock-dns-cp-"))
+            self.base_dir = Path(tempfile.mkdtemp(prefix=f"kubedock-dns-cp-{self._temp_tag}"))
             self._etcd_dir = self._etcd_data_parent()
             extra_ips = [self.advertise_address] if self.advertise_address else []
             self._pki = _make_pki(self.base_dir / "pki", self.service_ip, extra_ips)
@@ -532,10 +535,10 @@ class ControlPlane:
         shm = Path("/dev/shm")
         try:
             if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30:
-                return Path(tempfile.mkdtemp(prefix="kubedock-dns-etcd-", dir=shm))
+                return Path(tempfile.mkdtemp(prefix=f"kubedock-dns-etcd-{self._temp_tag}", dir=shm))
         except OSError:
             pass
-        return Path(tempfile.mkdtemp(prefix="kubedock-dns-etcd-"))
+        return Path(tempfile.mkdtemp(prefix=f"kubedock-dns-etcd-{self._temp_tag}"))
 
     def _start_etcd(self) -> None:
         assert self._binaries is not None and self.base_dir is not None and self._etcd_dir is not None

@@ -72,6 +72,13 @@ def _delete_namespace(core_api: Any, name: str) -> None:
             raise
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                   items: list[pytest.Item]) -> None:
+    """Tests marked ``own_node`` start (or kill) a node of their own; one node runs per machine, so
+    they go first, before the shared ``node`` fixture holds the machine's node lock."""
+    items.sort(key=lambda item: item.get_closest_marker("own_node") is None)
+
+
 @pytest.fixture(scope="session")
 def node() -> Iterator[Any]:
     """A real single node (``testbed.node.Node``) for the whole session; at its end, the proof that
@@ -80,7 +87,7 @@ def node() -> Iterator[Any]:
     from testbed.node.cluster import Node
     from testbed.node.errors import NodeUnavailable
 
-    bed = Node(registry_hosts=_registry_hosts())
+    bed = Node()
     try:
         bed.start()
     except NodeUnavailable as e:
@@ -92,10 +99,3 @@ def node() -> Iterator[Any]:
     left = bed.leftovers()
     assert left == [], f"the node left things behind: {left}"
 
-
-def _registry_hosts() -> list[str]:
-    """Registries containerd must pull from over plain HTTP (``KUBEDOCK_DNS_TEST_REGISTRIES``,
-    comma-separated host:port)."""
-    import os
-
-    return [h for h in os.environ.get("KUBEDOCK_DNS_TEST_REGISTRIES", "").split(",") if h]

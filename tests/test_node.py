@@ -12,8 +12,12 @@ as a host process behind a Service (``testbed.node.hostserver``); the chart tier
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +34,7 @@ def _addresses(result: Any) -> list[str]:
     return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
+@pytest.mark.own_node
 def test_a_component_that_cannot_start_is_named_with_its_log_and_nothing_is_left() -> None:
     """A kubelet that dies at start-up fails the node with "kubelet", its exit status and its log
     tail (never a bare timeout), and the half-built node is removed entirely."""
@@ -55,6 +60,58 @@ def test_a_component_that_cannot_start_is_named_with_its_log_and_nothing_is_left
         assert node.leftovers() == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+KILLED_RUN = """
+import json, sys, time
+from testbed.node.cluster import Node
+node = Node(progress=lambda m: print(m, file=sys.stderr, flush=True))
+node.start()
+namespace = node.create_namespace("killed")
+node.create_kubedock_pod(namespace, "web", ["0" * 64], opt_in=False)
+print(json.dumps({"run": str(node.run), "bridge": node.bridge}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.own_node
+def test_a_run_killed_outright_is_swept_by_the_next() -> None:
+    """A node whose owner is SIGKILLed with a pod running leaves containers, mounts, a pod network
+    namespace, kube-proxy's rules and its bridge behind; the next node run finds them by the dead
+    owner's state file and removes every one."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        find_node_binaries()
+    except NodeUnavailable as e:
+        pytest.skip(str(e))
+    from testbed.node import host
+    from testbed.node.cluster import sweep_stale_runs
+
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_RUN], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    try:
+        line = owner.stdout.readline() if owner.stdout else ""
+        assert line, f"the node did not come up (exit status {owner.wait(timeout=60)})"
+        state = json.loads(line)
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+    run, bridge = Path(state["run"]), state["bridge"]
+    left = host.leftovers(run, bridge)
+    assert any(item.startswith("bridge") for item in left), left
+    assert any(item.startswith("process") for item in left), left  # the pod's container and shim
+    lock = host.MachineLock(lambda message: None)
+    lock.acquire(timeout=600)
+    try:
+        assert str(run) in sweep_stale_runs()
+    finally:
+        lock.release()
+    assert host.leftovers(run, bridge) == []
+    netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert netns_after <= netns_before
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,57 @@ def find_node_binaries(progress: Callable[[str], None] = _stderr, timeout: float
     return NodeBinaries(paths)
 
 
+def sweep_stale_runs(self_binaries: NodeBinaries | None = None) -> list[str]:
+    """Remove what node runs killed outright left behind (their owner process is gone): the
+    containers' and daemons' processes, the pods' network namespaces, kube-proxy's rules, mounts,
+    the bridge, the CRI's cgroups, the run directory.  The caller holds the machine lock (a run in
+    progress is never touched: its owner is alive).  Returns the run directories swept."""
+    swept = []
+    for state in host.stale_runs():
+        run = Path(state["run"])
+        pids = {**host.processes_under(run), **host.cri_processes()}
+        inodes = host.network_namespaces_of(pids) - host.network_namespaces_of([os.getpid()])
+        host.kill_processes_under(run)
+        host.remove_named_network_namespaces(inodes)
+        # The path is in the state file; an older state file lacks it: use this run's binary.
+        proxy = state.get("kube_proxy") or (self_binaries["kube-proxy"] if self_binaries else "")
+        if proxy and os.access(proxy, os.X_OK):
+            for mode in ("iptables", "nftables"):
+                subprocess.run([proxy, "--cleanup", f"--proxy-mode={mode}"], capture_output=True,
+                               timeout=60, check=False)
+            _drop_kube_chains()
+        host.unmount_all(run)
+        subprocess.run(["ip", "link", "del", state.get("bridge", "")], capture_output=True, check=False)
+        host.remove_log_links(run, bool(state.get("made_log_dir")))
+        host.remove_cri_cgroups()
+        for directory in host.control_plane_dirs(run):
+            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+        Path(state["state_file"]).unlink(missing_ok=True)
+        swept.append(str(run))
+    return swept
+
+
+def _drop_kube_chains() -> None:
+    """Flush and delete the ``KUBE-*`` chains left after ``kube-proxy --cleanup`` (the kubelet's)."""
+    for rule in host.kube_proxy_rules():
+        parts = rule.split()
+        if parts[0] in ("iptables", "ip6tables"):
+            subprocess.run([parts[0], "-w", "5", "-t", parts[2], "-F", parts[4]], capture_output=True, check=False)
+    for rule in host.kube_proxy_rules():
+        parts = rule.split()
+        if parts[0] in ("iptables", "ip6tables"):
+            binary, table, chain = parts[0], parts[2], parts[4]
+            out = subprocess.run([binary, "-w", "5", "-t", table, "-S"], capture_output=True, text=True,
+                                 check=False).stdout
+            for line in out.splitlines():
+                tokens = shlex.split(line)
+                if tokens[:1] == ["-A"] and "-j" in tokens and tokens[tokens.index("-j") + 1] == chain:
+                    subprocess.run([binary, "-w", "5", "-t", table, "-D", *tokens[1:]],
+                                   capture_output=True, check=False)
+            subprocess.run([binary, "-w", "5", "-t", table, "-X", chain], capture_output=True, check=False)
+
+
 def unavailable_reason() -> str | None:
     """Why this machine cannot run a node (None when it can)."""
     if os.geteuid() != 0:
@@ -184,7 +235,7 @@ class Node:
         self.run.mkdir(parents=True)
         self._made_log_dir = not Path("/var/log/containers").exists()
         self._stack.callback(self._remove_run)
-        state_file = host.write_state(self.run, self.bridge)
+        state_file = host.write_state(self.run, self.bridge, self._binaries["kube-proxy"], self._made_log_dir)
         self._stack.callback(state_file.unlink, True)
         host.prepare_sysctls()
         subnet = host.choose_pod_subnet()
@@ -198,6 +249,7 @@ class Node:
         # 1. control plane
         self.control_plane = ControlPlane(plane_binaries, service_cidr=SERVICE_CIDR,
                                           advertise_address=s.node_ip, service_accounts=True,
+                                          temp_tag=host.control_plane_tag(self.run),
                                           progress=lambda m: self._progress(f"controlplane: {m}"))
         self._stack.callback(self.control_plane.stop)
         self.control_plane.start()
@@ -316,28 +368,7 @@ class Node:
         for mode in ("iptables", "nftables"):
             components.kube_proxy_cleanup(self._binaries["kube-proxy"], self.settings, mode)
         # The kubelet's canary chains (KUBE-KUBELET-CANARY, KUBE-FIREWALL...) remain: drop them.
-        for rule in host.kube_proxy_rules():
-            parts = rule.split()
-            if parts[0] in ("iptables", "ip6tables"):
-                binary, table, chain = parts[0], parts[2], parts[4]
-                subprocess.run([binary, "-w", "5", "-t", table, "-F", chain], capture_output=True, check=False)
-        for rule in host.kube_proxy_rules():
-            parts = rule.split()
-            if parts[0] in ("iptables", "ip6tables"):
-                binary, table, chain = parts[0], parts[2], parts[4]
-                self._unlink_chain(binary, table, chain)
-                subprocess.run([binary, "-w", "5", "-t", table, "-X", chain], capture_output=True, check=False)
-
-    @staticmethod
-    def _unlink_chain(binary: str, table: str, chain: str) -> None:
-        """Delete every rule of ``table`` that jumps to ``chain``."""
-        out = subprocess.run([binary, "-w", "5", "-t", table, "-S"], capture_output=True, text=True,
-                             check=False).stdout
-        for line in out.splitlines():
-            tokens = shlex.split(line)
-            if tokens[:1] == ["-A"] and "-j" in tokens and tokens[tokens.index("-j") + 1] == chain:
-                subprocess.run([binary, "-w", "5", "-t", table, "-D", *tokens[1:]],
-                               capture_output=True, check=False)
+        _drop_kube_chains()
 
     def _remove_run(self) -> None:
         for name in list(self.processes):
@@ -346,26 +377,13 @@ class Node:
         host.kill_processes_under(self.run)
         host.unmount_all(self.run)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
-        logs = Path("/var/log/containers")  # the kubelet's fixed place for log links
-        if logs.is_dir():
-            for link in logs.iterdir():
-                if link.is_symlink() and str(self.run) in os.readlink(link):
-                    link.unlink()
-            if self._made_log_dir:
-                with contextlib.suppress(OSError):
-                    logs.rmdir()
+        host.remove_log_links(self.run, self._made_log_dir)
         host.remove_cri_cgroups()
         shutil.rmtree(self.run, ignore_errors=True)
 
     def _sweep_stale(self) -> None:
-        for state in host.stale_runs():
-            run = Path(state["run"])
-            self._progress(f"sweeping what a killed node run left: {run}")
-            host.kill_processes_under(run)
-            host.unmount_all(run)
-            subprocess.run(["ip", "link", "del", state.get("bridge", "")], capture_output=True, check=False)
-            shutil.rmtree(run, ignore_errors=True)
-            Path(state["state_file"]).unlink(missing_ok=True)
+        for run in sweep_stale_runs(self._binaries):
+            self._progress(f"swept what a killed node run left: {run}")
 
     # -- set-up steps ----------------------------------------------------------------------
 

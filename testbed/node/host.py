@@ -20,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -28,9 +29,10 @@ import re
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 __all__ = ["STATE_DIR", "POD_SUPERNET", "MachineLock", "node_ip", "choose_pod_subnet",
            "prepare_sysctls", "mounts_under", "processes_under", "kube_proxy_rules", "leftovers",
@@ -98,7 +100,14 @@ class MachineLock:
         self._progress = progress
         self._fd: int | None = None
 
+    # flock conflicts between two descriptors of one process too: a second node in a process that
+    # already runs one would wait for itself.  Count the locks held here and refuse at once.
+    held_here = 0
+
     def acquire(self, timeout: float = 1800.0) -> None:
+        if MachineLock.held_here:
+            raise RuntimeError("this process already runs a node (one node per machine: kube-proxy's "
+                               "rules have fixed names); stop it first")
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         fd = os.open(STATE_DIR / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + timeout
@@ -119,17 +128,37 @@ class MachineLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         self._fd = fd
+        MachineLock.held_here += 1
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+            MachineLock.held_here -= 1
 
 
-def write_state(run: Path, bridge: str) -> Path:
+def write_state(run: Path, bridge: str, kube_proxy: str, made_log_dir: bool) -> Path:
     path = STATE_DIR / f"{run.name}.json"
-    path.write_text(json.dumps({"run": str(run), "bridge": bridge, "pid": os.getpid()}))
+    path.write_text(json.dumps({"run": str(run), "bridge": bridge, "pid": os.getpid(),
+                                "kube_proxy": kube_proxy, "made_log_dir": made_log_dir}))
     return path
+
+
+CONTAINER_LOGS = Path("/var/log/containers")  # the kubelet's fixed place for its log links
+
+
+def remove_log_links(run: Path, made_log_dir: bool) -> None:
+    """Remove the kubelet's links to the run's container logs (and their directory if the run made
+    it and it is empty)."""
+    if not CONTAINER_LOGS.is_dir():
+        return
+    for link in CONTAINER_LOGS.iterdir():
+        with contextlib.suppress(OSError):
+            if link.is_symlink() and str(run) in os.readlink(link):
+                link.unlink()
+    if made_log_dir:
+        with contextlib.suppress(OSError):
+            CONTAINER_LOGS.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -177,7 +206,8 @@ def unmount_all(root: Path) -> None:
 
 
 def processes_under(root: Path) -> dict[int, str]:
-    """Processes whose command line or working directory mentions ``root`` (pid -> command)."""
+    """Processes whose command line mentions ``root`` (the node's daemons, containerd's shims) or
+    whose root directory lies below it (the containers' processes) (pid -> command)."""
     needle = str(root)
     found = {}
     for entry in os.listdir("/proc"):
@@ -185,19 +215,69 @@ def processes_under(root: Path) -> dict[int, str]:
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fs_root = os.readlink(f"/proc/{entry}/root")
         except OSError:
             continue
-        if needle in cmdline:
+        if needle in cmdline or fs_root.startswith(needle + "/"):
             found[int(entry)] = cmdline.strip()[:200]
     return found
 
 
-def kill_processes_under(root: Path) -> None:
-    for pid in processes_under(root):
+def cri_processes() -> dict[int, str]:
+    """Processes in the CRI's cgroups (``/k8s.io/<container>``): the pods' containers.  A container
+    that pivoted into its own root shows ``/`` as its root, and its command names nothing of the run
+    directory; its cgroup is what says whose it is (one node per machine: every such process is the
+    node's)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cgroups = Path(f"/proc/{entry}/cgroup").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f":/{CRI_CGROUP}/" in cgroups:
+            found[int(entry)] = cmdline.strip()[:200]
+    return found
+
+
+def network_namespaces_of(pids: Iterable[int]) -> set[int]:
+    """The inode numbers of the network namespaces of ``pids`` (those still readable)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            inodes.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+    return inodes
+
+
+def remove_named_network_namespaces(inodes: set[int]) -> list[str]:
+    """Unmount and remove the ``/run/netns`` entries (as the CRI names pod namespaces) bound to
+    one of ``inodes``; returns their paths."""
+    removed: list[str] = []
+    netns_dir = Path("/run/netns")
+    if not inodes or not netns_dir.is_dir():
+        return removed
+    for entry in netns_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.stat().st_ino in inodes:
+                _run(["umount", "-l", str(entry)])
+                entry.unlink()
+                removed.append(str(entry))
+    return removed
+
+
+def kill_processes_under(root: Path, wait: float = 10.0) -> None:
+    """SIGKILL the run's processes and every container process (see :func:`cri_processes`), and
+    wait until they are gone (reaped)."""
+    for pid in {**processes_under(root), **cri_processes()}:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + wait
+    while (processes_under(root) or cri_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -222,6 +302,20 @@ def remove_cri_cgroups() -> None:
             pass
 
 
+def control_plane_tag(run: Path) -> str:
+    """The tag the node's control plane puts in its temporary directories' names."""
+    return run.name
+
+
+def control_plane_dirs(run: Path) -> list[Path]:
+    """The node's control plane directories (PKI, kubeconfig, logs; etcd's data on /dev/shm)."""
+    tag = control_plane_tag(run)
+    found = []
+    for parent in {Path(tempfile.gettempdir()), Path("/dev/shm")}:
+        found += sorted(parent.glob(f"kubedock-dns-*-{tag}-*"))
+    return found
+
+
 def kube_proxy_rules() -> list[str]:
     """kube-proxy's (and the kubelet's) chains in iptables, and its nftables tables."""
     found = []
@@ -235,17 +329,37 @@ def kube_proxy_rules() -> list[str]:
     return found
 
 
+def other_live_runs(run: Path) -> list[str]:
+    """Run directories of other node runs whose owner is alive (another session's node)."""
+    live = []
+    for path in sorted(STATE_DIR.glob("node-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("run") != str(run) and _pid_alive(int(state.get("pid", 0))):
+            live.append(str(state.get("run")))
+    return live
+
+
 def leftovers(run: Path, bridge: str) -> list[str]:
-    """Everything of the run ``run`` that still exists; empty after a clean teardown."""
+    """Everything of the run ``run`` that still exists; empty after a clean teardown.  While
+    another session's node runs (it took the machine lock after us), the machine-wide traces
+    (container processes, CRI cgroups, kube-proxy's rules) are its own and are not counted."""
     found = [f"process {pid}: {cmd}" for pid, cmd in processes_under(run).items()]
+    machine_wide = not other_live_runs(run)
+    if machine_wide:
+        found += [f"container process {pid}: {cmd}" for pid, cmd in cri_processes().items()]
     found += [f"mount {point}" for point in mounts_under(run)]
     if run.exists():
         found.append(f"directory {run}")
     if Path(f"/sys/class/net/{bridge}").exists():
         found.append(f"bridge {bridge}")
-    found += kube_proxy_rules()
-    found += [f"cgroup {d}" for d in cri_cgroups()]
-    for link in Path("/var/log/containers").glob("*.log") if Path("/var/log/containers").is_dir() else []:
+    if machine_wide:
+        found += kube_proxy_rules()
+        found += [f"cgroup {d}" for d in cri_cgroups()]
+    found += [f"control plane directory {d}" for d in control_plane_dirs(run)]
+    for link in CONTAINER_LOGS.glob("*.log") if CONTAINER_LOGS.is_dir() else []:
         if str(run) in os.readlink(link) if link.is_symlink() else False:
             found.append(f"log link {link}")
     return found
