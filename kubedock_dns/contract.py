@@ -214,7 +214,7 @@ def network_label_key(network: str) -> str:
     so that ``docker network ls`` (12 of them) finds it; for anything else a network annotation
     may hold (a name) ``n-`` and the first 20 hex characters of its SHA-256.  The two forms never
     meet ('n' is not hex); 80 random bits make two networks of one namespace sharing a key a
-    chance of n**2 / 2**81 (1e-19 for a thousand networks).
+    chance of n**2 / 2**81 (4e-19 for a thousand networks).
     """
     if _HEX_ID.match(network):
         return NETWORK_LABEL_PREFIX + network[:NETWORK_LABEL_HEX]
