@@ -733,9 +733,10 @@ class NetworkPolicyWriter:
     """Keeps the namespace's managed NetworkPolicies equal to the wanted networks.
 
     :meth:`want` (any thread, cheap: the reactor thread calls it after every index change) records
-    the latest set of networks with pods; a daemon thread makes the API match it: it makes sure the
-    isolation policy exists (created from :func:`kubedock_dns.policies.base_policy` if missing,
-    never changed: the chart owns it), then creates, replaces and deletes per-network policies as
+    the latest set of networks with pods; a daemon thread makes the API match it: at its first pass
+    it makes sure the isolation policy exists (created from
+    :func:`kubedock_dns.policies.base_policy` if missing, never changed: the chart owns it; deleted
+    later, it stops all writing, see :meth:`isolation_policy`), then creates, replaces and deletes per-network policies as
     :func:`kubedock_dns.policies.plan` says.  Nothing per network is written before the first
     :meth:`want` (the index must be synced first, or every policy would look unwanted).  It
     reconciles again every ``resync`` seconds (a policy deleted by hand comes back), and after a
@@ -754,6 +755,7 @@ class NetworkPolicyWriter:
         self._wanted: frozenset[str] | None = None
         self._dirty = True
         self._stopping = False
+        self._base_missing = False
         self._thread: threading.Thread | None = None
         # Written by the writer thread alone; read anywhere (plain ints).
         self.reconciles = self.errors = self.created = self.replaced = self.deleted = 0
@@ -809,14 +811,25 @@ class NetworkPolicyWriter:
             reason, message = _status_of(e.body)
             raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
 
-    def isolation_policy(self) -> dict[str, Any]:
-        """The isolation policy as stored, created first if it is missing."""
+    def isolation_policy(self) -> dict[str, Any] | None:
+        """The isolation policy as stored; created if it is missing at the first pass only.
+
+        Later it is missing because somebody deleted it: ``helm upgrade`` turning the mode off
+        while this replica still runs, or an admin by hand.  Re-creating it would undo that, so
+        nothing is written until it is back (the garbage collector removes the rest meanwhile).
+        """
         name = self.config.base_name
         try:
             response = self._request("read_namespaced_network_policy", name, self.namespace, _preload_content=False)
         except ApiError as e:
             if e.status != 404:
                 raise
+            if self.reconciles:
+                if not self._base_missing:
+                    log.warn("the isolation NetworkPolicy {name} was deleted (network policies turned "
+                             "off?): writing no network policies until it is back", name=name)
+                self._base_missing = True
+                return None
             try:
                 response = self._request("create_namespaced_network_policy", self.namespace,
                                          base_policy(self.config), _preload_content=False)
@@ -826,13 +839,17 @@ class NetworkPolicyWriter:
                     raise
                 response = self._request("read_namespaced_network_policy", name, self.namespace,
                                          _preload_content=False)
+        self._base_missing = False
         return json.loads(response.data)
 
     def reconcile(self, networks: frozenset[str] | None) -> Plan:
         """One pass (blocking): the isolation policy, then, once networks are known, one policy
         per network and none for any other."""
         base = self.isolation_policy()
+        if base is None:
+            return Plan()
         if networks is None:
+            self.reconciles += 1
             return Plan()
         owner = {"name": base["metadata"]["name"], "uid": base["metadata"]["uid"]}
         listed = json.loads(self._request("list_namespaced_network_policy", self.namespace,

@@ -142,3 +142,21 @@ def test_policies_already_as_wanted_are_not_rewritten(bed):
     bed.create_kubedock_pod("newcomer", [second], wait=False)
     eventually(lambda: policies(bed)[policy_name(second)])
     assert policies(bed)[policy_name(first)]["metadata"]["resourceVersion"] == version
+
+
+def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(bed):
+    """Deleting the isolation policy is how the mode is turned off (helm deletes it; the garbage
+    collector then removes the policies it owns): a replica still running must not undo that, so it
+    neither re-creates it nor writes a policy for a new network.  (Last: it turns the mode off.)"""
+    from kubernetes.client import NetworkingV1Api
+
+    from kubedock_dns.policies import policy_name
+    from testbed.bed import new_network_id
+
+    NetworkingV1Api(bed.core.api_client).delete_namespaced_network_policy("kubedock-dns-isolation", bed.namespace)
+    network = new_network_id()
+    bed.create_kubedock_pod("late", [network], wait=False)
+    time.sleep(3)  # the writer reacts to a new network within a fraction of a second (see above)
+    found = policies(bed)
+    assert "kubedock-dns-isolation" not in found and policy_name(network) not in found
+    assert "deleted (network policies turned off?)" in bed.server_log(200)
