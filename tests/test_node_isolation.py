@@ -3,13 +3,18 @@
 kube-network-policies v0.8.0 (built from the Go module proxy by ``scripts/build-tools.sh
 kube-network-policies``; nftables + nfqueue) runs as a host-network pod, as its own install
 manifest deploys it; kubedock-dns (this checkout, host process behind a Service) runs with
-``--network-policies``; pods created as kubedock creates them serve HTTP on one TCP port
-(busybox httpd) and are reached with busybox wget from each other's pods, through the real bridge.
+``--network-policies``; pods created as kubedock creates them answer their name on one TCP port
+(busybox nc) and are reached with busybox nc from each other's pods, through the real bridge.
+
+The engine hands new connections to user space with nftables' ``queue`` statement: on a kernel
+without it (this test machine's Firecracker kernel has no nft_queue and no modules to load) the
+module skips, saying so.  Not yet seen passing anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,8 +27,43 @@ from testbed.bed import network_id
 ENGINE = "kube-network-policies"
 ENGINE_IMAGE = "localhost/kubedock-dns-testbed/kube-network-policies:v0.8.0"
 PORT = 8080
-SERVE = ("/bin/sh", "-c", f"mkdir -p /tmp/www && echo \"$HOSTNAME\" > /tmp/www/index.html && "
-         f"exec /bin/busybox httpd -f -p {PORT} -h /tmp/www")
+
+
+def serve(name: str) -> tuple[str, ...]:
+    """A container answering every TCP connection on PORT with its own name (busybox nc; the
+    toolbox's static busybox wget crashes, so no HTTP)."""
+    return ("/bin/busybox", "nc", "-ll", "-p", str(PORT), "-e", "/bin/echo", name)
+
+
+def _connect(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> Any:
+    return node.exec(namespace, pods[source]["metadata"]["name"],
+                     ["/bin/sh", "-c", f"/bin/busybox nc -w 3 {pods[target]['status']['podIP']} {PORT} </dev/null"],
+                     timeout=20)
+
+
+def _why_the_kernel_cannot_queue() -> str | None:
+    """Why this kernel cannot run the engine, or None: it hands new connections to user space with
+    an nftables ``queue`` statement (nft_queue + nfnetlink_queue).  Probed in a scratch table."""
+    table = f"kdn_probe_{os.getpid()}"
+    steps = [["add", "table", "inet", table],
+             ["add", "chain", "inet", table, "c", "{ type filter hook forward priority 0; }"],
+             ["add", "rule", "inet", table, "c", "queue", "num", "98", "bypass"]]
+    try:
+        for step in steps:
+            done = subprocess.run(["nft", *step], capture_output=True, text=True, timeout=10, check=False)
+            if done.returncode != 0:
+                return f"nft {' '.join(step[:2])} failed: {done.stderr.strip().splitlines()[0] if done.stderr else done.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nft unusable: {e}"
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+    return None
+
+
+_NO_QUEUE = _why_the_kernel_cannot_queue()
+pytestmark = pytest.mark.skipif(
+    _NO_QUEUE is not None,
+    reason=f"{ENGINE} needs nftables' queue statement, which this kernel lacks ({_NO_QUEUE})")
 
 
 def _engine_binary() -> Path:
@@ -44,7 +84,8 @@ def _engine_objects(node_name: str) -> list[dict[str, Any]]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": ENGINE},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ENGINE},
          "subjects": [{"kind": "ServiceAccount", "name": ENGINE, "namespace": "kube-system"}]},
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": ENGINE, "namespace": "kube-system"},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": ENGINE, "namespace": "kube-system", "labels": {"app": ENGINE}},
          "spec": {"hostNetwork": True, "serviceAccountName": ENGINE, "nodeName": node_name,
                   "tolerations": [{"operator": "Exists"}],
                   "containers": [{"name": ENGINE, "image": ENGINE_IMAGE, "imagePullPolicy": "Never",
@@ -98,7 +139,7 @@ def isolated(engine: Any) -> Iterator[tuple[Any, str, dict[str, dict[str, Any]]]
         with HostKubedockDns(node, namespace, server_args=("--network-policies",)):
             net_a, net_b = network_id(f"{namespace}-a"), network_id(f"{namespace}-b")
             layout = {"a1": [net_a], "a2": [net_a], "b1": [net_b], "ab": [net_a, net_b]}
-            created = {name: node.create_kubedock_pod(namespace, name, nets, command=SERVE, wait=False)
+            created = {name: node.create_kubedock_pod(namespace, name, nets, command=serve(name), wait=False)
                        for name, nets in layout.items()}
             pods = {name: node.wait_pod_running(namespace, pod["metadata"]["name"]) for name, pod in created.items()}
             yield node, namespace, pods
@@ -107,11 +148,19 @@ def isolated(engine: Any) -> Iterator[tuple[Any, str, dict[str, dict[str, Any]]]
 
 
 def fetch(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> bool:
-    """Whether ``source``'s pod gets ``target``'s page over TCP within 3 s."""
-    done = node.exec(namespace, pods[source]["metadata"]["name"],
-                     ["/bin/busybox", "wget", "-q", "-T", "3", "-O", "-",
-                      f"http://{pods[target]['status']['podIP']}:{PORT}/"], timeout=20)
+    """Whether ``source``'s pod connects to ``target``'s port and reads its name within 3 s."""
+    done = _connect(node, namespace, pods, source, target)
     return done.returncode == 0 and done.stdout.strip() == target
+
+
+def explain(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> str:
+    """What a failed expectation needs to be understood: the client's error, the engine's log, its rules."""
+    done = _connect(node, namespace, pods, source, target)
+    rules = subprocess.run(["nft", "list", "table", "inet", ENGINE], capture_output=True, text=True, check=False)
+    logs = "".join(path.read_text()[-3000:] for path in Path("/var/log/pods").glob(f"kube-system_{ENGINE}_*/*/*.log"))
+    return (f"{source} -> {target} ({pods[target]['status']['podIP']}): status {done.returncode}, "
+            f"out {done.stdout!r}, err {done.stderr!r}\nengine log:\n{logs}"
+            f"\nnft:\n{rules.stdout[-3000:]}{rules.stderr}")
 
 
 def settles(check: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -128,8 +177,8 @@ def test_a_networks_peer_answers_and_another_networks_pod_does_not(isolated):
     """From A's pod, A's peer answers on the TCP port and B's pod on the same port does not;
     B's pod cannot reach A's either."""
     node, ns, pods = isolated
-    assert settles(lambda: fetch(node, ns, pods, "a2", "a1")), "a2 cannot reach its network peer a1"
-    assert settles(lambda: not fetch(node, ns, pods, "a2", "b1")), "a2 reaches b1 on another network"
+    assert settles(lambda: fetch(node, ns, pods, "a2", "a1")), explain(node, ns, pods, "a2", "a1")
+    assert settles(lambda: not fetch(node, ns, pods, "a2", "b1")), explain(node, ns, pods, "a2", "b1")
     assert not fetch(node, ns, pods, "b1", "a1")
     assert fetch(node, ns, pods, "a2", "a1")
 
