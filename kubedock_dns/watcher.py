@@ -786,9 +786,13 @@ class NetworkPolicyWriter:
         failures = 0
         while True:
             with self._condition:
-                if not self._dirty and not self._stopping:
-                    delay = self.resync if failures == 0 else min(30.0, 0.5 * 2 ** failures)
-                    self._condition.wait(delay)
+                if failures:
+                    # Backoff: new wishes wait too (an API server in trouble gets no burst).
+                    deadline = time.monotonic() + min(30.0, 0.5 * 2 ** failures)
+                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                        self._condition.wait(left)
+                elif not self._dirty and not self._stopping:
+                    self._condition.wait(self.resync)
                 if self._stopping:
                     return
                 self._dirty = False
@@ -799,9 +803,7 @@ class NetworkPolicyWriter:
             except Exception as error:
                 failures += 1
                 self.errors += 1
-                with self._condition:
-                    self._dirty = True
-                log.warn("network policies not reconciled ({error}); retrying in {delay:.0f}s",
+                log.warn("network policies not reconciled ({error}); retrying in {delay:.1f}s",
                          error=_describe(error), delay=min(30.0, 0.5 * 2 ** failures))
 
     def _request(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -160,3 +160,28 @@ def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(bed):
     found = policies(bed)
     assert "kubedock-dns-isolation" not in found and policy_name(network) not in found
     assert "deleted (network policies turned off?)" in bed.server_log(200)
+
+
+def test_the_writer_backs_off_while_the_api_server_refuses(control_plane):
+    """Writes that fail (here: a namespace that does not exist) are retried with a growing delay,
+    never in a tight loop, and the thread stops when asked."""
+    from kubedock_dns.policies import PolicyConfig
+    from kubedock_dns.watcher import NetworkPolicyWriter
+
+    api_client = control_plane.api_client()
+    writer = NetworkPolicyWriter(api_client, "no-such-namespace-for-policies", PolicyConfig())
+    writer.start()
+    try:
+        writer.want(frozenset({"ab" * 32}))
+        deadline = time.monotonic() + 20
+        while writer.errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.errors >= 1
+        first = writer.errors
+        time.sleep(2.0)
+        assert writer.errors - first <= 2  # retries after 1 s and 2 s at most; a tight loop makes hundreds
+        assert writer.reconciles == 0
+    finally:
+        writer.stop()
+        assert writer.join(15)
+        api_client.close()
