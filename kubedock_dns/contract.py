@@ -18,6 +18,7 @@ annotations) is none of our business.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import re
 import sys
@@ -29,6 +30,11 @@ NETWORK_PREFIX = "kubedock.network/"
 CONTAINER_NAME_ANNOTATION = "kubedock.containername"
 CONTAINER_ID_LABEL = "kubedock.containerid"
 DEFAULT_OPT_IN_LABEL = "kubedock"
+# With --network-policies the webhook labels each opted-in pod once per network, for the
+# NetworkPolicies to select (they select labels, never annotations): see network_label_key.
+NETWORK_LABEL_PREFIX = "kubedock-dns.net/"
+NETWORK_LABEL_HEX = 20
+_HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 
 # Docker container names and aliases: [a-zA-Z0-9][a-zA-Z0-9_.-]*.  As DNS names they must also fit
 # in labels of at most 63 octets and 253 in all.
@@ -200,6 +206,22 @@ def check_network(key: str, value: Any) -> str:
     return value
 
 
+def network_label_key(network: str) -> str:
+    """The label key marking a pod as a member of ``network`` (value ``"true"``).
+
+    A label name holds at most 63 characters and a network ID has 64, so the key keeps a stable
+    short form: for a Docker network ID (64 lowercase hex, random) its first 20 hex characters,
+    so that ``docker network ls`` (12 of them) finds it; for anything else a network annotation
+    may hold (a name) ``n-`` and the first 20 hex characters of its SHA-256.  The two forms never
+    meet ('n' is not hex); 80 random bits make two networks of one namespace sharing a key a
+    chance of n**2 / 2**81 (4e-19 for a thousand networks).
+    """
+    if _HEX_ID.match(network):
+        return NETWORK_LABEL_PREFIX + network[:NETWORK_LABEL_HEX]
+    digest = hashlib.sha256(network.encode()).hexdigest()
+    return NETWORK_LABEL_PREFIX + "n-" + digest[:NETWORK_LABEL_HEX]
+
+
 def networks_from(annotations: Mapping[str, str]) -> tuple[str, ...]:
     """The pod's networks in annotation index order, each checked."""
     return tuple(check_network(k, v) for _, k, v in indexed_annotations(annotations, NETWORK_PREFIX))
@@ -291,8 +313,10 @@ def check_pod_annotations(annotations: Mapping[str, str], labels: Mapping[str, s
     networks_from(annotations)
 
 
-def contract_view(annotations: Mapping[str, str], labels: Mapping[str, str], opt_in_label: str) -> dict[str, str]:
-    """The annotations and label that must not change once a pod exists."""
+def contract_view(annotations: Mapping[str, str], labels: Mapping[str, str], opt_in_label: str,
+                  network_labels: bool = False) -> dict[str, str]:
+    """The annotations and labels that must not change once a pod exists (with
+    ``network_labels``, the network labels too: adding one would open another network's pods)."""
     view = {
         k: v
         for k, v in annotations.items()
@@ -300,6 +324,8 @@ def contract_view(annotations: Mapping[str, str], labels: Mapping[str, str], opt
     }
     if opt_in_label in labels:
         view["label " + opt_in_label] = labels[opt_in_label]
+    if network_labels:
+        view.update(("label " + k, v) for k, v in labels.items() if k.startswith(NETWORK_LABEL_PREFIX))
     return view
 
 

@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
 from kubedock_dns.forwarder import Upstream, parse_upstream
+from kubedock_dns.policies import parse_selector
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -45,6 +46,9 @@ class Config:
     verbose: bool = False
     latency_sample_every: int = 16
     log_format: str = "text"
+    network_policies: bool = False
+    kubedock_pod_selector: tuple[tuple[str, str], ...] = ()
+    isolation_policy: str = "kubedock-dns-isolation"
 
     @property
     def webhook_enabled(self) -> bool:
@@ -111,6 +115,11 @@ class Options(usage.Options):
         ["ops-interface", None, "", "Address the ops endpoint binds."],
         ["latency-sample-every", None, 16,
          "Time one query in N (a power of two) for the latency histograms (1: every query, 0: none).", int],
+        ["kubedock-pod-selector", None, "",
+         "With --network-policies: labels of kubedock's own pods (key=value[,key=value]), let in to "
+         "every opted-in pod (its reverse proxy dials pod IPs); empty: none."],
+        ["isolation-policy", None, "kubedock-dns-isolation",
+         "With --network-policies: name of the default-deny NetworkPolicy that owns the per-network ones."],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
     ]
     optFlags = [
@@ -120,6 +129,9 @@ class Options(usage.Options):
          "to the cluster DNS instead of answering NXDOMAIN, so the namespace's Services answer them. "
          "Risk: a Service called like a missing container answers in its place."],
         ["no-fast-path", None, "Answer every query through the full twisted.names path."],
+        ["network-policies", None,
+         "Docker's network isolation: label opted-in pods per network at admission and keep one "
+         "NetworkPolicy per network (plus a default-deny one) in the namespace; off removes them."],
         ["verbose", "v", "Log one structured debug line per decision (answers through the full path)."],
     ]
 
@@ -174,6 +186,15 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--latency-sample-every {every}: must be 0 (off) or a power of two (1, 2, 4, ... 16, ...)"
             )
+        try:
+            self["kubedock-pod-selector"] = parse_selector(self["kubedock-pod-selector"])
+        except ValueError as e:
+            raise usage.UsageError(f"--kubedock-pod-selector: {e}")
+        if (self["kubedock-pod-selector"] or self["isolation-policy"] != "kubedock-dns-isolation") \
+                and not self["network-policies"]:
+            raise usage.UsageError("--kubedock-pod-selector and --isolation-policy need --network-policies")
+        if self["network-policies"] and self["pods-file"]:
+            raise usage.UsageError("--network-policies needs the API server: it cannot go with --pods-file")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")
         if self["log-format"] == "json" and self.parent is not None:
@@ -221,4 +242,7 @@ class Options(usage.Options):
             verbose=bool(self["verbose"]),
             latency_sample_every=self["latency-sample-every"],
             log_format=self["log-format"],
+            network_policies=bool(self["network-policies"]),
+            kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
+            isolation_policy=self["isolation-policy"],
         )

@@ -226,10 +226,13 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     else:
         from kubedock_dns.watcher import WatcherConfig, WatcherService
 
+        deliver = apply_changes
+        if config.network_policies:
+            deliver = policies_follow_index(config, apply_changes, top)
         watcher = WatcherService.for_cluster(
             StampedHandOver(reactor, watch_lag),
             WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
-            apply_changes, kubeconfig=config.kubeconfig,
+            deliver, kubeconfig=config.kubeconfig,
         )
         watcher.setServiceParent(top)
 
@@ -274,6 +277,32 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     return top
 
 
+def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], None],
+                          top: service.MultiService) -> Callable[[Iterable], None]:
+    """``apply_changes`` that also tells the NetworkPolicy writer (its own thread, see
+    :class:`kubedock_dns.watcher.NetworkPolicyWriter`) which networks have pods, once synced."""
+    from kubedock_dns.policies import Membership, PolicyConfig
+    from kubedock_dns.watcher import NetworkPolicyService
+
+    policy_service = NetworkPolicyService.for_cluster(
+        config.kubeconfig, config.namespace,
+        PolicyConfig(opt_in_label=config.opt_in_label, kubedock_selector=dict(config.kubedock_pod_selector),
+                     base_name=config.isolation_policy))
+    policy_service.setServiceParent(top)
+    top.policy_writer = policy_service.writer  # type: ignore[attr-defined]
+
+    membership = Membership()
+
+    def apply(changes: Iterable) -> None:
+        changes = tuple(changes)
+        apply_changes(changes)
+        membership.apply(changes)
+        if membership.synced:
+            # O(pods) per batch on the reactor thread: a set of network IDs, no API call.
+            policy_service.writer.want(membership.networks())
+    return apply
+
+
 def injected_nameserver(config: Config) -> str:
     """The address the webhook gives opted-in pods: --dns-service-ip, else the named Service's IP."""
     if config.dns_service_ip:
@@ -292,7 +321,8 @@ def webhook_child(config: Config, nameserver: str, reactor, ready) -> service.Se
     from kubedock_dns.reviewing import ReviewPool
 
     webhook_config = WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
-                                   ndots=config.ndots, opt_in_label=config.opt_in_label)
+                                   ndots=config.ndots, opt_in_label=config.opt_in_label,
+                                   network_labels=config.network_policies)
     # Reviews are decoded and decided in a worker process: in this one they would stall DNS.
     pool = ReviewPool(webhook_config, reactor)
     app = WebhookApp(webhook_config, ready=ready, reviewer=pool.review)

@@ -23,10 +23,14 @@ Contract (DESIGN section 5):
   options are kept, in their order, after ``ndots``.  The patch uses ``add``, which per RFC 6902
   creates a missing member and replaces an existing one, so it is correct whether or not the pod
   already had a ``dnsConfig``; nothing is emitted when the pod already has exactly that config.
+  With ``network_labels`` (``--network-policies``) the patch also gives the pod one label
+  ``kubedock-dns.net/<short network ID>: "true"`` per network (:func:`network_label_patch`,
+  :func:`kubedock_dns.contract.network_label_key`) and removes any other label under that prefix.
   A pod with no ``kubedock.network/N`` annotation is admitted and mutated with a warning: it is on
   no network, so no other pod can resolve its names.
 - UPDATE of a pod that is opted in before or after the change: the ``kubedock.hostalias/*`` and
-  ``kubedock.network/*`` annotations and the opt-in label must not change (code 403); any other
+  ``kubedock.network/*`` annotations and the opt-in label (with ``network_labels``, the network
+  labels too) must not change (code 403); any other
   change is allowed and nothing is patched (a pod's DNS settings cannot change after creation).
   Unchanged annotations are not validated again, so that a pod admitted while the webhook was
   absent can still be updated (e.g. to remove a finalizer) and deleted.
@@ -61,12 +65,15 @@ from twisted.web.server import Request, Site
 from kubedock_dns.contract import (
     DEFAULT_OPT_IN_LABEL,
     HOSTALIAS_PREFIX,
+    NETWORK_LABEL_PREFIX,
     NETWORK_PREFIX,
     CONTAINER_NAME_ANNOTATION,
     AnnotationError,
     canonical_ip,
     check_pod_annotations,
     contract_view,
+    network_label_key,
+    networks_from,
     sort_names,
 )
 from kubedock_dns.limits import ConnectionCap, RateLimitedLog
@@ -80,6 +87,7 @@ __all__ = [
     "WebhookService",
     "admit",
     "dns_patch",
+    "network_label_patch",
     "parse_review",
     "review",
     "webhook_service",
@@ -100,6 +108,7 @@ class WebhookConfig:
     cluster_domain: str = "cluster.local"
     ndots: int = 5
     opt_in_label: str = DEFAULT_OPT_IN_LABEL
+    network_labels: bool = False  # --network-policies: label pods per network (network_label_patch)
 
     def __post_init__(self) -> None:
         try:
@@ -302,6 +311,28 @@ def dns_patch(spec: Mapping[str, Any], namespace: str, config: WebhookConfig) ->
     return operations
 
 
+def network_label_patch(labels: Mapping[str, str], networks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """JSON patch operations leaving the pod exactly one ``<NETWORK_LABEL_PREFIX>...: "true"``
+    label per network in ``networks`` and no other label under that prefix: a label the pod
+    brought itself would let it into a network's NetworkPolicy it is not in."""
+    wanted = {network_label_key(network): "true" for network in networks}
+    operations: list[dict[str, Any]] = []
+    if not labels and wanted:
+        return [{"op": "add", "path": "/metadata/labels", "value": wanted}]
+    for key in sorted(labels):
+        if key.startswith(NETWORK_LABEL_PREFIX) and key not in wanted:
+            operations.append({"op": "remove", "path": "/metadata/labels/" + _pointer(key)})
+    for key, value in wanted.items():
+        if labels.get(key) != value:
+            operations.append({"op": "add", "path": "/metadata/labels/" + _pointer(key), "value": value})
+    return operations
+
+
+def _pointer(key: str) -> str:
+    """``key`` as one JSON pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
 def _deny(uid: str, code: int, message: str) -> dict[str, Any]:
     return {
         "uid": uid,
@@ -383,6 +414,8 @@ def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
             )
         response: dict[str, Any] = {"uid": uid, "allowed": True}
         patch = dns_patch(spec, _namespace(request), config)
+        if config.network_labels:
+            patch += network_label_patch(labels, networks_from(annotations))
         if patch:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
@@ -397,14 +430,15 @@ def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
         return response
     if operation == "UPDATE" and (_opted_in(obj, label) or _opted_in(old, label)):
         assert obj is not None and old is not None
-        before = contract_view(*_meta_maps(old), label)
-        after = contract_view(*_meta_maps(obj), label)
+        before = contract_view(*_meta_maps(old), label, network_labels=config.network_labels)
+        after = contract_view(*_meta_maps(obj), label, network_labels=config.network_labels)
         if before != after:
+            network_labels = f" and {NETWORK_LABEL_PREFIX}* labels" if config.network_labels else ""
             return _deny(
                 uid,
                 403,
                 f"{_describe(request)}: the {HOSTALIAS_PREFIX}*, {NETWORK_PREFIX}* annotations and "
-                f"the {label!r} label cannot change once the pod exists "
+                f"the {label!r} label{network_labels} cannot change once the pod exists "
                 f"({_describe_changes(before, after)}); delete the pod and create it again instead",
             )
     return {"uid": uid, "allowed": True}

@@ -4,7 +4,7 @@
 # the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each
 # binary.  Nothing is built inside the repository and nothing built is ever committed.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node] [kube-network-policies]
 #
 # `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
 # kube-apiserver, in one `go build` so they share every compiled package.
@@ -19,6 +19,7 @@ COREDNS_VERSION=${COREDNS_VERSION:-v1.13.1}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
 # Prometheus tags its Go module v0.3XY.Z for release 3.XY.Z.
 PROMTOOL_VERSION=${PROMTOOL_VERSION:-v0.316.0}
+KNP_VERSION=${KNP_VERSION:-v0.8.0}
 CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -143,6 +144,17 @@ build_promtool() {
     echo "$out"
 }
 
+# kube-network-policies: a NetworkPolicy engine (nftables + nfqueue) for the real node's
+# isolation tests (--network-policies).
+build_kube_network_policies() {
+    local out=$CACHE/kube-network-policies-$KNP_VERSION/kube-network-policies
+    if [ ! -x "$out" ]; then
+        (build_in_scratch_module sigs.k8s.io/kube-network-policies "$KNP_VERSION" \
+            sigs.k8s.io/kube-network-policies/cmd "$out" </dev/null)
+    fi
+    echo "$out"
+}
+
 [ $# -gt 0 ] || set -- kube-apiserver
 # One build at a time per cache: parallel test sessions would otherwise compile twice.
 mkdir -p "$CACHE"
@@ -156,6 +168,7 @@ for tool in "$@"; do
         helm) build_helm ;;
         promtool) build_promtool ;;
         kube-node) build_kube_node ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool or kube-node)"; exit 2 ;;
+        kube-network-policies) build_kube_network_policies ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, kube-node or kube-network-policies)"; exit 2 ;;
     esac
 done

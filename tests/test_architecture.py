@@ -29,6 +29,7 @@ FORBIDDEN = {
     "explain": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
     "metrics": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
     "logs": {"kubernetes", "kubedock_dns.watcher", "kubedock_dns.webhook"},
+    "policies": {"twisted", "kubernetes", "klein", "treq"},
 }
 
 

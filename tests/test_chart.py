@@ -41,6 +41,7 @@ PLUGIN_OPTIONS = {
     "--require-ready", "--pods-file", "--webhook-port", "--webhook-interface", "--tls-cert",
     "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
     "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
+    "--network-policies", "--isolation-policy", "--kubedock-pod-selector",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -59,6 +60,9 @@ OPTIONS: dict[str, list[str]] = {
     "custom-opt-in-label": ["--set", "optInLabel=example.com/kubedock"],
     "docker-fidelity": ["--set", "dns.forwardSingleLabel=true",
                         "--set", "dns.unresolvedNetworks={" + "ab" * 32 + ",0123456789ab}"],
+    "network-policies": ["--set", "networkPolicies.enabled=true",
+                         "--set", "networkPolicies.kubedockPodSelector.app\\.kubernetes\\.io/name=kubedock",
+                         "--set", "networkPolicies.kubedockPodSelector.tier=ci"],
 }
 
 CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
@@ -365,6 +369,29 @@ def test_single_label_and_unresolved_network_options(helm: str, default: list[di
     args = args_of(render(helm, *OPTIONS["docker-fidelity"]))
     assert args["--forward-single-label"] == [""]
     assert args["--unresolved-network"] == ["ab" * 32, "0123456789ab"]
+
+
+def test_network_policies_are_off_by_default_and_complete_when_on(helm: str, default: list[dict[str, Any]]) -> None:
+    """Off: no NetworkPolicy, no networkpolicies permission, no option.  On: the isolation policy
+    (every opted-in pod, ingress only from kubedock's pods), the permission the server needs to
+    keep per-network policies, and the options naming that policy and kubedock's labels."""
+    assert not [o for o in default if o["kind"] == "NetworkPolicy"]
+    assert not [r for r in one(default, "Role")["rules"] if "networkpolicies" in r["resources"]]
+    assert "--network-policies" not in args_of(default)
+    objects = render(helm, *OPTIONS["network-policies"])
+    policy = one(objects, "NetworkPolicy")
+    kubedock = {"app.kubernetes.io/name": "kubedock", "tier": "ci"}
+    assert policy["spec"] == {"podSelector": {"matchLabels": {"kubedock": "true"}}, "policyTypes": ["Ingress"],
+                              "ingress": [{"from": [{"podSelector": {"matchLabels": kubedock}}]}]}
+    [rule] = [r for r in one(objects, "Role")["rules"] if "networkpolicies" in r["resources"]]
+    assert rule["apiGroups"] == ["networking.k8s.io"] and "resourceNames" not in rule
+    assert sorted(rule["verbs"]) == ["create", "delete", "get", "list", "update"]
+    args = args_of(objects)
+    assert args["--network-policies"] == [""]
+    assert args["--isolation-policy"] == [policy["metadata"]["name"]]
+    assert args["--kubedock-pod-selector"] == ["app.kubernetes.io/name=kubedock,tier=ci"]
+    closed = one(render(helm, "--set", "networkPolicies.enabled=true"), "NetworkPolicy")
+    assert closed["spec"]["ingress"] == []
 
 
 # --- TLS --------------------------------------------------------------------------------------

@@ -124,3 +124,12 @@ carry the same CA even though genCA is random.
 {{- end }}
 {{- index $ "kubedockDnsTLS" | toJson }}
 {{- end }}
+
+{{/* A label map as key=value,key=value (sorted), for --kubedock-pod-selector. */}}
+{{- define "kubedock-dns.selectorText" -}}
+{{- $parts := list -}}
+{{- range $key, $value := . -}}
+{{- $parts = append $parts (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $parts -}}
+{{- end -}}
