@@ -32,7 +32,7 @@ from bench.topology import Topology
 from kubedock_dns.contract import Relisted, Upserted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
-from kubedock_dns.watcher import decode_pod
+from kubedock_dns.kube.watcher import decode_pod
 from kubedock_dns.wire import FastPath
 
 EVENTS = 1000

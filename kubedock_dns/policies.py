@@ -1,6 +1,6 @@
 """The NetworkPolicies of ``--network-policies``: their shape, and what to change to reach it.
 
-Contract (pure: no Twisted, no kubernetes client; :class:`kubedock_dns.watcher.NetworkPolicyWriter`
+Contract (pure: no Twisted, no kubernetes client; :class:`kubedock_dns.kube.policy_writer.NetworkPolicyWriter`
 does the API calls):
 
 - :func:`base_policy` is the namespace's one *isolation* policy: it selects every opted-in pod

@@ -224,7 +224,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     elif config.pods_file:
         PodsFileService(config.pods_file, apply_changes).setServiceParent(top)
     else:
-        from kubedock_dns.watcher import WatcherConfig, WatcherService
+        from kubedock_dns.kube.watcher import WatcherConfig, WatcherService
 
         deliver = apply_changes
         if config.network_policies:
@@ -280,9 +280,9 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
 def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], None],
                           top: service.MultiService) -> Callable[[Iterable], None]:
     """``apply_changes`` that also tells the NetworkPolicy writer (its own thread, see
-    :class:`kubedock_dns.watcher.NetworkPolicyWriter`) which networks have pods, once synced."""
+    :class:`kubedock_dns.kube.policy_writer.NetworkPolicyWriter`) which networks have pods, once synced."""
     from kubedock_dns.policies import Membership, PolicyConfig
-    from kubedock_dns.watcher import NetworkPolicyService
+    from kubedock_dns.kube.policy_writer import NetworkPolicyService
 
     policy_service = NetworkPolicyService.for_cluster(
         config.kubeconfig, config.namespace,
@@ -308,7 +308,7 @@ def injected_nameserver(config: Config) -> str:
     if config.dns_service_ip:
         return config.dns_service_ip
     assert config.dns_service_name  # options require one of the two with the webhook
-    from kubedock_dns.watcher import service_cluster_ip
+    from kubedock_dns.kube.client import service_cluster_ip
 
     return service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
 

@@ -166,7 +166,7 @@ def test_the_writer_backs_off_while_the_api_server_refuses(control_plane):
     """Writes that fail (here: a namespace that does not exist) are retried with a growing delay,
     never in a tight loop, and the thread stops when asked."""
     from kubedock_dns.policies import PolicyConfig
-    from kubedock_dns.watcher import NetworkPolicyWriter
+    from kubedock_dns.kube.policy_writer import NetworkPolicyWriter
 
     api_client = control_plane.api_client()
     writer = NetworkPolicyWriter(api_client, "no-such-namespace-for-policies", PolicyConfig())

@@ -20,16 +20,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted, pod_record_from_dict
-from kubedock_dns.watcher import (
-    Aborted,
-    ApiError,
-    KubernetesPodApi,
-    PodWatcher,
-    WatcherConfig,
-    WatcherService,
-    api_client_from,
-    default_namespace,
-)
+from kubedock_dns.kube.client import Aborted, ApiError, KubernetesPodApi, api_client_from, default_namespace
+from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig, WatcherService
 
 NS = "ns1"
 CONFIG = WatcherConfig(namespace=NS)

@@ -15,13 +15,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted
-from kubedock_dns.watcher import (
-    ApiError,
-    KubernetesPodApi,
-    PodWatcher,
-    WatcherConfig,
-    WatcherService,
-)
+from kubedock_dns.kube.client import ApiError, KubernetesPodApi
+from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig, WatcherService
 from tests.podfactory import creatable_pod
 
 pytestmark = pytest.mark.controlplane

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from kubedock_dns.watcher import KubernetesPodApi, PodWatcher, WatcherConfig
+from kubedock_dns.kube.client import KubernetesPodApi
+from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig
 from testbed.blackhole import BlackHoleProxy
 from tests.test_watcher_apiserver import IndexModel, QueueReactor, create
 

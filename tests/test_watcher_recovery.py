@@ -5,7 +5,8 @@ and the default timeouts notice a silent connection in seconds."""
 
 from __future__ import annotations
 
-from kubedock_dns.watcher import ApiError, WatcherConfig
+from kubedock_dns.kube.client import ApiError
+from kubedock_dns.kube.watcher import WatcherConfig
 from tests.test_watcher import Drop, ScriptedApi, bookmark, page, run
 
 

@@ -36,9 +36,10 @@ watch resumes on a new connection: a change made meanwhile arrives within about 
 Stopping: :meth:`PodWatcher.stop` sets a flag and shuts down the socket of the request in
 flight, which unblocks the thread at once.
 
-Pods are parsed from raw JSON (``_preload_content=False``) into
-:class:`~kubedock_dns.contract.PodRecord` at once; no ``V1Pod`` models are built or kept.  This
-is the only module that imports ``kubernetes``.
+Pods are parsed from raw JSON into :class:`~kubedock_dns.contract.PodRecord` at once; no
+``V1Pod`` models are built or kept.  The loop talks to the API server only through the
+:class:`PodApi` seam (:class:`~kubedock_dns.kube.client.KubernetesPodApi` on the real one), so
+this module does not import ``kubernetes`` itself.
 """
 
 from __future__ import annotations
@@ -50,14 +51,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-import kubernetes.client
-import kubernetes.config
-import urllib3
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from kubedock_dns.policies import MANAGED_SELECTOR, Plan, PolicyConfig, base_policy, network_policy, plan
 from kubedock_dns.contract import (
     DEFAULT_OPT_IN_LABEL,
     Change,
@@ -67,14 +64,10 @@ from kubedock_dns.contract import (
     Upserted,
     pod_record_from_dict,
 )
+from kubedock_dns.kube.client import Aborted, ApiError, KubernetesPodApi, api_client_from, describe_failure
 
+# The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
-
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
 
 
 @dataclass(frozen=True)
@@ -124,67 +117,6 @@ class WatcherConfig:
         return f"{self.opt_in_label}=true"
 
 
-def default_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
-    """The namespace this process runs in, from its service account; clear error outside a pod."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            namespace = f.read().strip()
-    except OSError as e:
-        raise ValueError(
-            f"cannot read the pod's namespace from {path} ({e.strerror}): not running in a pod? "
-            f"give --namespace NS"
-        ) from None
-    if not namespace:
-        raise ValueError(f"{path} is empty: give --namespace NS")
-    return namespace
-
-
-def api_client_from(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
-    """An API client from a kubeconfig file, or from the in-cluster service account if None.
-
-    Touches no global client configuration.
-    """
-    configuration = kubernetes.client.Configuration()
-    if kubeconfig:
-        kubernetes.config.load_kube_config(
-            config_file=kubeconfig, client_configuration=configuration, persist_config=False
-        )
-    else:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
-    return kubernetes.client.ApiClient(configuration)
-
-
-# --------------------------------------------------------------------------------------------
-# The API seam
-
-
-class ApiError(Exception):
-    """The API server answered with an error status (HTTP, or a watch ``ERROR`` event)."""
-
-    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
-        super().__init__(status, reason, message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @property
-    def expired(self) -> bool:
-        """The resourceVersion or continue token is too old: relist."""
-        return self.status == 410
-
-    def __str__(self) -> str:
-        text = f"HTTP {self.status}"
-        if self.reason:
-            text += f" {self.reason}"
-        if self.message:
-            text += f": {self.message}"
-        return text
-
-
-class Aborted(Exception):
-    """The request was cut short because the watcher is stopping."""
-
-
 class PodApi(Protocol):
     """What the watcher needs from the API server (one namespace, one label selector)."""
 
@@ -199,121 +131,6 @@ class PodApi(Protocol):
 
     def abort(self) -> None:
         """From any thread: cut the request in flight short and refuse further ones."""
-
-
-def _status_of(body: bytes | str | None) -> tuple[str, str]:
-    """``(reason, message)`` of a ``Status`` body, or of anything else as text."""
-    if not body:
-        return "", ""
-    try:
-        status = json.loads(body)
-        return str(status.get("reason") or ""), str(status.get("message") or "")
-    except (ValueError, AttributeError):
-        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-        return "", text[:200]
-
-
-class KubernetesPodApi:
-    """:class:`PodApi` on the official client's ``CoreV1Api``, raw JSON throughout."""
-
-    def __init__(self, api_client: kubernetes.client.ApiClient, config: WatcherConfig) -> None:
-        self._core = kubernetes.client.CoreV1Api(api_client)
-        self._config = config
-        self._lock = threading.Lock()
-        self._aborted = False
-        self._current: Any = None
-
-    def _call(self, **kwargs: Any) -> Any:
-        if self._aborted:
-            raise Aborted()
-        try:
-            response = self._core.list_namespaced_pod(
-                self._config.namespace,
-                label_selector=self._config.label_selector,
-                _preload_content=False,
-                _request_timeout=(float(self._config.connect_timeout), float(self._config.read_timeout)),
-                **kwargs,
-            )
-        except kubernetes.client.ApiException as e:
-            reason, message = _status_of(e.body)
-            raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
-        except urllib3.exceptions.HTTPError:
-            self._drop_pooled_connections()
-            raise
-        with self._lock:
-            if self._aborted:
-                response.close()
-                raise Aborted()
-            self._current = response
-        return response
-
-    def _done(self, response: Any, complete: bool) -> None:
-        with self._lock:
-            if self._current is response:
-                self._current = None
-        if not complete:
-            # A half-read connection must not go back to the pool.
-            response.close()
-        response.release_conn()
-
-    def list_pods(self, continue_token: str | None) -> Mapping[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if self._config.list_page_size:
-            kwargs["limit"] = self._config.list_page_size
-        if continue_token:
-            kwargs["_continue"] = continue_token
-        response = self._call(**kwargs)
-        complete = False
-        try:
-            data = response.data
-            complete = True
-        finally:
-            self._done(response, complete)
-        return json.loads(data)
-
-    def watch_pods(self, resource_version: str) -> Iterator[bytes]:
-        response = self._call(
-            watch=True,
-            resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=int(self._config.watch_timeout),
-        )
-        complete = False
-        try:
-            for chunk in response.stream(amt=None, decode_content=True):
-                if chunk:
-                    yield chunk
-            complete = True
-        except urllib3.exceptions.ReadTimeoutError:
-            # A silent connection (a healthy watch is never silent this long): end quietly, the
-            # watcher resumes from its resourceVersion on a new connection.
-            log.info("pod watch silent for {timeout}s: dropping the connection and watching again",
-                     timeout=self._config.read_timeout)
-            self._drop_pooled_connections()
-        finally:
-            self._done(response, complete)
-
-    def _drop_pooled_connections(self) -> None:
-        """Close the idle pooled connections: whatever silenced one (a black hole, a dead NAT
-        entry) has most likely silenced them too, and reusing one would cost another timeout."""
-        try:
-            self._core.api_client.rest_client.pool_manager.clear()
-        except AttributeError:  # a client without a urllib3 pool manager
-            pass
-
-    def abort(self) -> None:
-        with self._lock:
-            self._aborted = True
-            response = self._current
-        if response is not None:
-            try:
-                response.shutdown()
-            except Exception:  # already closed or released: nothing left to unblock
-                pass
-
-
-# --------------------------------------------------------------------------------------------
-# The watcher
 
 
 @dataclass(frozen=True)
@@ -468,7 +285,7 @@ class PodWatcher:
                         "pod watch in namespace {namespace} failed ({error}); "
                         "failure {failures} in a row, relisting in {delay:.2f}s",
                         namespace=cfg.namespace,
-                        error=_describe(e),
+                        error=describe_failure(e),
                         failures=self._failures,
                         delay=delay,
                     )
@@ -623,17 +440,6 @@ class PodWatcher:
         return (obj.get("metadata") or {}).get("resourceVersion") or resource_version
 
 
-def _describe(error: BaseException) -> str:
-    """A one-line account of a failure for the log."""
-    text = str(error)
-    name = type(error).__name__
-    return f"{name}: {text}" if text and not isinstance(error, ApiError) else (text or name)
-
-
-# --------------------------------------------------------------------------------------------
-# The service
-
-
 class WatcherService(Service):
     """Runs a :class:`PodWatcher` while the service runs.
 
@@ -701,205 +507,3 @@ class WatcherService(Service):
 
         exited.addCallback(ended)
         return done
-
-
-def service_cluster_ip(kubeconfig: str | None, namespace: str, name: str, timeout: float = 10.0) -> str:
-    """The clusterIP of Service ``namespace/name`` (what the webhook injects as nameserver).
-
-    Called once at start-up, before the reactor runs.  Raises ``ValueError`` naming the Service
-    and what to do when it cannot be read or has no cluster IP.
-    """
-    api = kubernetes.client.CoreV1Api(api_client_from(kubeconfig))
-    try:
-        response = api.read_namespaced_service(name, namespace, _preload_content=False,
-                                               _request_timeout=timeout)
-        service = json.loads(response.data)  # type: ignore[attr-defined]  # raw urllib3 response
-    except Exception as error:
-        raise ValueError(
-            f"cannot read Service {namespace}/{name} for --dns-service-name ({_describe(error)}); "
-            f"check the name and that the service account may 'get' it, or pass --dns-service-ip"
-        ) from None
-    ip = (service.get("spec") or {}).get("clusterIP")
-    if not ip or ip == "None":
-        raise ValueError(f"Service {namespace}/{name} has no cluster IP (headless?): pass --dns-service-ip")
-    return ip
-
-
-# --------------------------------------------------------------------------------------------
-# --network-policies: the writer
-
-
-class NetworkPolicyWriter:
-    """Keeps the namespace's managed NetworkPolicies equal to the wanted networks.
-
-    :meth:`want` (any thread, cheap: the reactor thread calls it after every index change) records
-    the latest set of networks with pods; a daemon thread makes the API match it: at its first pass
-    it makes sure the isolation policy exists (created from
-    :func:`kubedock_dns.policies.base_policy` if missing, never changed: the chart owns it; deleted
-    later, it stops all writing, see :meth:`isolation_policy`), then creates, replaces and deletes per-network policies as
-    :func:`kubedock_dns.policies.plan` says.  Nothing per network is written before the first
-    :meth:`want` (the index must be synced first, or every policy would look unwanted).  It
-    reconciles again every ``resync`` seconds (a policy deleted by hand comes back), and after a
-    failure with a capped backoff.  Another replica doing the same is harmless: 409 on create and
-    404 on delete count as done.
-    """
-
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, config: PolicyConfig,
-                 resync: float = 60.0, request_timeout: float = 10.0) -> None:
-        self._api = kubernetes.client.NetworkingV1Api(api_client)
-        self.namespace = namespace
-        self.config = config
-        self.resync = resync
-        self._timeout = request_timeout
-        self._condition = threading.Condition()
-        self._wanted: frozenset[str] | None = None
-        self._dirty = True
-        self._stopping = False
-        self._base_missing = False
-        self._thread: threading.Thread | None = None
-        # Written by the writer thread alone; read anywhere (plain ints).
-        self.reconciles = self.errors = self.created = self.replaced = self.deleted = 0
-
-    def want(self, networks: frozenset[str]) -> None:
-        with self._condition:
-            if networks != self._wanted:
-                self._wanted = networks
-                self._dirty = True
-                self._condition.notify()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="kubedock-dns-policies", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._condition:
-            self._stopping = True
-            self._condition.notify()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
-
-    def run(self) -> None:
-        failures = 0
-        while True:
-            with self._condition:
-                if failures:
-                    # Backoff: new wishes wait too (an API server in trouble gets no burst).
-                    deadline = time.monotonic() + min(30.0, 0.5 * 2 ** failures)
-                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
-                        self._condition.wait(left)
-                elif not self._dirty and not self._stopping:
-                    self._condition.wait(self.resync)
-                if self._stopping:
-                    return
-                self._dirty = False
-                wanted = self._wanted
-            try:
-                self.reconcile(wanted)
-                failures = 0
-            except Exception as error:
-                failures += 1
-                self.errors += 1
-                log.warn("network policies not reconciled ({error}); retrying in {delay:.1f}s",
-                         error=_describe(error), delay=min(30.0, 0.5 * 2 ** failures))
-
-    def _request(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return getattr(self._api, method)(*args, _request_timeout=self._timeout, **kwargs)
-        except kubernetes.client.ApiException as e:
-            reason, message = _status_of(e.body)
-            raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
-
-    def isolation_policy(self) -> dict[str, Any] | None:
-        """The isolation policy as stored; created if it is missing at the first pass only.
-
-        Later it is missing because somebody deleted it: ``helm upgrade`` turning the mode off
-        while this replica still runs, or an admin by hand.  Re-creating it would undo that, so
-        nothing is written until it is back (the garbage collector removes the rest meanwhile).
-        """
-        name = self.config.base_name
-        try:
-            response = self._request("read_namespaced_network_policy", name, self.namespace, _preload_content=False)
-        except ApiError as e:
-            if e.status != 404:
-                raise
-            if self.reconciles:
-                if not self._base_missing:
-                    log.warn("the isolation NetworkPolicy {name} was deleted (network policies turned "
-                             "off?): writing no network policies until it is back", name=name)
-                self._base_missing = True
-                return None
-            try:
-                response = self._request("create_namespaced_network_policy", self.namespace,
-                                         base_policy(self.config), _preload_content=False)
-                log.info("created the isolation NetworkPolicy {name}", name=name)
-            except ApiError as created:
-                if created.status != 409:
-                    raise
-                response = self._request("read_namespaced_network_policy", name, self.namespace,
-                                         _preload_content=False)
-        self._base_missing = False
-        return json.loads(response.data)
-
-    def reconcile(self, networks: frozenset[str] | None) -> Plan:
-        """One pass (blocking): the isolation policy, then, once networks are known, one policy
-        per network and none for any other."""
-        base = self.isolation_policy()
-        if base is None:
-            return Plan()
-        if networks is None:
-            self.reconciles += 1
-            return Plan()
-        owner = {"name": base["metadata"]["name"], "uid": base["metadata"]["uid"]}
-        listed = json.loads(self._request("list_namespaced_network_policy", self.namespace,
-                                          label_selector=MANAGED_SELECTOR, _preload_content=False).data)
-        existing = {p["metadata"]["name"]: p for p in listed.get("items") or ()}
-        todo = plan((network_policy(n, owner) for n in networks), existing.values(), keep=(self.config.base_name,))
-        for body in todo.create:
-            try:
-                self._request("create_namespaced_network_policy", self.namespace, body, _preload_content=False)
-                self.created += 1
-            except ApiError as e:
-                if e.status != 409:
-                    raise
-        for body in todo.replace:
-            name = body["metadata"]["name"]
-            body = {**body, "metadata": {**body["metadata"],
-                                         "resourceVersion": existing[name]["metadata"]["resourceVersion"]}}
-            self._request("replace_namespaced_network_policy", name, self.namespace, body, _preload_content=False)
-            self.replaced += 1
-        for name in todo.delete:
-            try:
-                self._request("delete_namespaced_network_policy", name, self.namespace, _preload_content=False)
-                self.deleted += 1
-            except ApiError as e:
-                if e.status != 404:
-                    raise
-        self.reconciles += 1
-        if todo:
-            log.info("network policies: {created} created, {replaced} replaced, {deleted} deleted",
-                     created=len(todo.create), replaced=len(todo.replace), deleted=len(todo.delete))
-        return todo
-
-
-class NetworkPolicyService(Service):
-    """Runs a :class:`NetworkPolicyWriter` while the server runs (``--network-policies``)."""
-
-    def __init__(self, writer: NetworkPolicyWriter) -> None:
-        self.setName("network-policies")
-        self.writer = writer
-
-    @classmethod
-    def for_cluster(cls, kubeconfig: str | None, namespace: str, config: PolicyConfig) -> NetworkPolicyService:
-        return cls(NetworkPolicyWriter(api_client_from(kubeconfig), namespace, config))
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self.writer.start()
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        self.writer.stop()
