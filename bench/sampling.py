@@ -66,7 +66,7 @@ def micro(settings: list[int], repeats: int = 30, number: int = 20000) -> dict[i
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
     from kubedock_dns.server import KubedockDNSServerFactory
-    from kubedock_dns.wire import FastPath
+    from kubedock_dns.fastpath import FastPath
 
     class Discard:
         def sendto(self, data, address):

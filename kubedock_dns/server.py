@@ -27,8 +27,8 @@ from twisted.protocols.policies import TimeoutMixin
 from kubedock_dns.contract import canonical_ip
 from kubedock_dns.limits import RateLimitedLog
 # SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
+from kubedock_dns.fastpath import FORWARD
 from kubedock_dns.wire import (
-    FORWARD,
     SERVER_UDP_PAYLOAD,
     TCP_LIMIT,
     UDP_PLAIN_LIMIT,
@@ -110,7 +110,7 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
                   ttl: int, limit: int) -> tuple[bytes, bool]:
     """The wire form of our own answer to ``query``, truncated (TC, no answers) past ``limit``.
 
-    Returns the bytes and whether they were truncated.  The fast path in :mod:`kubedock_dns.wire`
+    Returns the bytes and whether they were truncated.  The fast path in :mod:`kubedock_dns.fastpath`
     must produce the same bytes; a differential test holds the two together.
     """
     question = query.queries[0]

@@ -27,7 +27,7 @@ from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
-from kubedock_dns.wire import FastPath
+from kubedock_dns.fastpath import FastPath
 
 log = Logger()
 

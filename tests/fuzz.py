@@ -45,7 +45,8 @@ def _imports() -> None:
     from kubedock_dns.resolver import Resolver, ResolverConfig
     from kubedock_dns.server import KubedockDNSServerFactory
     from kubedock_dns.webhook import WebhookConfig, render_review
-    from kubedock_dns.wire import FORWARD, FastPath, WireError, parse_question, scan_records
+    from kubedock_dns.fastpath import FORWARD, FastPath
+    from kubedock_dns.wire import WireError, parse_question, scan_records
     from tests.podfactory import network_id, record
 
 

@@ -164,7 +164,7 @@ def test_one_query_in_n_is_timed_and_zero_times_none():
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
     from kubedock_dns.server import KubedockDNSServerFactory
-    from kubedock_dns.wire import FastPath
+    from kubedock_dns.fastpath import FastPath
     from tests.podfactory import record
 
     class Socket:
