@@ -9,10 +9,8 @@ failed the client gets SERVFAIL, never the NXDOMAIN that stock twisted.names wou
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import struct
-from dataclasses import dataclass
 from typing import Sequence
 
 from twisted.internet import defer, error, protocol, task
@@ -20,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
-from kubedock_dns.contract import ascii_decimal
+from kubedock_dns.upstreams import Upstream
 
 log = Logger()
 
@@ -38,46 +36,6 @@ class UpstreamsFailed(Exception):
 
 class Overloaded(Exception):
     """Too many forwarded queries are in flight."""
-
-
-@dataclass(frozen=True)
-class Upstream:
-    host: str
-    port: int = 53
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_upstream(text: str) -> Upstream:
-    """``host``, ``host:port`` or ``[v6]:port``; raises ValueError naming the text."""
-    host, port = text.strip(), 53
-    if host.startswith("["):
-        host, _, rest = host[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"upstream {text!r}: expected ':PORT' after ']'")
-            port = ascii_decimal(rest[1:], 5)
-    elif host.count(":") == 1:
-        host, port_text = host.split(":")
-        port = ascii_decimal(port_text, 5)
-    ipaddress.ip_address(host)  # raises ValueError for names: upstreams must be addresses
-    if not 0 < port < 65536:
-        raise ValueError(f"upstream {text!r}: port out of range")
-    return Upstream(host, port)
-
-
-def upstreams_from_resolv_conf(text: str) -> list[Upstream]:
-    """Every ``nameserver`` of a resolv.conf, in order."""
-    found = []
-    for line in text.splitlines():
-        parts = line.split("#", 1)[0].split(";", 1)[0].split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                found.append(Upstream(str(ipaddress.ip_address(parts[1].split("%")[0]))))
-            except ValueError:
-                log.warn("ignoring nameserver {value!r}: not an address", value=parts[1])
-    return found
 
 
 def question_section(message: bytes) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from twisted.python import usage
 
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
-from kubedock_dns.forwarder import Upstream, parse_upstream
+from kubedock_dns.upstreams import Upstream, parse_upstream
 from kubedock_dns.policies import parse_selector
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"

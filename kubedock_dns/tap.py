@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from kubedock_dns.contract import Relisted, pod_record_from_dict
-from kubedock_dns.forwarder import Forwarder, upstreams_from_resolv_conf
+from kubedock_dns.forwarder import Forwarder
+from kubedock_dns.upstreams import upstreams_from_resolv_conf
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.latency import LAG_BUCKETS, LatencyHistogram
 from kubedock_dns.logs import WarningLimiter

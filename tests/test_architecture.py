@@ -31,6 +31,10 @@ FORBIDDEN = {
     "metrics": {"kubernetes", "kubedock_dns.kube", "kubedock_dns.webhook"},
     "logs": {"kubernetes", "kubedock_dns.kube", "kubedock_dns.webhook"},
     "policies": {"twisted", "kubernetes", "klein", "treq"},
+    "options": {"kubernetes", "klein", "kubedock_dns.forwarder", "kubedock_dns.server", "kubedock_dns.kube",
+                "kubedock_dns.webhook"},
+    "upstreams": {"kubernetes", "klein", "treq", "twisted.internet", "kubedock_dns.forwarder",
+                  "kubedock_dns.server"},
     # The kube side: the watch loop reaches the API server only through its PodApi seam.
     "kube.watcher": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server",
                      "kubedock_dns.webhook", "kubedock_dns.kube.policy_writer"},

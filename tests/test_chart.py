@@ -347,7 +347,7 @@ def test_replica_count(helm: str) -> None:
 @pytest.mark.parametrize("upstream", ["10.96.0.10", "10.96.0.10:5353", "[fd00::10]:53", "fd00::10"])
 def test_schema_accepts_every_upstream_form_the_server_takes(helm: str, upstream: str) -> None:
     """dns.upstreams entries are IP addresses with an optional port, IPv6 in brackets."""
-    from kubedock_dns.forwarder import parse_upstream
+    from kubedock_dns.upstreams import parse_upstream
 
     parse_upstream(upstream)
     args = args_of(render(helm, "--set-json", f'dns.upstreams=["{upstream}"]'))

@@ -160,7 +160,8 @@ def test_one_query_in_n_is_timed_and_zero_times_none():
     """--latency-sample-every N (a power of two) times exactly every Nth query (one clock read
     each, observed into the answer histogram); 0 times none."""
     from kubedock_dns.contract import Relisted
-    from kubedock_dns.forwarder import Forwarder, Upstream
+    from kubedock_dns.forwarder import Forwarder
+    from kubedock_dns.upstreams import Upstream
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
     from kubedock_dns.server import KubedockDNSServerFactory

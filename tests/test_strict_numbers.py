@@ -11,7 +11,7 @@ import pytest
 from twisted.python import usage
 
 from kubedock_dns.contract import AnnotationError, ascii_decimal, indexed_annotations
-from kubedock_dns.forwarder import parse_upstream
+from kubedock_dns.upstreams import parse_upstream
 from kubedock_dns.index import reverse_name_to_ip
 from kubedock_dns.options import Options
 from kubedock_dns.webhook import review
