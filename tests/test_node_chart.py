@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from testbed.bed import network_id
+from testbed.bed import network_id, wait_webhook_in_force
 from testbed.controlplane import BUILD_TOOLS
 from testbed.node.cluster import Node
 
@@ -100,6 +100,15 @@ def _server_pods(node: Node, namespace: str) -> list[Any]:
 
 
 def _kubedock_pod(node: Node, namespace: str, name: str, networks: list[str], image: str) -> dict[str, Any]:
+    # `helm --wait` says the replicas are Ready; the API server reaches the webhook through its
+    # Service, which may lag behind them (endpoints, kube-proxy rules): prove the webhook answers
+    # there with a dry-run pod (stored nowhere) before creating one.
+    probe = {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"generateName": "webhook-probe-", "labels": {"kubedock": "true"},
+                          "annotations": {"kubedock.network/0": network_id("webhook-probe")}},
+             "spec": {"securityContext": NON_ROOT,
+                      "containers": [{"name": "main", "image": image, "securityContext": LOCKED_DOWN}]}}
+    wait_webhook_in_force(node.core, namespace, probe, None, lambda message: None, timeout=60)
     pod = node.create_kubedock_pod(namespace, name, networks, image=image, command=None,
                                    pod_security_context=NON_ROOT, container_security_context=LOCKED_DOWN)
     return pod
