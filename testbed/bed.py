@@ -59,7 +59,7 @@ from testbed.upstream import Dnsmasq
 
 __all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "network_id", "new_network_id",
            "kubedock_pod_manifest", "mutating_webhook_configuration", "wait_kubedock_dns_ready",
-           "wait_webhook_in_force"]
+           "wait_webhook_in_force", "wait_pod_gone"]
 
 DECOY_DB_IP = "10.96.7.7"
 KUBERNETES_IP = "10.96.0.1"
@@ -191,6 +191,23 @@ def mutating_webhook_configuration(name: str, namespace: str, url: str, ca_pem: 
             "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_pem).decode()},
         }],
     }
+
+
+def wait_pod_gone(core: Any, namespace: str, name: str, timeout: float, poll: float) -> None:
+    """Until the API server no longer has the pod (the kubelet confirmed its deletion)."""
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            core.read_namespaced_pod(name, namespace, _preload_content=False)
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise BedError(f"pod {name} still exists {timeout:.0f}s after its deletion")
+        time.sleep(poll)
 
 
 def wait_kubedock_dns_ready(server: ManagedProcess, ops_port: int, progress: Callable[[str], None],
@@ -538,24 +555,13 @@ class EndToEndBed:
         sandbox, then deletes it for good, as a kubelet would); with ``linger`` its container
         keeps running that many seconds first (it ignores SIGTERM), so the pod stays Terminating
         with its IP; with ``wait``, until it is gone from the API."""
-        from kubernetes.client.exceptions import ApiException
-
         name = pod if isinstance(pod, str) else pod.name
         if linger:
             assert self.kubelet is not None
             self.kubelet.linger(name, linger)
         self.core.delete_namespaced_pod(name, self.namespace, _preload_content=False)
-        deadline = time.monotonic() + timeout
-        while wait:
-            try:
-                self.core.read_namespaced_pod(name, self.namespace, _preload_content=False)
-            except ApiException as e:
-                if e.status == 404:
-                    return
-                raise
-            if time.monotonic() > deadline:
-                raise BedError(f"pod {name} still exists {timeout:.0f}s after its deletion")
-            time.sleep(0.05)
+        if wait:
+            wait_pod_gone(self.core, self.namespace, name, timeout, poll=0.05)
 
     def finish(self, pod: BedPod | str) -> str:
         """The pod's container exits 0: phase Succeeded, sandbox gone, IP released; returns it."""

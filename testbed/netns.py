@@ -394,7 +394,8 @@ def _iptables_cleanup(binary: str, chain: str, bridge: str) -> None:
 # state files, stale sweeping, leftovers
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -437,7 +438,7 @@ def sweep_stale() -> list[str]:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(int(state.get("pid", 0))):
+        if pid_alive(int(state.get("pid", 0))):
             continue
         _remove_resources(state)
         path.unlink(missing_ok=True)

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from testbed.netns import pid_alive
+
 __all__ = ["STATE_DIR", "POD_SUPERNET", "MachineLock", "node_ip", "choose_pod_subnet",
            "prepare_sysctls", "mounts_under", "processes_under", "kube_proxy_rules", "leftovers",
            "stale_runs", "write_state", "unmount_all", "kill_processes_under"]
@@ -161,15 +163,6 @@ def remove_log_links(run: Path, made_log_dir: bool) -> None:
             CONTAINER_LOGS.rmdir()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def stale_runs() -> list[dict[str, Any]]:
     """State of runs whose owner process is gone (each with its state file as ``state_file``)."""
@@ -179,7 +172,7 @@ def stale_runs() -> list[dict[str, Any]]:
             state = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not _pid_alive(int(state.get("pid", 0))):
+        if not pid_alive(int(state.get("pid", 0))):
             found.append({**state, "state_file": str(path)})
     return found
 
@@ -337,7 +330,7 @@ def other_live_runs(run: Path) -> list[str]:
             state = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if state.get("run") != str(run) and _pid_alive(int(state.get("pid", 0))):
+        if state.get("run") != str(run) and pid_alive(int(state.get("pid", 0))):
             live.append(str(state.get("run")))
     return live
 

@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Any, Iterable
 
-from testbed.bed import BedError, BedPod, kubedock_pod_manifest, kubedock_pod_name
+from testbed.bed import BedError, BedPod, kubedock_pod_manifest, kubedock_pod_name, wait_pod_gone
 from testbed.netns import ExecResult
 from testbed.node import images
 from testbed.node.hostserver import HostKubedockDns
@@ -167,25 +167,14 @@ class NodeBed:
         container ends at once on SIGTERM, or with ``linger`` keeps running that many seconds
         first, so the pod stays Terminating with its IP (the kubelet kills it when the grace
         period ends)."""
-        from kubernetes.client.exceptions import ApiException
-
         name = pod if isinstance(pod, str) else pod.name
         if linger:
             done = self.exec(name, ["sh", "-c", f"echo {int(linger)} > /tmp/linger"])
             if done.rc != 0:
                 raise BedError(f"could not make {name} linger: {done.stdout}{done.stderr}")
         self.node.core.delete_namespaced_pod(name, self.namespace, _preload_content=False)
-        deadline = time.monotonic() + timeout
-        while wait:
-            try:
-                self.node.core.read_namespaced_pod(name, self.namespace, _preload_content=False)
-            except ApiException as e:
-                if e.status == 404:
-                    return
-                raise
-            if time.monotonic() > deadline:
-                raise BedError(f"pod {name} still exists {timeout:.0f}s after its deletion")
-            time.sleep(0.1)
+        if wait:
+            wait_pod_gone(self.node.core, self.namespace, name, timeout, poll=0.1)
 
     def finish(self, pod: BedPod | str) -> str:
         raise BedError("the real node cannot end a pod on request while pinning its IP for the next one")
