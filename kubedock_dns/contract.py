@@ -47,6 +47,14 @@ MAX_INDEX_DIGITS = 9
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
 
+def pod_search_list(namespace: str, cluster_domain: str) -> list[str]:
+    """The DNS search list the webhook gives an opted-in pod of ``namespace``, the same as the
+    kubelet's ClusterFirst list; explain walks it as glibc would.  Without a namespace, the two
+    cluster-wide suffixes."""
+    domain = cluster_domain.strip(".")
+    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain] if namespace else [f"svc.{domain}", domain]
+
+
 class AnnotationError(ValueError):
     """An annotation of a pod does not follow the contract; the message names key and value."""
 

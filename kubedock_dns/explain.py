@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import dns
 
-from kubedock_dns.contract import canonical_ip
+from kubedock_dns.contract import canonical_ip, pod_search_list
 from kubedock_dns.forwarder import Forwarder
 from kubedock_dns.resolver import TYPE_A, TYPE_AAAA, TYPE_PTR, Answer, Decision, Forward, Hold, NotFound, Resolver
 
@@ -31,12 +31,6 @@ RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
 
 class ExplainError(ValueError):
     """The question cannot be explained as asked (unknown pod, bad type); the message says why."""
-
-
-def search_list(namespace: str, cluster_domain: str) -> list[str]:
-    """The search list the webhook gives opted-in pods (webhook.WebhookConfig.searches)."""
-    domain = cluster_domain.strip(".")
-    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain] if namespace else [f"svc.{domain}", domain]
 
 
 def resolver_forms(name: str, searches: list[str], ndots: int) -> list[str]:
@@ -139,7 +133,7 @@ def explain(resolver: Resolver, forwarder: Forwarder | None, asker: str, name: s
         except ValueError:
             raise ExplainError(f"PTR needs an address or a reverse name, got {name!r}") from None
         question = ipaddress.ip_address(address).reverse_pointer + "."
-    searches = search_list(namespace, resolver.config.cluster_domain)
+    searches = pod_search_list(namespace, resolver.config.cluster_domain)
     forms = resolver_forms(question, searches, ndots) if qtype != TYPE_PTR else [question.rstrip(".")]
     # An overlay on the memory of held names: a real resolver's first held form makes the next
     # forms of the same name answer at once, and the real memory must not change.

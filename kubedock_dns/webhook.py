@@ -74,6 +74,7 @@ from kubedock_dns.contract import (
     contract_view,
     network_label_key,
     networks_from,
+    pod_search_list,
     sort_names,
 )
 from kubedock_dns.limits import ConnectionCap, RateLimitedLog
@@ -134,8 +135,7 @@ class WebhookConfig:
 
     def searches(self, namespace: str) -> list[str]:
         """The cluster search list for pods of ``namespace``."""
-        d = self.cluster_domain
-        return [f"{namespace}.svc.{d}", f"svc.{d}", d]
+        return pod_search_list(namespace, self.cluster_domain)
 
 
 class MalformedReview(ValueError):

@@ -193,6 +193,17 @@ def mutating_webhook_configuration(name: str, namespace: str, url: str, ca_pem: 
     }
 
 
+def metric_values(exposition: str) -> dict[str, float]:
+    """Prometheus text exposition as sample (name with its labels) -> value; comments skipped."""
+    values = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[key] = float(value)
+    return values
+
+
 def wait_pod_gone(core: Any, namespace: str, name: str, timeout: float, poll: float) -> None:
     """Until the API server no longer has the pod (the kubelet confirmed its deletion)."""
     from kubernetes.client.exceptions import ApiException
@@ -592,14 +603,7 @@ class EndToEndBed:
     def metrics(self) -> dict[str, float]:
         """kubedock-dns's ``/metrics`` as name -> value."""
         with _no_proxy_opener().open(f"http://127.0.0.1:{self.ops_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    values[key] = float(value)
-        return values
+            return metric_values(r.read().decode())
 
     def server_log(self, lines: int = 80) -> str:
         """The last lines kubedock-dns logged."""

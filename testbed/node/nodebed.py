@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Any, Iterable
 
-from testbed.bed import BedError, BedPod, kubedock_pod_manifest, kubedock_pod_name, wait_pod_gone
+from testbed.bed import BedError, BedPod, kubedock_pod_manifest, kubedock_pod_name, metric_values, wait_pod_gone
 from testbed.netns import ExecResult
 from testbed.node import images
 from testbed.node.hostserver import HostKubedockDns
@@ -197,13 +197,7 @@ class NodeBed:
         return dict(json.loads(self._ops("/debug/networks")))
 
     def metrics(self) -> dict[str, float]:
-        values = {}
-        for line in self._ops("/metrics").decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    values[key] = float(value)
-        return values
+        return metric_values(self._ops("/metrics").decode())
 
     def server_log(self, lines: int = 80) -> str:
         return self.server.log(lines) if self.server else ""
