@@ -97,7 +97,9 @@ class DrainingService(service.MultiService):
 
     def _install_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        # A shell starts background jobs with SIGINT ignored; the reactor leaves that so, and so do we.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, number: int, frame: Any = None) -> None:
         # Runs between two bytecodes of the reactor thread: hand work over with callFromThread

@@ -79,8 +79,10 @@ def _start(tmp_path: Path, drain: str) -> tuple[subprocess.Popen, Path, dict[str
             "--webhook-interface", "127.0.0.1", "--ops-interface", "127.0.0.1"]
     log_path = tmp_path / "twistd.log"
     with open(log_path, "w") as log:
+        # SIGINT as an interactive shell leaves it (a background job would inherit it ignored).
         proc = subprocess.Popen(argv, env=twistd_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                                cwd=str(tmp_path))
+                                cwd=str(tmp_path),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ports = wait_for_ports(log_path, ("dns", "webhook", "ops"), lambda: proc.poll() is None)
         wait_for(lambda: _readyz(f"http://127.0.0.1:{ports['ops']}")[0] == 200, what="/readyz 200")
