@@ -58,6 +58,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "synced": (GAUGE, "1 once the index holds a complete list of pods, else 0 (local names get SERVFAIL)."),
     "forwards_in_flight": (GAUGE, "Forwarded queries waiting for an upstream."),
     "holding": (GAUGE, "Queries being held right now."),
+    "draining": (GAUGE, "1 while the replica drains before stopping (/readyz 503, still answering), else 0."),
 }
 
 HISTOGRAMS: dict[str, str] = {

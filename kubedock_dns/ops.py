@@ -1,7 +1,8 @@
 """The operations endpoint: liveness, readiness, Prometheus metrics and what the server believes.
 
 Plain HTTP on its own port, so kubelet probes and scrapers need no certificate:
-``/healthz`` (the process serves), ``/readyz`` (the index holds a complete list of pods),
+``/healthz`` (the process serves), ``/readyz`` (the index holds a complete list of pods and
+the replica is not draining before a stop: 503 with the reason otherwise),
 ``/metrics`` (Prometheus or OpenMetrics text by prometheus_client; docs/metrics.md),
 ``/debug/networks`` (JSON: every network, its pods, their names and addresses), ``/networks`` and
 ``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, for ``kubedock-dns
@@ -13,6 +14,7 @@ with ``{"error": ...}`` saying what to give instead.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from klein import Klein
 from prometheus_client import CollectorRegistry
@@ -24,8 +26,11 @@ from kubedock_dns import views
 class OpsApp:
     app = Klein()
 
-    def __init__(self, index, registry: CollectorRegistry, explainer=None) -> None:
+    def __init__(self, index, registry: CollectorRegistry, explainer=None,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.index = index
+        # True from SIGTERM until the listeners close (kubedock_dns.drain).
+        self.draining = draining
         self.registry = registry
         # explainer(asker, name, type) -> Deferred of the JSON-ready account (kubedock_dns.explain).
         self.explainer = explainer
@@ -38,6 +43,10 @@ class OpsApp:
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request):
         request.setHeader("Content-Type", "text/plain")
+        if self.draining():
+            request.setResponseCode(503)
+            return (b"not ready: draining before shutdown (stopping was asked for); DNS and the "
+                    b"webhook keep answering until the drain period ends\n")
         if self.index.synced:
             return b"ready\n"
         request.setResponseCode(503)

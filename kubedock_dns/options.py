@@ -49,6 +49,7 @@ class Config:
     network_policies: bool = False
     kubedock_pod_selector: tuple[tuple[str, str], ...] = ()
     isolation_policy: str = "kubedock-dns-isolation"
+    drain_seconds: float = 5.0
 
     @property
     def webhook_enabled(self) -> bool:
@@ -71,6 +72,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise ValueError(f"{text} must be greater than 0")
+    return value
+
+
+def _drain_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:  # also refuses NaN
+        raise ValueError(f"{text} must be 0 (stop at once) to 3600 seconds")
     return value
 
 
@@ -120,6 +128,10 @@ class Options(usage.Options):
          "every opted-in pod (its reverse proxy dials pod IPs); empty: none."],
         ["isolation-policy", None, "kubedock-dns-isolation",
          "With --network-policies: name of the default-deny NetworkPolicy that owns the per-network ones."],
+        ["drain-seconds", None, 5.0,
+         "On SIGTERM/SIGINT, seconds to keep answering (DNS, webhook) while /readyz says not ready, "
+         "so that the Service stops sending here first; 0: stop at once.  A second signal ends the "
+         "drain.", _drain_seconds],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
     ]
     optFlags = [
@@ -245,4 +257,5 @@ class Options(usage.Options):
             network_policies=bool(self["network-policies"]),
             kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
             isolation_policy=self["isolation-policy"],
+            drain_seconds=self["drain-seconds"],
         )

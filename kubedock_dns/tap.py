@@ -1,5 +1,8 @@
 """``twistd kubedock-dns``: one MultiService of DNS server, webhook, watcher and ops endpoint.
 
+The top service is a :class:`~kubedock_dns.drain.DrainingService`: on stop (SIGTERM) the replica
+turns not ready and keeps serving for ``--drain-seconds`` before its listeners close.
+
 Only the reactor thread touches the index: the watcher thread hands its changes over with
 ``reactor.callFromThread(index.apply, changes)``.
 """
@@ -20,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from kubedock_dns.contract import Relisted, pod_record_from_dict
+from kubedock_dns.drain import DrainingService
 from kubedock_dns.forwarder import Forwarder
 from kubedock_dns.upstreams import upstreams_from_resolv_conf
 from kubedock_dns.index import NetworkIndex
@@ -179,10 +183,10 @@ def apply_and_warn(index: NetworkIndex, warnings: WarningLimiter, remembered: in
     return apply
 
 
-def build_service(config: Config, reactor, pod_source=None) -> service.MultiService:
+def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
     """The whole server.  ``pod_source(index)`` may supply the service feeding the index
     (tests); by default it is the pods file or the API watcher, as configured."""
-    top = service.MultiService()
+    top = DrainingService(reactor, config.drain_seconds)
     index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
     top.index = index  # type: ignore[attr-defined]
     apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
@@ -247,7 +251,7 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
-            holding=factory.holding,
+            holding=factory.holding, draining=int(top.draining),
             ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
             forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
         )
@@ -271,7 +275,8 @@ def build_service(config: Config, reactor, pod_source=None) -> service.MultiServ
     from kubedock_dns.metrics import ServerCollector, registry
     from kubedock_dns.ops import OpsApp
 
-    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer).app.resource()),
+    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer,
+                                                       draining=lambda: top.draining).app.resource()),
                              interface=config.ops_interface)
     ops.setName("ops")
     ops.setServiceParent(top)
@@ -355,6 +360,8 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options.config(), reactor)
+        top = build_service(options.config(), reactor)
     except (OSError, ValueError) as error:  # bad certificate, unreadable kubeconfig, no upstream...
         raise SystemExit(f"kubedock-dns: cannot start: {error}")
+    top.handle_signals()
+    return top

@@ -432,6 +432,8 @@ class EndToEndBed:
             "--webhook-port", "0", "--webhook-interface", "127.0.0.1",
             "--tls-cert", str(self.tls.cert_path), "--tls-key", str(self.tls.key_path),
             "--dns-service-ip", self.service_ip,
+            # Nothing routes here once the bed stops: no drain, teardown stays fast.
+            "--drain-seconds", "0",
             *self._server_args,
         ]
         self.server = ManagedProcess("kubedock-dns", argv, self.workdir / "kubedock-dns.log", cwd=self.workdir)

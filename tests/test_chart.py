@@ -41,7 +41,7 @@ PLUGIN_OPTIONS = {
     "--require-ready", "--pods-file", "--webhook-port", "--webhook-interface", "--tls-cert",
     "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
     "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
-    "--network-policies", "--isolation-policy", "--kubedock-pod-selector",
+    "--network-policies", "--isolation-policy", "--kubedock-pod-selector", "--drain-seconds",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -56,6 +56,7 @@ OPTIONS: dict[str, list[str]] = {
     "fixed-cluster-ip": ["--set", "service.clusterIP=10.96.0.53"],
     "one-replica": ["--set", "replicaCount=1"],
     "three-replicas": ["--set", "replicaCount=3"],
+    "long-drain": ["--set", "drainSeconds=45", "--set", "terminationGracePeriodSeconds=60"],
     "upstreams": ["--set", "dns.upstreams={10.96.0.10,9.9.9.9:53}", "--set", "dns.requireReady=true"],
     "custom-opt-in-label": ["--set", "optInLabel=example.com/kubedock"],
     "docker-fidelity": ["--set", "dns.forwardSingleLabel=true",
@@ -184,11 +185,15 @@ def test_restricted_security_context(default: list[dict[str, Any]]) -> None:
 def test_deployment_stays_available(default: list[dict[str, Any]]) -> None:
     """Two replicas that prefer different nodes, a rolling update that never removes a replica
     before its successor is ready, a PDB keeping one, readiness on /readyz and liveness on /healthz
-    on the ops port."""
+    on the ops port; a stopping replica drains (not ready, still answering) well within the
+    kubelet's grace period."""
     deployment = one(default, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 2
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["strategy"]["rollingUpdate"]["maxSurge"] == 1
+    (drain,) = args_of(default)["--drain-seconds"]
+    assert 0 < float(drain) < spec["template"]["spec"]["terminationGracePeriodSeconds"]
     term = spec["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
@@ -456,6 +461,17 @@ def test_pod_labels_that_would_opt_the_server_in_are_refused(helm: str) -> None:
     assert labels["team"] == "qa" and labels["kubedock"] == "false"
 
 
+def test_a_grace_period_that_would_cut_the_drain_short_is_refused(helm: str) -> None:
+    """terminationGracePeriodSeconds not above drainSeconds would let the kubelet kill a replica
+    mid-drain: rendering fails naming both values; drainSeconds 0 (stop at once) renders."""
+    result = run_helm(helm, "template", "kd", str(CHART), "--set", "drainSeconds=40", check=False)
+    assert result.returncode != 0
+    assert "terminationGracePeriodSeconds (30) must be larger than drainSeconds (40)" in result.stderr
+    assert args_of(render(helm, "--set", "drainSeconds=0"))["--drain-seconds"] == ["0"]
+    longer = render(helm, "--set", "drainSeconds=40", "--set", "terminationGracePeriodSeconds=60")
+    assert one(longer, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+
+
 def test_partial_tls_values_are_refused(helm: str) -> None:
     """Giving only some of tls.caCert/cert/key fails with a message naming all three."""
     result = run_helm(helm, "template", "kd", str(CHART), "--set", "tls.cert=abc", check=False)
@@ -499,6 +515,8 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "dns.upstreams={dns.example:53}",
     "dns.upstreams={10.96.0.300}",
     "dns.upstreams={[fd00::10]53}",
+    "drainSeconds=-1",
+    "terminationGracePeriodSeconds=0",
 ])
 def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
     """values.schema.json catches misspelt or out-of-range values before anything is applied."""

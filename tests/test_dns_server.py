@@ -65,7 +65,8 @@ class DNSServerTestCase(TestCase):
         config = Config(dns_port=0, dns_interface="::", upstreams=upstreams,
                         hold_timeout=self.hold_timeout, forward_timeout=0.5,
                         max_forwards=self.max_forwards, namespace=NS, ops_port=0,
-                        ops_interface="127.0.0.1", fast_path=self.fast_path)
+                        ops_interface="127.0.0.1", fast_path=self.fast_path,
+                        drain_seconds=0)  # the cleanup stops it at once
         self.top = build_service(config, reactor, pod_source=lambda index: service.Service())
         self.index = self.top.index
         self.index.apply([Relisted(tuple(base_pods()))])

@@ -147,6 +147,8 @@ def test_kubedock_pods_resolve_peers_through_the_charts_service(
     web_name = web["metadata"]["name"]
     resolv = node.exec(namespace, web_name, ["cat", "/etc/resolv.conf"])
     assert f"nameserver {service_ip}" in resolv.stdout.splitlines()
+    # Lookups run as the pod's own user, as `kubectl exec` would (restricted: not root).
+    assert node.exec(namespace, web_name, ["id", "-u"]).stdout.split() == [str(NON_ROOT["runAsUser"])]
     found = node.exec(namespace, web_name, ["getent", "hosts", "db"])
     assert found.returncode == 0, found.stdout + found.stderr
     assert found.stdout.split()[0] == db["status"]["podIP"]
@@ -160,7 +162,8 @@ def test_kubedock_pods_resolve_peers_through_the_charts_service(
 def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
         node: Node, release: dict[str, Any], images: dict[str, str], helm: str) -> None:
     """While ``helm upgrade`` replaces both replicas (a changed pod template), a pod looks its peer
-    up again and again with glibc: every lookup succeeds."""
+    up again and again with glibc: every lookup succeeds, also while the old replicas drain and
+    stop (they get SIGTERM while kube-proxy still sends them queries), until they are gone."""
     namespace = release["namespace"]
     before = {p.metadata.name for p in _server_pods(node, namespace)}
     net = network_id(f"{namespace}-roll")
@@ -180,6 +183,11 @@ def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
     try:
         time.sleep(2)
         run_helm(helm, node, *release["install"], "--set", "podAnnotations.rolled=yes")
+        # `--wait` returns once the new replicas are ready; the last old one may still be
+        # draining: keep asking until every old replica is gone, and a little longer.
+        deadline = time.monotonic() + 120
+        while before & {p.metadata.name for p in _server_pods(node, namespace)} and time.monotonic() < deadline:
+            time.sleep(0.5)
         time.sleep(2)
     finally:
         stop.set()
@@ -187,6 +195,7 @@ def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
     after = {p.metadata.name for p in _server_pods(node, namespace)}
     assert before.isdisjoint(after) and len(after) == 2, (before, after)
     failed = [o for o in outcomes if o[1] != 0 or o[2].split()[:1] != [peer["status"]["podIP"]]]
+    print(f"{len(outcomes)} lookups while rolling, {len(failed)} failed")
     assert len(outcomes) >= 10, outcomes
     assert failed == [], f"{len(failed)} of {len(outcomes)} lookups failed: {failed[:5]}"
 

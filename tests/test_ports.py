@@ -44,7 +44,7 @@ class DNSPortZeroTests(TestCase):
 
     def start(self, clock) -> int:
         config = Config(dns_port=0, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
-                        namespace="ns", ops_port=0, ops_interface="127.0.0.1")
+                        namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
         top = build_service(config, clock, pod_source=lambda index: service.Service())
         top.startService()
         self.addCleanup(top.stopService)

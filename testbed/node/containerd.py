@@ -12,6 +12,9 @@ Contract:
   Debian's ``containernetworking-plugins`` from ``CNI_BIN_DIR``.
 - ``registry_hosts`` maps a registry host:port to plain-HTTP access (a ``hosts.toml`` each, the way a
   node is told to pull from an insecure registry).
+- :meth:`Containerd.exec` runs a command in a running container as ``kubectl exec`` would, but as
+  a plain child of the caller (``nsenter`` into the task's namespaces, root, user, environment),
+  so its output is captured from a pipe, not copied through containerd's FIFOs.
 - :meth:`Containerd.import_image` loads an OCI archive into the ``k8s.io`` namespace (the CRI's).
 - :meth:`Containerd.remove_all` kills and deletes every task and container left in ``k8s.io``
   (after the kubelet has had its chance to stop pods), and removes the network namespaces of
@@ -20,9 +23,11 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +37,8 @@ from testbed.controlplane import ManagedProcess
 from testbed.node.errors import NodeComponentError
 
 __all__ = ["CNI_BIN_DIR", "Containerd"]
+
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 
 CNI_BIN_DIR = "/usr/lib/cni"
 CRI_NAMESPACE = "k8s.io"
@@ -155,11 +162,47 @@ class Containerd:
     def images(self) -> list[str]:
         return self.ctr("images", "ls", "-q").stdout.split()
 
+    def task_pid(self, container_id: str) -> int:
+        """The host PID of a running container's process (``ctr tasks ls``)."""
+        for line in self.ctr("tasks", "ls").stdout.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0] == container_id:
+                if fields[2] != "RUNNING":
+                    break
+                return int(fields[1])
+        raise NodeComponentError("containerd", f"container {container_id} has no running task", self.process)
+
     def exec(self, container_id: str, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in a running container (its namespaces, root filesystem and user)."""
-        exec_id = f"exec-{time.monotonic_ns()}"
-        return self.ctr("tasks", "exec", "--exec-id", exec_id, container_id, *argv,
-                        check=False, timeout=timeout)
+        """Run ``argv`` in a running container, as ``kubectl exec`` would: in its namespaces
+        (mount: the pod's resolv.conf and hosts; network, PID, UTS, IPC), its root and working
+        directory, as its user, with its environment.
+
+        It runs as a plain child of this process (``nsenter`` into the container's task), so
+        its stdout and exit status are read straight from a pipe and from ``wait``.  ``ctr tasks
+        exec`` copies output through FIFOs and, under load, was seen to report exit 0 with the
+        output of ``getent`` lost; a resolver test cannot tell that from a wrong answer.  A
+        command still running after ``timeout`` is killed with everything it started
+        (``subprocess.TimeoutExpired``, as ``subprocess.run``)."""
+        pid = self.task_pid(container_id)
+        try:
+            uid, gid, environ = _process_identity(pid)
+        except OSError as e:  # the task ended in between
+            raise NodeComponentError("containerd", f"container {container_id} (pid {pid}): {e}",
+                                     self.process) from e
+        command = [_NSENTER, f"--target={pid}", "--mount", "--net", "--pid", "--uts", "--ipc",
+                   "--root", "--wd", f"--setgid={gid}", f"--setuid={uid}", "--", *argv]
+        # Its own session, so a timeout kills the forked child inside the PID namespace too.
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=environ,
+                              start_new_session=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
 
     def _sandbox_netns_paths(self) -> list[str]:
         paths = []
@@ -205,3 +248,16 @@ class Containerd:
 
     def tail(self) -> str:
         return self.process.tail() if self.process else ""
+
+
+def _process_identity(pid: int) -> tuple[int, int, dict[str, str]]:
+    """The real user and group IDs and the environment of a host process."""
+    ids: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                ids[key] = int(value.split()[0])
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [entry.decode(errors="replace").partition("=") for entry in f.read().split(b"\0") if entry]
+    return ids["Uid"], ids["Gid"], {key: value for key, _, value in pairs}

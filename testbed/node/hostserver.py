@@ -92,7 +92,9 @@ class HostKubedockDns:
                 "--ops-port", str(self.ops_port), "--ops-interface", "127.0.0.1",
                 "--webhook-port", str(webhook_port), "--webhook-interface", "127.0.0.1",
                 "--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path),
-                "--dns-service-ip", self.service_ip, *self.server_args]
+                "--dns-service-ip", self.service_ip,
+                "--drain-seconds", "0",  # nothing routes here once the bed stops
+                *self.server_args]
         self.server = ManagedProcess("kubedock-dns", argv, workdir / "kubedock-dns.log", cwd=workdir)
         self._stack.callback(self.server.stop)
         self.server.start()

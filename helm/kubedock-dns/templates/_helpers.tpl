@@ -133,3 +133,12 @@ carry the same CA even though genCA is random.
 {{- end -}}
 {{- join "," $parts -}}
 {{- end -}}
+
+{{/*
+The drain must end before the kubelet's SIGKILL: refuse a grace period that would cut it short.
+*/}}
+{{- define "kubedock-dns.checkDrain" -}}
+{{- if ge (float64 .Values.drainSeconds) (float64 .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be larger than drainSeconds (%v): the kubelet would kill a replica before its drain ends. Raise terminationGracePeriodSeconds or lower drainSeconds." .Values.terminationGracePeriodSeconds .Values.drainSeconds) }}
+{{- end }}
+{{- end }}
