@@ -4,7 +4,7 @@
 # the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each
 # binary.  Nothing is built inside the repository and nothing built is ever committed.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node] [kube-network-policies]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node] [kube-network-policies] [kube-router]
 #
 # `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
 # kube-apiserver, in one `go build` so they share every compiled package.
@@ -20,6 +20,9 @@ HELM_VERSION=${HELM_VERSION:-v3.19.0}
 # Prometheus tags its Go module v0.3XY.Z for release 3.XY.Z.
 PROMTOOL_VERSION=${PROMTOOL_VERSION:-v0.316.0}
 KNP_VERSION=${KNP_VERSION:-v0.8.0}
+# The only v2 release the module proxy serves here; security flaws are reported against it, so it is
+# a TEST-BED engine only (loopback, throw-away node), never shipped or recommended.
+KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-v2.1.0}
 CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -155,6 +158,18 @@ build_kube_network_policies() {
     echo "$out"
 }
 
+# kube-router: its network-policy controller (iptables + ipset, no nfqueue) is the engine the real
+# node's isolation tests run on kernels without nftables' queue statement.
+build_kube_router() {
+    local out=$CACHE/kube-router-$KUBE_ROUTER_VERSION/kube-router
+    if [ ! -x "$out" ]; then
+        (build_in_scratch_module github.com/cloudnativelabs/kube-router/v2 "$KUBE_ROUTER_VERSION" \
+            github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$out" \
+            "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" </dev/null)
+    fi
+    echo "$out"
+}
+
 [ $# -gt 0 ] || set -- kube-apiserver
 # One build at a time per cache: parallel test sessions would otherwise compile twice.
 mkdir -p "$CACHE"
@@ -169,6 +184,7 @@ for tool in "$@"; do
         promtool) build_promtool ;;
         kube-node) build_kube_node ;;
         kube-network-policies) build_kube_network_policies ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, kube-node or kube-network-policies)"; exit 2 ;;
+        kube-router) build_kube_router ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, kube-node, kube-network-policies or kube-router)"; exit 2 ;;
     esac
 done

@@ -1,32 +1,40 @@
 """--network-policies on the real node, enforced by a real NetworkPolicy engine.
 
-kube-network-policies v0.8.0 (built from the Go module proxy by ``scripts/build-tools.sh
-kube-network-policies``; nftables + nfqueue) runs as a host-network pod, as its own install
-manifest deploys it; kubedock-dns (this checkout, host process behind a Service) runs with
-``--network-policies``; pods created as kubedock creates them answer their name on one TCP port
-(busybox nc) and are reached with busybox nc from each other's pods, through the real bridge.
+kubedock-dns (this checkout, host process behind a Service) runs with ``--network-policies``; pods
+created as kubedock creates them answer their name on one TCP port (busybox nc) and are reached
+with busybox nc from each other's pods, through the node's real bridge (bridge-nf-call-iptables
+on).  The engines (:mod:`testbed.node.policyengines`, built from the Go module proxy by
+``scripts/build-tools.sh``), one parameter each:
 
-The engine hands new connections to user space with nftables' ``queue`` statement: on a kernel
-without it (this test machine's Firecracker kernel has no nft_queue and no modules to load) the
-module skips, saying so.  Not yet seen passing anywhere.
+- ``kube-router``: kube-router v2.1.0's network-policy controller alone (iptables + ipset), the
+  engine these tests pass with on this machine.  v2.1.0 is the only v2 release the Go module proxy
+  serves and security flaws are reported against it: a TEST-BED engine only, on this throw-away
+  loopback node; kubedock-dns neither ships nor recommends it.
+- ``kube-network-policies`` v0.8.0 (nftables + nfqueue): skips, saying why, on a kernel without
+  nftables' ``queue`` statement (this machine's Firecracker kernel has no nft_queue and no modules
+  to load); never seen passing.
+
+Every "does not reach" has a "does reach" beside it on the same pods, and the last test turns the
+mode off and sees the blocked traffic flow, so the engine is not simply blocking everything.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import os
-import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from testbed.bed import network_id
+from testbed.node.policyengines import ENGINES
 
-ENGINE = "kube-network-policies"
-ENGINE_IMAGE = "localhost/kubedock-dns-testbed/kube-network-policies:v0.8.0"
 PORT = 8080
+ISOLATION_POLICY = "kubedock-dns-isolation"
 
 
 def serve(name: str) -> tuple[str, ...]:
@@ -35,132 +43,39 @@ def serve(name: str) -> tuple[str, ...]:
     return ("/bin/busybox", "nc", "-ll", "-p", str(PORT), "-e", "/bin/echo", name)
 
 
-def _connect(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> Any:
-    return node.exec(namespace, pods[source]["metadata"]["name"],
-                     ["/bin/sh", "-c", f"/bin/busybox nc -w 3 {pods[target]['status']['podIP']} {PORT} </dev/null"],
-                     timeout=20)
+@dataclass
+class Isolated:
+    node: Any
+    engine: Any
+    server: Any
+    namespace: str
+    pods: dict[str, dict[str, Any]]
 
+    def ip(self, name: str) -> str:
+        return str(self.pods[name]["status"]["podIP"])
 
-def _why_the_kernel_cannot_queue() -> str | None:
-    """Why this kernel cannot run the engine, or None: it hands new connections to user space with
-    an nftables ``queue`` statement (nft_queue + nfnetlink_queue).  Probed in a scratch table."""
-    table = f"kdn_probe_{os.getpid()}"
-    steps = [["add", "table", "inet", table],
-             ["add", "chain", "inet", table, "c", "{ type filter hook forward priority 0; }"],
-             ["add", "rule", "inet", table, "c", "queue", "num", "98", "bypass"]]
-    try:
-        for step in steps:
-            done = subprocess.run(["nft", *step], capture_output=True, text=True, timeout=10, check=False)
-            if done.returncode != 0:
-                return f"nft {' '.join(step[:2])} failed: {done.stderr.strip().splitlines()[0] if done.stderr else done.returncode}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nft unusable: {e}"
-    finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
-    return None
+    def connect(self, source: str, ip: str) -> Any:
+        return self.node.exec(self.namespace, self.pods[source]["metadata"]["name"],
+                              ["/bin/sh", "-c", f"/bin/busybox nc -w 3 {ip} {PORT} </dev/null"], timeout=20)
 
+    def fetch(self, source: str, target: str) -> bool:
+        """Whether ``source``'s pod connects to ``target``'s port and reads its name within 3 s."""
+        done = self.connect(source, self.ip(target))
+        return bool(done.returncode == 0 and done.stdout.strip() == target)
 
-_NO_QUEUE = _why_the_kernel_cannot_queue()
-pytestmark = pytest.mark.skipif(
-    _NO_QUEUE is not None,
-    reason=f"{ENGINE} needs nftables' queue statement, which this kernel lacks ({_NO_QUEUE})")
+    def explain(self, source: str, target: str) -> str:
+        """What a failed expectation needs to be understood: the client's error, the engine's
+        log and rules for the target."""
+        done = self.connect(source, self.ip(target))
+        return (f"{source} -> {target} ({self.ip(target)}): status {done.returncode}, out {done.stdout!r}, "
+                f"err {done.stderr!r}\n{self.engine.describe(self.ip(target))}")
 
+    def managed_policies(self) -> list[str]:
+        from kubernetes import client
 
-def _engine_binary() -> Path:
-    done = subprocess.run(["bash", "scripts/build-tools.sh", ENGINE], capture_output=True, text=True,
-                          timeout=3600, cwd=Path(__file__).resolve().parent.parent, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"{ENGINE} could not be built: {done.stderr[-800:]}")
-    return Path(done.stdout.split()[-1])
-
-
-def _engine_objects(node_name: str) -> list[dict[str, Any]]:
-    """The engine's RBAC and pod, as its install.yaml has them (NRI off: containerd 1.6 has none)."""
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": ENGINE, "namespace": "kube-system"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": ENGINE},
-         "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
-                   {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": ENGINE},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ENGINE},
-         "subjects": [{"kind": "ServiceAccount", "name": ENGINE, "namespace": "kube-system"}]},
-        {"apiVersion": "v1", "kind": "Pod",
-         "metadata": {"name": ENGINE, "namespace": "kube-system", "labels": {"app": ENGINE}},
-         "spec": {"hostNetwork": True, "serviceAccountName": ENGINE, "nodeName": node_name,
-                  "tolerations": [{"operator": "Exists"}],
-                  "containers": [{"name": ENGINE, "image": ENGINE_IMAGE, "imagePullPolicy": "Never",
-                                  "args": [f"--hostname-override={node_name}", "--disable-nri", "--v=2",
-                                           "--nfqueue-id=98", "--metrics-bind-address=127.0.0.1:0"],
-                                  "securityContext": {"privileged": True}}]}},
-    ]
-
-
-@pytest.fixture(scope="module")
-def engine(node: Any) -> Iterator[Any]:
-    """The NetworkPolicy engine running on the node; removed (with its nftables table) after."""
-    from kubernetes import client
-
-    from testbed.node import images
-
-    binary = _engine_binary()
-    archive = images.oci_archive(ENGINE_IMAGE, {"/bin/netpol": binary}, images.ImageConfig(entrypoint=["/bin/netpol"]),
-                                 node.run / "images" / "kube-network-policies.oci.tar")
-    node.containerd.import_image(archive.path)
-    objects = _engine_objects(node.settings.node_name)
-    node.apply(objects)
-    try:
-        node.wait_pod_running("kube-system", ENGINE, timeout=90)
-        yield node
-    finally:
-        core, rbac = client.CoreV1Api(node.api_client), client.RbacAuthorizationV1Api(node.api_client)
-        core.delete_namespaced_pod(ENGINE, "kube-system", grace_period_seconds=5)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                core.read_namespaced_pod(ENGINE, "kube-system")
-            except client.ApiException:
-                break
-            time.sleep(0.5)
-        core.delete_namespaced_service_account(ENGINE, "kube-system")
-        rbac.delete_cluster_role_binding(ENGINE)
-        rbac.delete_cluster_role(ENGINE)
-        # The engine removes its table when it stops; make sure of it (the node checks for leftovers).
-        subprocess.run(["nft", "delete", "table", "inet", ENGINE], capture_output=True, check=False)
-
-
-@pytest.fixture(scope="module")
-def isolated(engine: Any) -> Iterator[tuple[Any, str, dict[str, dict[str, Any]]]]:
-    """kubedock-dns with --network-policies, and pods: a1, a2 on network A, b1 on B, ab on both."""
-    from testbed.node.hostserver import HostKubedockDns
-
-    node = engine
-    namespace = node.create_namespace("node-isolation")
-    try:
-        with HostKubedockDns(node, namespace, server_args=("--network-policies",)):
-            net_a, net_b = network_id(f"{namespace}-a"), network_id(f"{namespace}-b")
-            layout = {"a1": [net_a], "a2": [net_a], "b1": [net_b], "ab": [net_a, net_b]}
-            created = {name: node.create_kubedock_pod(namespace, name, nets, command=serve(name), wait=False)
-                       for name, nets in layout.items()}
-            pods = {name: node.wait_pod_running(namespace, pod["metadata"]["name"]) for name, pod in created.items()}
-            yield node, namespace, pods
-    finally:
-        node.delete_namespace(namespace)
-
-
-def fetch(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> bool:
-    """Whether ``source``'s pod connects to ``target``'s port and reads its name within 3 s."""
-    done = _connect(node, namespace, pods, source, target)
-    return done.returncode == 0 and done.stdout.strip() == target
-
-
-def explain(node: Any, namespace: str, pods: dict[str, dict[str, Any]], source: str, target: str) -> str:
-    """What a failed expectation needs to be understood: the client's error, the engine's log, its rules."""
-    done = _connect(node, namespace, pods, source, target)
-    rules = subprocess.run(["nft", "list", "table", "inet", ENGINE], capture_output=True, text=True, check=False)
-    logs = "".join(path.read_text()[-3000:] for path in Path("/var/log/pods").glob(f"kube-system_{ENGINE}_*/*/*.log"))
-    return (f"{source} -> {target} ({pods[target]['status']['podIP']}): status {done.returncode}, "
-            f"out {done.stdout!r}, err {done.stderr!r}\nengine log:\n{logs}"
-            f"\nnft:\n{rules.stdout[-3000:]}{rules.stderr}")
+        listed = json.loads(client.NetworkingV1Api(self.node.api_client).list_namespaced_network_policy(
+            self.namespace, _preload_content=False).data)
+        return sorted(p["metadata"]["name"] for p in listed["items"] if p["metadata"]["name"].startswith("kubedock-dns"))
 
 
 def settles(check: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -173,45 +88,133 @@ def settles(check: Callable[[], bool], timeout: float = 30.0) -> bool:
     return False
 
 
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request: Any) -> Iterator[Any]:
+    """The NetworkPolicy engine running on the node; removed, with every rule it made, after."""
+    kind = ENGINES[request.param]
+    reason = kind.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{kind.name}: {reason}")
+    node = request.getfixturevalue("node")
+    with kind(node) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def isolated(engine: Any) -> Iterator[Isolated]:
+    """kubedock-dns with --network-policies, and pods: a1, a2 on network A, b1 on B, ab on both."""
+    from testbed.node.hostserver import HostKubedockDns
+
+    node = engine.node
+    namespace = node.create_namespace("node-isolation")
+    try:
+        with HostKubedockDns(node, namespace, server_args=("--network-policies",)) as server:
+            net_a, net_b = network_id(f"{namespace}-a"), network_id(f"{namespace}-b")
+            layout = {"a1": [net_a], "a2": [net_a], "b1": [net_b], "ab": [net_a, net_b]}
+            created = {name: node.create_kubedock_pod(namespace, name, nets, command=serve(name), wait=False)
+                       for name, nets in layout.items()}
+            pods = {name: node.wait_pod_running(namespace, pod["metadata"]["name"]) for name, pod in created.items()}
+            yield Isolated(node, engine, server, namespace, pods)
+    finally:
+        node.delete_namespace(namespace)
+
+
 def test_a_networks_peer_answers_and_another_networks_pod_does_not(isolated):
     """From A's pod, A's peer answers on the TCP port and B's pod on the same port does not;
     B's pod cannot reach A's either."""
-    node, ns, pods = isolated
-    assert settles(lambda: fetch(node, ns, pods, "a2", "a1")), explain(node, ns, pods, "a2", "a1")
-    assert settles(lambda: not fetch(node, ns, pods, "a2", "b1")), explain(node, ns, pods, "a2", "b1")
-    assert not fetch(node, ns, pods, "b1", "a1")
-    assert fetch(node, ns, pods, "a2", "a1")
+    bed = isolated
+    assert settles(lambda: bed.fetch("a2", "a1")), bed.explain("a2", "a1")
+    assert settles(lambda: not bed.fetch("a2", "b1")), bed.explain("a2", "b1")
+    assert not bed.fetch("b1", "a1"), bed.explain("b1", "a1")
+    assert bed.fetch("a2", "a1"), bed.explain("a2", "a1")
 
 
 def test_a_pod_on_two_networks_reaches_both_and_is_reached_from_both(isolated):
-    node, ns, pods = isolated
-    assert settles(lambda: fetch(node, ns, pods, "ab", "a1") and fetch(node, ns, pods, "ab", "b1"))
-    assert fetch(node, ns, pods, "a1", "ab") and fetch(node, ns, pods, "b1", "ab")
+    """Policies add up: the pod on A and B talks with either network's pods, both ways."""
+    bed = isolated
+    assert settles(lambda: bed.fetch("ab", "a1") and bed.fetch("ab", "b1")), bed.explain("ab", "b1")
+    assert bed.fetch("a1", "ab"), bed.explain("a1", "ab")
+    assert bed.fetch("b1", "ab"), bed.explain("b1", "ab")
 
 
 def test_dns_keeps_working_for_every_pod(isolated):
     """Lookups to kubedock-dns are egress and replies: untouched by the ingress policies."""
-    node, ns, pods = isolated
-    for source, target in (("a2", "a1"), ("b1", "b1"), ("ab", "b1"), ("ab", "a1")):
-        done = node.exec(ns, pods[source]["metadata"]["name"], ["getent", "hosts", target])
-        assert done.returncode == 0 and pods[target]["status"]["podIP"] in done.stdout, (source, target, done)
-    done = node.exec(ns, pods["a2"]["metadata"]["name"], ["getent", "hosts", "b1"])
+    bed = isolated
+    for source, target in (("a2", "a1"), ("b1", "b1"), ("ab", "b1"), ("ab", "a1"), ("a1", "ab")):
+        done = bed.node.exec(bed.namespace, bed.pods[source]["metadata"]["name"], ["getent", "hosts", target])
+        assert done.returncode == 0 and bed.ip(target) in done.stdout, (source, target, done)
+    done = bed.node.exec(bed.namespace, bed.pods["a2"]["metadata"]["name"], ["getent", "hosts", "b1"])
     assert done.returncode != 0
 
 
-def test_deleting_the_isolation_policy_removes_every_policy_and_the_isolation(isolated):
-    """What `helm upgrade --set networkPolicies.enabled=false` does: the isolation policy goes, the
-    garbage collector removes the per-network policies it owns, and traffic flows as without the mode.
+def _next_pod_addresses(node: Any, count: int) -> list[str]:
+    """The addresses host-local IPAM hands out next on the node's bridge network (it allocates
+    upwards from the last one it reserved, skipping those in use and the gateway)."""
+    ipam = next((Path(node.run) / "cni" / "ipam").iterdir())
+    subnet = ipaddress.ip_network(node.settings.pod_subnet)
+    hosts = list(subnet.hosts())
+    last_file = ipam / "last_reserved_ip.0"
+    last = ipaddress.ip_address(last_file.read_text().strip()) if last_file.exists() else hosts[0]
+    in_use = {p.name for p in ipam.iterdir()}
+    start = hosts.index(last) + 1 if last in hosts else 1
+    ordered = hosts[start:] + hosts[1:start]  # hosts[0] is the gateway
+    return [str(ip) for ip in ordered if str(ip) not in in_use][:count]
+
+
+def test_pods_of_a_new_network_are_closed_to_other_networks_from_their_first_moment(isolated):
+    """Network C's first two pods are created back to back while B's pod knocks on the addresses
+    they will get, from before they exist until C's policy lets them reach each other: B's pod is
+    never answered (the default-deny isolation policy exists before them; C's own policy only
+    opens), and each reaches the other once C's policy is in force."""
+    bed = isolated
+    node, ns = bed.node, bed.namespace
+    candidates = _next_pod_addresses(node, 3)
+    knocker = bed.pods["b1"]["metadata"]["name"]
+    node.exec(ns, knocker, ["rm", "-f", "/tmp/stop"])
+    # Two knockers per address, each knock bounded by 1 s (an address nobody holds yet, or a drop).
+    script = ("end=$(( $(date +%s) + 150 )); "
+              f"for ip in {' '.join(candidates)}; do for n in 1 2; do "
+              "(while [ ! -f /tmp/stop ] && [ $(date +%s) -lt $end ]; do "
+              f"/bin/busybox nc -w 1 $ip {PORT} </dev/null; echo knock-$ip; sleep 0.2; done) & "
+              "done; done; wait")
+    knocks: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: knocks.update(
+        done=node.exec(ns, knocker, ["/bin/sh", "-c", script], timeout=170)))
+    thread.start()
+    try:
+        time.sleep(2)  # it knocks before the pods exist
+        net_c = network_id(f"{ns}-c")
+        created = {name: node.create_kubedock_pod(ns, name, [net_c], command=serve(name), wait=False)
+                   for name in ("c1", "c2")}
+        bed.pods.update({name: node.wait_pod_running(ns, pod["metadata"]["name"]) for name, pod in created.items()})
+        assert settles(lambda: bed.fetch("c1", "c2") and bed.fetch("c2", "c1"), timeout=60), bed.explain("c1", "c2")
+        time.sleep(3)
+    finally:
+        node.exec(ns, knocker, ["touch", "/tmp/stop"])
+        thread.join(180)
+    done = knocks["done"]
+    answers = done.stdout.split()
+    assert {bed.ip("c1"), bed.ip("c2")} <= set(candidates), (
+        f"host-local gave {bed.ip('c1')}, {bed.ip('c2')}, not one of the addresses knocked on {candidates}")
+    knocked = sum(answers.count(f"knock-{bed.ip(name)}") for name in ("c1", "c2"))
+    assert knocked >= 10, done
+    assert "c1" not in answers and "c2" not in answers, (
+        f"B's pod was answered by a new network's pod: {answers}\n{bed.engine.describe(bed.ip('c2'))}")
+
+
+def test_turning_the_mode_off_removes_every_policy_and_traffic_flows_again(isolated):
+    """The server restarted without --network-policies, and its isolation policy deleted (what
+    `helm upgrade --set networkPolicies.enabled=false` does; without the chart, docs/design.md
+    says to delete it): the garbage collector removes the per-network policies it owns, the
+    server writes none again, and the pods of A and B reach each other as without the mode.
     (Last: it turns the mode off for this namespace.)"""
     from kubernetes import client
 
-    node, ns, pods = isolated
-    api = client.NetworkingV1Api(node.api_client)
-    # The server would re-create it at its next start; stop it from writing first.
-    api.delete_namespaced_network_policy("kubedock-dns-isolation", ns)
-
-    def none_left() -> bool:
-        listed = json.loads(api.list_namespaced_network_policy(ns, _preload_content=False).data)
-        return [p for p in listed["items"] if p["metadata"]["name"].startswith("kubedock-dns")] == []
-    assert settles(none_left, timeout=60), "per-network policies outlived the isolation policy"
-    assert settles(lambda: fetch(node, ns, pods, "a2", "b1"))
+    bed = isolated
+    assert ISOLATION_POLICY in bed.managed_policies() and len(bed.managed_policies()) >= 3
+    bed.server.restart(())
+    client.NetworkingV1Api(bed.node.api_client).delete_namespaced_network_policy(ISOLATION_POLICY, bed.namespace)
+    assert settles(lambda: bed.managed_policies() == [], timeout=60), bed.managed_policies()
+    assert settles(lambda: bed.fetch("a2", "b1")), bed.explain("a2", "b1")
+    assert bed.fetch("b1", "a1"), bed.explain("b1", "a1")
+    assert bed.managed_policies() == []

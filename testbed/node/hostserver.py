@@ -8,8 +8,10 @@ waits for its ``/readyz``, registers its webhook (``https://127.0.0.1:<port>/mut
 chart's selectors and failure policy) and proves it in force.  Pods then reach it exactly as they
 reach an in-cluster replica: their queries to the ClusterIP are DNATed by the real kube-proxy, not
 masqueraded (they come from the cluster CIDR), so kubedock-dns sees each pod's own address.
-Leaving the block removes the webhook registration first (so no later pod creation is blocked),
-then stops the process and deletes the Service.
+``server.restart(server_args)`` stops the process and starts it again with other extra arguments
+on the same ports (an operator changing the server's settings).  Leaving the block removes the
+webhook registration first (so no later pod creation is blocked), then stops the process and
+deletes the Service.
 
 This is the tier that needs no container image of kubedock-dns; the chart tier runs the image.
 """
@@ -41,6 +43,8 @@ class HostKubedockDns:
         self.server: ManagedProcess | None = None
         self.ops_port = 0
         self.webhook_name = f"kubedock-dns-host-{namespace}"
+        self._argv: list[str] = []
+        self._workdir = Path()
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "HostKubedockDns":
@@ -93,13 +97,11 @@ class HostKubedockDns:
                 "--webhook-port", str(webhook_port), "--webhook-interface", "127.0.0.1",
                 "--tls-cert", str(tls.cert_path), "--tls-key", str(tls.key_path),
                 "--dns-service-ip", self.service_ip,
-                "--drain-seconds", "0",  # nothing routes here once the bed stops
-                *self.server_args]
-        self.server = ManagedProcess("kubedock-dns", argv, workdir / "kubedock-dns.log", cwd=workdir)
-        self._stack.callback(self.server.stop)
-        self.server.start()
+                "--drain-seconds", "0"]  # nothing routes here once the bed stops
+        self._argv, self._workdir = argv, workdir
+        self._stack.callback(self._stop_server)
+        self._start_server()
         progress = node._progress
-        wait_kubedock_dns_ready(self.server, self.ops_port, progress)
         admission: Any = client.AdmissionregistrationV1Api(node.api_client)
         admission.create_mutating_webhook_configuration(body=mutating_webhook_configuration(
             self.webhook_name, ns, f"https://127.0.0.1:{webhook_port}/mutate", tls.ca_pem))
@@ -111,6 +113,22 @@ class HostKubedockDns:
         wait_webhook_in_force(node.core, ns, probe, self.server, progress)
         progress(f"kubedock-dns (host process) serves {ns} at Service {self.service_ip}:53 -> "
                  f"{node.settings.node_ip}:{dns_port}")
+
+    def _start_server(self) -> None:
+        self.server = ManagedProcess("kubedock-dns", [*self._argv, *self.server_args],
+                                     self._workdir / "kubedock-dns.log", cwd=self._workdir)
+        self.server.start()
+        wait_kubedock_dns_ready(self.server, self.ops_port, self.node._progress)
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def restart(self, server_args: tuple[str, ...]) -> None:
+        """Stop the server and start it again with ``server_args`` instead (same ports)."""
+        self._stop_server()
+        self.server_args = tuple(server_args)
+        self._start_server()
 
     def _delete_webhook(self, admission: Any) -> None:
         from kubernetes.client.exceptions import ApiException
