@@ -94,7 +94,8 @@ class PodRecord:
         object.__setattr__(self, "namespace", sys.intern(self.namespace))
         object.__setattr__(self, "phase", sys.intern(self.phase))
         if self.reverse_name is not None:
-            object.__setattr__(self, "reverse_name", self.reverse_name.lower())
+            # Interned too: it is one of the names, and so becomes the same string object.
+            object.__setattr__(self, "reverse_name", sys.intern(self.reverse_name.lower()))
 
     @property
     def primary_name(self) -> str | None:

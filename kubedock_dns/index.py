@@ -146,11 +146,16 @@ class NetworkIndex:
             else:
                 raise TypeError(f"not an index change: {change!r}")
         self.generation += 1
-        touched = Touched(
-            frozenset(self._touched_addresses), frozenset(self._touched_networks),
-            frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held),
-            self._touched_awaiting, self.synced and not was_synced,
-        )
+        if self.synced and not was_synced:
+            # Every earlier decision was "not synced": the details would be thrown away (and at
+            # the first list of 10,000 pods, copying them costs megabytes at the peak of memory).
+            touched = Touched(everything=True)
+        else:
+            touched = Touched(
+                frozenset(self._touched_addresses), frozenset(self._touched_networks),
+                frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held),
+                self._touched_awaiting,
+            )
         self._touched_addresses.clear()
         self._touched_networks.clear()
         self._held_before.clear()
@@ -227,20 +232,23 @@ class NetworkIndex:
             self._awaiting_ip.add(record.uid)
             if _claim(self._awaiting_namespaces, record.namespace):
                 self._touched_awaiting = True
+        # The pod alone under every key it is the only member of, as one shared tuple: a pod with
+        # four names sits under six keys (names, reverse, asker), and tuples are immutable.
+        alone = (record.uid,)
         if record.is_asker:
             for ip in record.ips:
-                _add(self._askers, ip, record.uid)
+                _add(self._askers, ip, record.uid, alone)
                 if len(self._askers[ip]) > 1:
                     self.conflicts_seen += 1
                 self._touch_claimants(ip)
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
-                    _add(self._names, (network, name), record.uid)
+                    _add(self._names, (network, name), record.uid, alone)
                     if _claim(self._name_refs, name):
                         self._held_before.setdefault(name, False)
                 for ip in record.ips:
-                    _add(self._reverse, (network, ip), record.uid)
+                    _add(self._reverse, (network, ip), record.uid, alone)
                     self._address_refs[ip] = self._address_refs.get(ip, 0) + 1
         for network in record.networks:
             self._label_refs[network] = self._label_refs.get(network, 0) + 1
@@ -415,9 +423,12 @@ def _release(counts: dict[str, int], key: str) -> bool:
     return True
 
 
-def _add(mapping: dict, key, member: str) -> None:
+def _add(mapping: dict, key, member: str, alone: tuple[str, ...] | None = None) -> None:
+    """Add ``member`` under ``key``; ``alone`` is ``(member,)``, shared when it is the only one."""
     members = mapping.get(key, ())
-    if member not in members:
+    if not members:
+        mapping[key] = alone or (member,)
+    elif member not in members:
         mapping[key] = members + (member,)
 
 

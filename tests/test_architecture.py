@@ -38,6 +38,7 @@ FORBIDDEN = {
     # The kube side: the watch loop reaches the API server only through its PodApi seam.
     "kube.watcher": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server",
                      "kubedock_dns.webhook", "kubedock_dns.kube.policy_writer"},
+    "kube.listing": {"twisted", "kubernetes", "klein", "treq", "kubedock_dns"},
     "kube.client": {"kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server",
                     "kubedock_dns.webhook", "kubedock_dns.kube.policy_writer"},
     "kube.policy_writer": {"kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server",

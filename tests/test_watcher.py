@@ -20,7 +20,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted, pod_record_from_dict
-from kubedock_dns.kube.client import Aborted, ApiError, KubernetesPodApi, api_client_from, default_namespace
+from kubedock_dns.kube.client import (
+    LIST_CHUNK, Aborted, ApiError, KubernetesPodApi, api_client_from, default_namespace,
+)
+from kubedock_dns.kube.listing import ListBody
 from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig, WatcherService
 
 NS = "ns1"
@@ -107,8 +110,8 @@ class ScriptedApi:
             raise answer
         return answer
 
-    def list_pods(self, continue_token: str | None) -> dict:
-        return self._next("list", continue_token)
+    def list_pods(self, continue_token: str | None) -> ListBody:
+        return ListBody.of(json.dumps(self._next("list", continue_token)).encode())
 
     def watch_pods(self, resource_version: str) -> Iterator[bytes]:
         pieces = self._next("watch", resource_version)
@@ -421,7 +424,7 @@ def test_list_decode_time_for_10000_pods(capsys):
     class OnePage(ScriptedApi):
         def list_pods(self, continue_token):
             self.requests.append(("list", continue_token))
-            return json.loads(body)
+            return ListBody(body[i:i + LIST_CHUNK] for i in range(0, len(body), LIST_CHUNK))
 
     api = OnePage()
     deliveries: list = []
@@ -447,7 +450,7 @@ class BlockingApi:
         self.watching = threading.Event()
 
     def list_pods(self, continue_token):
-        return page([], "1")
+        return ListBody.of(json.dumps(page([], "1")))
 
     def watch_pods(self, resource_version):
         self.watching.set()
@@ -644,7 +647,7 @@ def test_adapter_lists_and_watches_raw_json_with_the_right_parameters(fake_serve
     ]
     api = adapter_for(fake_server, watch_timeout=77, list_page_size=50)
     listed = api.list_pods(None)
-    assert listed["metadata"]["resourceVersion"] == "10" and listed["items"] == [x]
+    assert list(listed.items()) == [x] and listed.metadata["resourceVersion"] == "10"
     assert list(api.watch_pods("10")) == [bookmark("11"), event("ADDED", x)]
     list_path, watch_path = fake_server.paths
     assert list_path.startswith(f"/api/v1/namespaces/{NS}/pods?")
@@ -686,3 +689,32 @@ def test_adapter_abort_unblocks_a_silent_watch(fake_server):
     assert time.monotonic() - started < 2.0
     with pytest.raises(Aborted):
         api.list_pods(None)
+
+
+def test_adapter_decodes_a_list_page_as_it_arrives(fake_server):
+    """A page sent in pieces cut anywhere (inside a pod, inside a string) is decoded into the
+    same pods, one at a time, and its connection serves the next request once the page is read."""
+    pods_ = [pod(f"p{i}", f"10.0.0.{i}") for i in range(1, 40)]
+    body = json.dumps(page(pods_, "10", continue_token="next")).encode()
+    pieces = [body[i:i + 777] for i in range(0, len(body), 777)]
+    fake_server.answers = [(200, pieces, None), (200, [json.dumps(page([], "11")).encode()], None)]
+    api = adapter_for(fake_server)
+    listed = api.list_pods(None)
+    assert list(listed.items()) == pods_ and listed.metadata["continue"] == "next"
+    last = api.list_pods("next")
+    assert list(last.items()) == [] and last.metadata["resourceVersion"] == "11"
+    assert "continue=next" in fake_server.paths[1]
+
+
+def test_adapter_abort_unblocks_a_list_read_midway(fake_server):
+    """abort() from another thread ends a list page that stalls midway, at once."""
+    body = json.dumps(page([pod("a", "10.0.0.1"), pod("b", "10.0.0.2")], "10")).encode()
+    fake_server.answers = [(200, [body[:len(body) // 2]], 5.0)]
+    api = adapter_for(fake_server)
+    items = api.list_pods(None).items()
+    timer = threading.Timer(0.3, api.abort)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        list(items)
+    assert time.monotonic() - started < 2.0

@@ -5,12 +5,20 @@ Contract
 :func:`api_client_from` builds a client from a kubeconfig file or the in-cluster service account
 without touching the global client configuration.  :class:`KubernetesPodApi` is the real
 :class:`~kubedock_dns.kube.watcher.PodApi`: it lists and watches the pods of one namespace and
-label selector as raw JSON (``_preload_content=False``; no ``V1Pod`` models are built), every
-request bounded by the connect and read timeouts, and :meth:`~KubernetesPodApi.abort` unblocks the
-request in flight from any thread.  An error status becomes :class:`ApiError` (status, reason and
-message from the ``Status`` body); a connection that stays silent for the read timeout ends the
-watch quietly and drops the pooled connections.  :func:`service_cluster_ip` reads one Service at
-start-up.  :func:`describe_failure` is the one-line account of any failure the kube side logs.
+label selector as raw JSON (no ``V1Pod`` models are built), every request bounded by the connect
+and read timeouts, and :meth:`~KubernetesPodApi.abort` unblocks the request in flight from any
+thread.  A list page is a :class:`~kubedock_dns.kube.listing.ListBody` decoded while it is read,
+its connection released once its items are consumed.  An error status becomes :class:`ApiError`
+(status, reason and message from the ``Status`` body); a connection that stays silent for the
+read timeout ends the watch quietly and drops the pooled connections.
+:func:`service_cluster_ip` reads one Service at start-up.  :func:`describe_failure` is the
+one-line account of any failure the kube side logs.
+
+Requests go through the official client's own request path, :func:`get` (``ApiClient``:
+its configuration, authentication, TLS and connection pool), but not through the generated
+``CoreV1Api``: that class imports its 250 pydantic models and an 8 MB module of parameter
+descriptions, 21 MiB of memory for the two requests we make (docs/benchmarks.md, memory at
+10,000 pods).  This needs the generator of kubernetes 37 (``param_serialize``/``call_api``).
 """
 
 from __future__ import annotations
@@ -24,13 +32,21 @@ import kubernetes.config
 import urllib3
 from twisted.logger import Logger
 
+from kubedock_dns.kube.listing import ListBody
+
 if TYPE_CHECKING:
     from kubedock_dns.kube.watcher import WatcherConfig
+
+from kubedock_dns.kube.listing import ListBody
 
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
+SERVICE_PATH = "/api/v1/namespaces/{namespace}/services/{name}"
+# Bytes read from a list response at a time: the most of a page's text alive at once.
+LIST_CHUNK = 64 * 1024
 
 
 def default_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
@@ -102,30 +118,52 @@ def status_of(body: bytes | str | None) -> tuple[str, str]:
         return "", text[:200]
 
 
+def get(
+    api_client: kubernetes.client.ApiClient,
+    path: str,
+    path_params: Mapping[str, str],
+    query: list[tuple[str, Any]],
+    timeout: float | tuple[float, float],
+) -> urllib3.BaseHTTPResponse:
+    """GET ``path`` with the client's authentication; the unread ``urllib3`` response.
+
+    The generated API classes do the same (``param_serialize`` then ``call_api``) after
+    validating their arguments with pydantic.  An error status raises :class:`ApiError`.
+    """
+    request = api_client.param_serialize(
+        method="GET", resource_path=path, path_params=dict(path_params), query_params=query,
+        header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+    )
+    try:
+        response = api_client.call_api(*request, _request_timeout=timeout)
+    except kubernetes.client.ApiException as e:  # e.g. a TLS failure, raised as status 0
+        reason, message = status_of(e.body)
+        raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
+    if not 200 <= response.status <= 299:
+        reason, message = status_of(response.read())
+        raise ApiError(response.status, reason or str(response.reason or ""), message)
+    return response.response
+
+
 class KubernetesPodApi:
-    """:class:`~kubedock_dns.kube.watcher.PodApi` on the official client's ``CoreV1Api``, raw JSON throughout."""
+    """:class:`~kubedock_dns.kube.watcher.PodApi` on the official client, raw JSON throughout."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient, config: WatcherConfig) -> None:
-        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._api_client = api_client
         self._config = config
         self._lock = threading.Lock()
         self._aborted = False
         self._current: Any = None
 
-    def _call(self, **kwargs: Any) -> Any:
+    def _call(self, query: list[tuple[str, Any]]) -> Any:
         if self._aborted:
             raise Aborted()
         try:
-            response = self._core.list_namespaced_pod(
-                self._config.namespace,
-                label_selector=self._config.label_selector,
-                _preload_content=False,
-                _request_timeout=(float(self._config.connect_timeout), float(self._config.read_timeout)),
-                **kwargs,
+            response = get(
+                self._api_client, PODS_PATH, {"namespace": self._config.namespace},
+                [("labelSelector", self._config.label_selector), *query],
+                (float(self._config.connect_timeout), float(self._config.read_timeout)),
             )
-        except kubernetes.client.ApiException as e:
-            reason, message = status_of(e.body)
-            raise ApiError(int(e.status or 0), reason or str(e.reason or ""), message) from None
         except urllib3.exceptions.HTTPError:
             self._drop_pooled_connections()
             raise
@@ -145,28 +183,32 @@ class KubernetesPodApi:
             response.close()
         response.release_conn()
 
-    def list_pods(self, continue_token: str | None) -> Mapping[str, Any]:
-        kwargs: dict[str, Any] = {}
+    def list_pods(self, continue_token: str | None) -> ListBody:
+        query: list[tuple[str, Any]] = []
         if self._config.list_page_size:
-            kwargs["limit"] = self._config.list_page_size
+            query.append(("limit", self._config.list_page_size))
         if continue_token:
-            kwargs["_continue"] = continue_token
-        response = self._call(**kwargs)
+            query.append(("continue", continue_token))
+        response = self._call(query)
+        return ListBody(self._read(response))
+
+    def _read(self, response: Any) -> Iterator[bytes]:
+        """The body in chunks of at most LIST_CHUNK bytes; the connection is released when the
+        body is read whole, and closed if the reader stops early or the read fails."""
         complete = False
         try:
-            data = response.data
+            yield from response.stream(LIST_CHUNK, decode_content=True)
             complete = True
         finally:
             self._done(response, complete)
-        return json.loads(data)
 
     def watch_pods(self, resource_version: str) -> Iterator[bytes]:
-        response = self._call(
-            watch=True,
-            resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=int(self._config.watch_timeout),
-        )
+        response = self._call([
+            ("watch", True),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", True),
+            ("timeoutSeconds", int(self._config.watch_timeout)),
+        ])
         complete = False
         try:
             for chunk in response.stream(amt=None, decode_content=True):
@@ -186,7 +228,7 @@ class KubernetesPodApi:
         """Close the idle pooled connections: whatever silenced one (a black hole, a dead NAT
         entry) has most likely silenced them too, and reusing one would cost another timeout."""
         try:
-            self._core.api_client.rest_client.pool_manager.clear()
+            self._api_client.rest_client.pool_manager.clear()
         except AttributeError:  # a client without a urllib3 pool manager
             pass
 
@@ -215,11 +257,10 @@ def service_cluster_ip(kubeconfig: str | None, namespace: str, name: str, timeou
     Called once at start-up, before the reactor runs.  Raises ``ValueError`` naming the Service
     and what to do when it cannot be read or has no cluster IP.
     """
-    api = kubernetes.client.CoreV1Api(api_client_from(kubeconfig))
     try:
-        response = api.read_namespaced_service(name, namespace, _preload_content=False,
-                                               _request_timeout=timeout)
-        service = json.loads(response.data)  # type: ignore[attr-defined]  # raw urllib3 response
+        response = get(api_client_from(kubeconfig), SERVICE_PATH, {"namespace": namespace, "name": name}, [],
+                       timeout)
+        service = json.loads(response.data)
     except Exception as error:
         raise ValueError(
             f"cannot read Service {namespace}/{name} for --dns-service-name ({describe_failure(error)}); "

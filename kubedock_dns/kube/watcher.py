@@ -36,8 +36,9 @@ watch resumes on a new connection: a change made meanwhile arrives within about 
 Stopping: :meth:`PodWatcher.stop` sets a flag and shuts down the socket of the request in
 flight, which unblocks the thread at once.
 
-Pods are parsed from raw JSON into :class:`~kubedock_dns.contract.PodRecord` at once; no
-``V1Pod`` models are built or kept.  The loop talks to the API server only through the
+Pods are parsed from raw JSON into :class:`~kubedock_dns.contract.PodRecord` at once, one at a
+time as a list page is read (:mod:`kubedock_dns.kube.listing`); no ``V1Pod`` models are built or
+kept.  The loop talks to the API server only through the
 :class:`PodApi` seam (:class:`~kubedock_dns.kube.client.KubernetesPodApi` on the real one), so
 this module does not import ``kubernetes`` itself.
 """
@@ -65,6 +66,7 @@ from kubedock_dns.contract import (
     pod_record_from_dict,
 )
 from kubedock_dns.kube.client import Aborted, ApiError, KubernetesPodApi, api_client_from, describe_failure
+from kubedock_dns.kube.listing import ListBody
 
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
@@ -120,8 +122,9 @@ class WatcherConfig:
 class PodApi(Protocol):
     """What the watcher needs from the API server (one namespace, one label selector)."""
 
-    def list_pods(self, continue_token: str | None) -> Mapping[str, Any]:
-        """One page of the pod list as the parsed JSON ``PodList``; raises :class:`ApiError`."""
+    def list_pods(self, continue_token: str | None) -> ListBody:
+        """One page of the pod list, its items decoded as they are read (so that only one pod's
+        JSON is alive at a time); raises :class:`ApiError`."""
 
     def watch_pods(self, resource_version: str) -> Iterator[bytes]:
         """The watch response body as it arrives, in pieces of any size.  Ends when the server
@@ -362,15 +365,13 @@ class PodWatcher:
                         log.info("pod list continue token expired; listing again from the start")
                         break
                     raise
-                if not isinstance(page, Mapping):
-                    raise ValueError(f"the pod list is not a JSON object: {type(page).__name__}")
-                for item in page.get("items") or ():
+                for item in page.items():
                     record = decode_pod(item)
                     if record is None:
                         self.skipped += 1
                     else:
                         records.append(record)
-                metadata = page.get("metadata") or {}
+                metadata = page.metadata
                 token = metadata.get("continue") or None
                 if token is None:
                     resource_version = metadata.get("resourceVersion")
