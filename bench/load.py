@@ -125,17 +125,19 @@ def run_load(
     timeout: float = 2.0,
     core: int | None = 1,
     forwarded_suffix: str = "example.test",
+    targets: dict[str, str] | None = None,
 ) -> LoadResult:
     """Run one dnsperf process per ``(source address, query file)`` at once and sum them.
 
     ``rate`` None: as fast as the server answers; else the total queries per second, split evenly,
-    with ``-v`` to time every query."""
+    with ``-v`` to time every query.  ``targets`` maps a source address to the server address it
+    asks, where that is not ``server`` (aardvark-dns answers each network on its gateway)."""
     binary = dnsperf_binary()
     procs = []
     commands = []
     work.mkdir(parents=True, exist_ok=True)
     for i, (address, queries) in enumerate(sources):
-        argv = [binary, "-s", server, "-p", str(port), "-a", address, "-d", str(queries),
+        argv = [binary, "-s", (targets or {}).get(address, server), "-p", str(port), "-a", address, "-d", str(queries),
                 "-l", f"{duration:g}", "-c", str(clients), "-q", str(outstanding), "-t", f"{timeout:g}"]
         if rate is not None:
             argv += ["-Q", str(max(1, round(rate / len(sources)))), "-v"]

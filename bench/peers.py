@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -28,10 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 import dns.message
+import dns.name
 import dns.query
 import dns.rcode
 
-from bench.topology import FORWARDED_ANSWER, FORWARDED_ZONE, TTL, Query, Topology
+from bench.topology import FORWARDED_ANSWER, FORWARDED_ZONE, SEARCH_SUFFIX, TTL, Pod, Query, Topology
 from testbed.upstream import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,27 +76,57 @@ class Upstream:
 
 @dataclass
 class Process:
-    """A started server: its process, the port it answers on, its log files."""
+    """A started server: its process, the port it answers on, its log files.
+
+    ``addresses`` maps a source pod address to the server address it asks (default 127.0.0.1):
+    aardvark-dns answers each network on that network's gateway.  ``pid_file`` names where a
+    server that forks into the background (aardvark-dns) writes the pid of the serving process;
+    that process, not the one started, is measured and stopped."""
 
     name: str
     argv: list[str]
     popen: subprocess.Popen
     port: int
     log: Path
+    addresses: dict[str, str] = field(default_factory=dict)
+    pid_file: Path | None = None
+
+    def address(self, source: str | None) -> str:
+        return self.addresses.get(source or "", "127.0.0.1")
+
+    @property
+    def pid(self) -> int:
+        """The serving process: the one started, or the daemon named in ``pid_file``."""
+        if self.pid_file is None:
+            return self.popen.pid
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return -1
 
     def peak_rss_kib(self) -> int | None:
-        """VmHWM of the server process (the pid taskset exec'd into), in KiB."""
+        """VmHWM of the server process (the pid taskset exec'd into, or the daemon), in KiB."""
         try:
-            status = Path(f"/proc/{self.popen.pid}/status").read_text()
+            status = Path(f"/proc/{self.pid}/status").read_text()
         except OSError:
             return None
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
         return int(match.group(1)) if match else None
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        if self.popen.poll() is None:
+            return True  # a forking server's parent waits until its daemon is ready
+        if self.pid_file is None:
+            return False
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
 
     def stop(self) -> None:
+        if self.pid_file is not None:
+            self._stop_daemon()
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
@@ -102,6 +134,21 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(10)
+
+    def _stop_daemon(self) -> None:
+        pid = self.pid
+        if pid <= 0:
+            return
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+            if not Path(f"/proc/{pid}").exists():
+                return
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -121,6 +168,16 @@ class Server:
     configure: Callable[[str, Topology, Path, int, Upstream], list[str]]  # -> argv
     ready_timeout: float = 30.0
     binary: str | None = field(default=None, repr=False)
+    tcp: bool = True  # whether it answers over TCP too (aardvark-dns 1.4 is UDP only)
+    # The server address each source pod asks (default 127.0.0.1 for every source).
+    address_for: Callable[[Topology, Pod], str] | None = None
+    pid_file: str | None = None  # a forking server's pid file, relative to its work directory
+    # A defect of the server's own, documented upstream, that the answer check reports instead of
+    # failing the server: (response, query) -> what is wrong, or None when it is not that defect.
+    known_defect: Callable[[dns.message.Message, Query], str | None] | None = None
+    notes: tuple[str, ...] = ()  # how the server behaves that its figures include (reported)
+    # The most networks it can serve on this kind of machine, and why (None: no known limit).
+    max_networks: tuple[int, str] | None = None
 
     def resolve_binary(self) -> str:
         if self.binary is None:
@@ -241,6 +298,63 @@ def _naive_argv(binary: str, topology: Topology, work: Path, port: int, upstream
 NAIVE_SERVER = Server("naive twisted.names", "peer", _python, _twisted_version, _naive_argv)
 
 
+# -- aardvark-dns ----------------------------------------------------------------------------
+
+AARDVARK = "/usr/lib/podman/aardvark-dns"
+
+
+def _aardvark_binary() -> str:
+    if not os.access(AARDVARK, os.X_OK):
+        raise Unavailable(f"{AARDVARK} is missing: apt-get install aardvark-dns")
+    return AARDVARK
+
+
+def _aardvark_version(binary: str) -> str:
+    return first_line([binary, "--version"])
+
+
+def _aardvark_address(topology: Topology, source: Pod) -> str:
+    return topology.gateway(source.network)
+
+
+def _aardvark_argv(binary: str, topology: Topology, work: Path, port: int, upstream: Upstream) -> list[str]:
+    # aardvark-dns 1.4 forwards to port 53 only (its resolv.conf's or the network's DNS servers).
+    if upstream.port != 53:
+        raise Unavailable("aardvark-dns forwards to port 53 only: the upstream needs port 53 (run as root)")
+    config = work / "aardvark"
+    if config.exists():
+        shutil.rmtree(config)
+    config.mkdir(parents=True)
+    for network, text in topology.aardvark_configs(upstream.address).items():
+        (config / network).write_text(text)
+    # As netavark runs it, with the pods' search suffix as the search domain aardvark strips
+    # (podman's is dns.podman); ``run`` forks the server into the background and returns.
+    return [binary, "--config", str(config), "--port", str(port),
+            "--filter-search-domain", f".{SEARCH_SUFFIX}", "run"]
+
+
+def _aardvark_root_owned_ptr(response: dns.message.Message, query: Query) -> str | None:
+    if (query.qtype == "PTR" and response.answer and all(r.name == dns.name.root for r in response.answer)
+            and answer_matches(response, query, owner=False)):
+        return ("PTR answers are owned by the root name '.' instead of the question's name "
+                "(aardvark-dns 1.4 sets no owner on them); their targets are right")
+    return None
+
+
+AARDVARK_SERVER = Server("aardvark-dns", "view", _aardvark_binary, _aardvark_version, _aardvark_argv,
+                         tcp=False, address_for=_aardvark_address, pid_file="aardvark/aardvark.pid",
+                         known_defect=_aardvark_root_owned_ptr, notes=(
+                             "no TCP listener (aardvark-dns 1.4 serves UDP only): checked and measured over UDP",
+                             "after answering a PTR question for a container it also forwards the question "
+                             "upstream and relays that answer as a second reply (here REFUSED); dnsperf takes "
+                             "the first, the forward is part of its cost",
+                             "one thread with its own tokio runtime per network gateway address",
+                         ), max_networks=(1000, (
+                             "it starts an OS thread with its own tokio runtime (3 threads) per network: with "
+                             "5,000 networks about 15,000 threads and 60,000 memory maps (vm.max_map_count is "
+                             "65,530), 357 MiB RSS, and 2-5 of the 5,000 listeners failed to start here")))
+
+
 # -- kubedock-dns ----------------------------------------------------------------------------
 
 def _kubedock_binary() -> str:
@@ -275,9 +389,12 @@ KUBEDOCK_SERVER = Server("kubedock-dns", "view", _kubedock_binary, _kubedock_ver
 
 # -- running ---------------------------------------------------------------------------------
 
-def answer_matches(response: dns.message.Message, query: Query) -> bool:
-    """Whether ``response`` is the answer ``query.expect`` asks for (see :class:`Query`)."""
+def answer_matches(response: dns.message.Message, query: Query, owner: bool = True) -> bool:
+    """Whether ``response`` is the answer ``query.expect`` asks for (see :class:`Query`), its
+    records owned by the question's name (``owner=False`` skips that check)."""
     if response.rcode() != dns.rcode.NOERROR:
+        return False
+    if owner and response.question and any(rrset.name != response.question[0].name for rrset in response.answer):
         return False
     rdatas = [rd for rrset in response.answer for rd in rrset]
     if query.qtype == "PTR":
@@ -287,11 +404,11 @@ def answer_matches(response: dns.message.Message, query: Query) -> bool:
 
 
 def ask(port: int, query: Query, form: str, source: str | None = None, timeout: float = 2.0,
-        tcp: bool = False) -> dns.message.Message:
+        tcp: bool = False, server: str = "127.0.0.1") -> dns.message.Message:
     name, qtype = query.line(form).split()
     message = dns.message.make_query(name, qtype)
     send = dns.query.tcp if tcp else dns.query.udp
-    return send(message, "127.0.0.1", port=port, timeout=timeout, source=source)
+    return send(message, server, port=port, timeout=timeout, source=source)
 
 
 def wait_answering(process: Process, probe: Query, form: str, source: str | None, timeout: float) -> None:
@@ -301,7 +418,7 @@ def wait_answering(process: Process, probe: Query, form: str, source: str | None
         if not process.alive():
             raise RuntimeError(f"{process.name} exited with rc={process.popen.returncode}:\n{process.log_tail()}")
         try:
-            response = ask(process.port, probe, form, source, timeout=0.5)
+            response = ask(process.port, probe, form, source, timeout=0.5, server=process.address(source))
             if answer_matches(response, probe):
                 return
             last = response
@@ -313,14 +430,38 @@ def wait_answering(process: Process, probe: Query, form: str, source: str | None
                        f"(last: {last!r}):\n{process.log_tail()}")
 
 
-def launch(name: str, argv: list[str], port: int, work: Path, core: int | None) -> Process:
+def udp_listeners(port: int) -> int:
+    """How many UDP sockets of this network namespace are bound to ``port`` (/proc/net/udp)."""
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    suffix = f":{port:04X}"
+    return sum(1 for line in lines if line.split()[1].endswith(suffix))
+
+
+def wait_listening(process: Process, timeout: float) -> None:
+    """Wait until a server listening on several addresses (one per network) has bound all of them:
+    aardvark-dns starts one thread per network, and answers the first while others still start."""
+    wanted = len(set(process.addresses.values()))
+    deadline = time.monotonic() + timeout
+    while (bound := udp_listeners(process.port)) < wanted:
+        if not process.alive() or time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"{process.name} listens on {bound} of its {wanted} addresses after "
+                               f"{timeout:.0f} s:\n{process.log_tail()}")
+        time.sleep(0.1)
+
+
+def launch(name: str, argv: list[str], port: int, work: Path, core: int | None,
+           addresses: dict[str, str] | None = None, pid_file: Path | None = None) -> Process:
     work.mkdir(parents=True, exist_ok=True)
     log = work / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     with open(log, "wb") as out:
         popen = subprocess.Popen(pinning(core) + argv, stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, cwd=str(work), env=env)
-    return Process(name, pinning(core) + argv, popen, port, log)
+    return Process(name, pinning(core) + argv, popen, port, log, addresses or {}, pid_file)
 
 
 def port_was_taken(process: Process) -> bool:
@@ -336,12 +477,17 @@ def start(server: Server, topology: Topology, work: Path, upstream: Upstream, co
     work.mkdir(parents=True, exist_ok=True)
     source = topology.sources(1)[0]
     probe = topology.queries_for(source)[0]
+    addresses = ({pod.ip: server.address_for(topology, pod) for pod in topology.pods()}
+                 if server.address_for else {})
     for attempt in range(3):
         port = free_port()
         argv = server.configure(binary, topology, work, port, upstream)
-        process = launch(server.name, argv, port, work, core)
+        process = launch(server.name, argv, port, work, core, addresses,
+                         work / server.pid_file if server.pid_file else None)
         try:
             wait_answering(process, probe, server.form, source.ip, server.ready_timeout)
+            if addresses:
+                wait_listening(process, server.ready_timeout)
         except RuntimeError:
             if attempt < 2 and port_was_taken(process):
                 continue
@@ -350,45 +496,65 @@ def start(server: Server, topology: Topology, work: Path, upstream: Upstream, co
     raise AssertionError("unreachable")
 
 
+def _upstream_address(skip: set[str]) -> tuple[str, int]:
+    """An address in 127.53.53.0/24 whose port 53 is free (root), else 127.53.53.53 and a free port.
+
+    Port 53, because a plain resolv.conf can then name the upstream and aardvark-dns forwards to
+    port 53 only; not always 127.53.53.53, because another benchmark on a shared machine may hold it."""
+    if os.geteuid() == 0:
+        for last in range(53, 85):
+            address = f"127.53.53.{last}"
+            if address in skip:
+                continue
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((address, 53))
+            except OSError:
+                continue
+            return address, 53
+    return UPSTREAM_ADDRESS, free_port(UPSTREAM_ADDRESS)
+
+
 def start_upstream(work: Path, core: int | None) -> tuple[Upstream, Process]:
     """The stand-in cluster DNS: a dnsmasq answering ``*.example.test`` with FORWARDED_ANSWER, TTL 0.
 
-    It listens on 127.53.53.53 port 53 when it may (root), so a plain resolv.conf names it; else
-    on a free port (servers then get ``--upstream``/``--server`` with the port)."""
+    It listens on port 53 of an address in 127.53.53.0/24 when it may (root), so a plain
+    resolv.conf names it; else on a free port (servers then get ``--upstream``/``--server`` with
+    the port)."""
     binary = _dnsmasq_binary()
-    port = 53 if os.geteuid() == 0 else free_port(UPSTREAM_ADDRESS)
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((UPSTREAM_ADDRESS, port))
-    except OSError:
-        port = free_port(UPSTREAM_ADDRESS)  # the check below starts it again if this one is taken too
+    tried: set[str] = set()
+    address, port = _upstream_address(tried)
     resolv = work / "resolv.conf"
     work.mkdir(parents=True, exist_ok=True)
-    resolv.write_text(f"nameserver {UPSTREAM_ADDRESS}\n")
-    argv = [binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--no-poll", f"--address=/{FORWARDED_ZONE}/{FORWARDED_ANSWER}", f"--port={port}",
-            f"--listen-address={UPSTREAM_ADDRESS}", "--bind-interfaces", "--cache-size=0",
-            "--local-ttl=0", "--user=root", f"--pid-file={work / 'upstream.pid'}",
-            "--log-facility=-"]
-    process = launch("upstream dnsmasq", argv, port, work, core)
+
+    def run(address: str, port: int) -> Process:
+        tried.add(address)
+        resolv.write_text(f"nameserver {address}\n")
+        argv = [binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                "--no-poll", f"--address=/{FORWARDED_ZONE}/{FORWARDED_ANSWER}", f"--port={port}",
+                f"--listen-address={address}", "--bind-interfaces", "--cache-size=0",
+                "--local-ttl=0", "--user=root", f"--pid-file={work / 'upstream.pid'}",
+                "--log-facility=-"]
+        return launch("upstream dnsmasq", argv, port, work, core)
+
+    process = run(address, port)
     probe = Query("forwarded", "A", f"probe.{FORWARDED_ZONE}.", f"probe.{FORWARDED_ZONE}.",
                   (FORWARDED_ANSWER,), "probe")
     # The upstream listens on its own address: probe it there.
     deadline = time.monotonic() + 15
     while True:
         try:
-            m = dns.query.udp(dns.message.make_query(probe.view_name, "A"), UPSTREAM_ADDRESS, port=port, timeout=0.5)
+            m = dns.query.udp(dns.message.make_query(probe.view_name, "A"), address, port=port, timeout=0.5)
             if answer_matches(m, probe):
                 break
         except Exception:  # noqa: BLE001
             pass
         if port_was_taken(process) and time.monotonic() < deadline:
-            port = free_port(UPSTREAM_ADDRESS)  # taken by another process meanwhile: choose again
-            argv = [a if not a.startswith("--port=") else f"--port={port}" for a in argv]
-            process = launch("upstream dnsmasq", argv, port, work, core)
+            address, port = _upstream_address(tried)  # taken by another process meanwhile: choose again
+            process = run(address, port)
             continue
         if not process.alive() or time.monotonic() > deadline:
             process.stop()
             raise RuntimeError(f"upstream dnsmasq did not start:\n{process.log_tail()}")
         time.sleep(0.1)
-    return Upstream(UPSTREAM_ADDRESS, port, resolv), process
+    return Upstream(address, port, resolv), process

@@ -1,7 +1,8 @@
 """The benchmark suite in one command: ``python -m bench.run [--quick]`` from the repository root.
 
 For each topology (100 pods in 50 networks; with the full run also 10,000 pods in 5,000
-networks) and each server (kubedock-dns, CoreDNS, dnsmasq, the naive twisted.names baseline):
+networks) and each server (kubedock-dns, CoreDNS, dnsmasq, podman's aardvark-dns, the naive
+twisted.names baseline):
 start the server pinned to core 0, check that it answers every query of the mix as expected,
 measure the maximum QPS with dnsperf pinned to core 1 (one dnsperf process per source pod
 address), then p50/p99 latency at 50% and 90% of that maximum, forwarded-only maximum QPS and
@@ -32,7 +33,7 @@ from pathlib import Path
 from bench import report
 from bench.load import HarnessError, LoadResult, dnsperf_version, run_load
 from bench.peers import (
-    DNSMASQ_SERVER, KUBEDOCK_SERVER, NAIVE_SERVER, REPO, Process, Server, Unavailable, answer_matches,
+    AARDVARK_SERVER, DNSMASQ_SERVER, KUBEDOCK_SERVER, NAIVE_SERVER, REPO, Process, Server, Unavailable, answer_matches,
     ask, coredns_server, start, start_upstream,
 )
 from bench.topology import FORWARDED_ZONE, Topology
@@ -74,19 +75,28 @@ def summarise(load: LoadResult) -> dict:
     return out
 
 
-def check_answers(process: Process, server: Server, topology: Topology, sources) -> list[str]:
-    """Ask every query of every source's mix (UDP; the first source also over TCP); list the wrong."""
+def check_answers(process: Process, server: Server, topology: Topology, sources,
+                  defects: set[str] | None = None) -> list[str]:
+    """Ask every query of every source's mix (UDP; the first source also over TCP when the server
+    serves TCP); list the wrong.  An answer wrong only by the server's ``known_defect`` is added
+    to ``defects`` (when given) instead."""
     wrong = []
     for i, source in enumerate(sources):
         for query in topology.queries_for(source):
-            for tcp in ((False, True) if i == 0 else (False,)):
+            for tcp in ((False, True) if i == 0 and server.tcp else (False,)):
+                defect = None
                 try:
-                    response = ask(process.port, query, server.form, source.ip, timeout=3.0, tcp=tcp)
+                    response = ask(process.port, query, server.form, source.ip, timeout=3.0, tcp=tcp,
+                                   server=process.address(source.ip))
                     ok = answer_matches(response, query)
+                    if not ok and server.known_defect and defects is not None:
+                        defect = server.known_defect(response, query)
                     got = [rr.to_text() for rr in response.answer] or [f"rcode {response.rcode()}"]
                 except Exception as e:  # noqa: BLE001 - a timeout is a wrong answer here
                     ok, got = False, [repr(e)]
-                if not ok:
+                if defect:
+                    defects.add(defect)  # type: ignore[union-attr]
+                elif not ok:
                     wrong.append(f"{'TCP' if tcp else 'UDP'} from {source.ip}: {query.line(server.form)} "
                                  f"expected {query.expect}, got {got}")
     return wrong
@@ -102,22 +112,34 @@ def measure_server(server: Server, topology: Topology, work: Path, upstream, sou
         entry.update(status="missing", note=str(e))
         return entry
     swork = work / server.name.replace(" ", "-").replace(".", "")
+    if server.max_networks and topology.networks > server.max_networks[0]:
+        entry.update(status="skipped", note=f"not run above {server.max_networks[0]:,} networks: {server.max_networks[1]}")
+        return entry
     try:
         process = start(server, topology, swork, upstream, SERVER_CORE)
+    except Unavailable as e:
+        entry.update(status="missing", note=str(e))
+        return entry
     except Exception as e:  # noqa: BLE001 - reported, the run goes on with the others
         entry.update(status="failed", note=f"did not start: {e}")
         return entry
     entry["command"] = process.argv
     if (swork / "Corefile").is_file():
         entry["corefile"] = (swork / "Corefile").read_text()
+    first_network = swork / "aardvark" / topology.network(0).label
+    if first_network.is_file():
+        entry["config_example"] = f"# {first_network}\n" + first_network.read_text()
     try:
-        wrong = check_answers(process, server, topology, sources)
-        entry["checked"] = (len(sources) + 1) * len(topology.queries_for(sources[0]))
+        defects: set[str] = set()
+        wrong = check_answers(process, server, topology, sources, defects)
+        entry["checked"] = (len(sources) + (1 if server.tcp else 0)) * len(topology.queries_for(sources[0]))
+        if defects or server.notes:
+            entry["defects"] = sorted(defects) + list(server.notes)
         if wrong:
             entry.update(status="failed", note=f"{len(wrong)} wrong answers", wrong=wrong[:20])
             return entry
         pairs = [(s.ip, files[server.form][s.ip]) for s in sources]
-        common = dict(server="127.0.0.1", port=process.port, sources=pairs, work=swork,
+        common = dict(server="127.0.0.1", port=process.port, sources=pairs, work=swork, targets=process.addresses,
                       core=LOAD_CORE, outstanding=args.outstanding, clients=args.clients)
         print(f"bench:   {server.name}: max QPS", file=sys.stderr, flush=True)
         top = run_load(tag="max", duration=args.duration, **common)
@@ -185,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="QPS at which forwarded-only latency is compared with the upstream's (default 2000)")
     parser.add_argument("--outstanding", type=int, default=20, help="dnsperf -q per process (default 20)")
     parser.add_argument("--clients", type=int, default=4, help="dnsperf -c per process (default 4)")
-    parser.add_argument("--servers", help="comma-separated subset: kubedock-dns,coredns,dnsmasq,naive")
+    parser.add_argument("--servers", help="comma-separated subset: kubedock-dns,coredns,dnsmasq,aardvark,naive")
     parser.add_argument("--sizes", help="comma-separated network counts (default 50,5000; quick 50)")
     parser.add_argument("--propagation", action="store_true",
                         help="also measure propagation (1,000 pods) and 10,000-pod initial sync against a "
@@ -203,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
 
     servers = {"kubedock-dns": KUBEDOCK_SERVER, "coredns": coredns_server(build=not args.quick),
-               "dnsmasq": DNSMASQ_SERVER, "naive": NAIVE_SERVER}
+               "dnsmasq": DNSMASQ_SERVER, "aardvark": AARDVARK_SERVER, "naive": NAIVE_SERVER}
     chosen = (args.servers or ",".join(servers)).split(",")
     unknown = [c for c in chosen if c not in servers]
     if unknown:
@@ -242,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench:   {entry['name']}: FAILED: {entry['note']}", file=sys.stderr, flush=True)
                     for line in entry.get("wrong", []):
                         print(f"bench:     {line}", file=sys.stderr)
-                elif entry["status"] == "missing":
-                    print(f"bench:   {entry['name']}: missing: {entry['note']}", file=sys.stderr, flush=True)
+                elif entry["status"] in ("missing", "skipped"):
+                    print(f"bench:   {entry['name']}: {entry['status']}: {entry['note']}", file=sys.stderr, flush=True)
             if forward:
                 print("bench:   upstream directly: forwarded-only max QPS", file=sys.stderr, flush=True)
                 direct = run_load(server=upstream.address, port=upstream.port,

@@ -11,6 +11,9 @@ The same pods are served in two forms:
 * the **view** form, for kubedock-dns: the pods file (a JSON list of pod objects).  Every network
   uses the same names; the asker's source address selects the network, so the query for ``db``
   is the same text from every pod and the answer differs.
+  aardvark-dns (podman's per-network DNS) answers the same view-form queries by source address
+  too, from one config file per network (:meth:`Topology.aardvark_configs`), on that network's
+  gateway address (:meth:`Topology.gateway`), as netavark sets it up.
 * the **peer** form, for CoreDNS, dnsmasq and the naive baseline, which have no per-source views:
   the union of all networks in one hosts file, every name made unique by its network's label
   (``db.n0001``, ``db.n0001.bench.svc.cluster.local``).  A peer does strictly less work per query
@@ -36,6 +39,8 @@ SEARCH_SUFFIX = f"{NAMESPACE}.svc.{CLUSTER_DOMAIN}"
 FORWARDED_ZONE = "example.test"
 FORWARDED_ANSWER = "192.0.2.10"
 POD_NET = ipaddress.IPv4Network("127.10.0.0/16")
+# One gateway address per network, for servers that listen on each network's gateway (aardvark-dns).
+GATEWAY_NET = ipaddress.IPv4Network("127.11.0.0/16")
 TTL = 5
 
 # (role, hostalias/0, further aliases): two pods per network, as a typical testcontainers setup.
@@ -158,6 +163,11 @@ class Topology:
         # 200 pods per /24, host part .10 to .209: no .0/.255 look-alikes, easy to read.
         return str(POD_NET.network_address + (index // 200) * 256 + index % 200 + 10)
 
+    def gateway(self, network: Network) -> str:
+        """The network's gateway address (its bridge address in podman), where aardvark-dns
+        listens for that network; 250 networks per /24, host part .1 to .250."""
+        return str(GATEWAY_NET.network_address + (network.index // 250) * 256 + network.index % 250 + 1)
+
     def pods(self) -> list[Pod]:
         return list(self._pods)
 
@@ -195,6 +205,18 @@ class Topology:
 
     def pods_json(self) -> str:
         return json.dumps([p.as_api_object() for p in self.pods()], indent=None, separators=(",", ":"))
+
+    def aardvark_configs(self, upstream: str) -> dict[str, str]:
+        """aardvark-dns's config directory as netavark writes it: one file per network (named
+        after it), first line the gateway address and the network's DNS servers (``upstream``,
+        where names it does not own go), then one line per container: ID, IPv4, IPv6 (none),
+        names (the container name first, as Docker answers PTR, then hostname, aliases, short ID)."""
+        files: dict[str, list[str]] = {}
+        for pod in self.pods():
+            lines = files.setdefault(pod.network.label, [f"{self.gateway(pod.network)} {upstream}"])
+            names = (pod.container_name, *(n for n in pod.names if n != pod.container_name))
+            lines.append(f"{_hex(f'bench-container-{pod.index}', 64)} {pod.ip}  {','.join(names)}")
+        return {label: "\n".join(lines) + "\n" for label, lines in files.items()}
 
     # -- the peer form (CoreDNS, dnsmasq, naive baseline) ---------------------------------------
 

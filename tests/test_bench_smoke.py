@@ -24,6 +24,7 @@ SERVERS = {
     "CoreDNS": peers.coredns_server(build=False),
     "naive": peers.NAIVE_SERVER,
     "kubedock-dns": peers.KUBEDOCK_SERVER,
+    "aardvark-dns": peers.AARDVARK_SERVER,
 }
 
 
@@ -95,19 +96,27 @@ def test_every_server_answers_every_query_of_the_mix(name, networks, upstream, t
     for AAAA, the pod's primary name for PTR, and the upstream's answer for forwarded names."""
     server = SERVERS[name]
     _require(server)
+    if server.max_networks and networks > server.max_networks[0]:
+        pytest.skip(f"{name} is not run above {server.max_networks[0]} networks: {server.max_networks[1]}")
     topology = Topology(networks)
-    process = peers.start(server, topology, tmp_path, upstream, core=None)
+    try:
+        process = peers.start(server, topology, tmp_path, upstream, core=None)
+    except peers.Unavailable as e:  # aardvark-dns needs the upstream on port 53 (root)
+        pytest.skip(str(e))
     try:
         sources = topology.sources(3)
-        wrong = run.check_answers(process, server, topology, sources)
+        defects: set[str] = set()
+        wrong = run.check_answers(process, server, topology, sources, defects)
         assert wrong == []
+        # Only a peer's documented defect may stand in for a right answer, never ours.
+        assert not defects or (server.known_defect and name != "kubedock-dns")
         # The same name from two networks: different addresses (view form) or names (peer form).
         q0, q1 = (topology.queries_for(s)[0] for s in sources[:2])
-        r0 = peers.ask(process.port, q0, server.form, sources[0].ip)
-        r1 = peers.ask(process.port, q1, server.form, sources[1].ip)
+        r0 = peers.ask(process.port, q0, server.form, sources[0].ip, server=process.address(sources[0].ip))
+        r1 = peers.ask(process.port, q1, server.form, sources[1].ip, server=process.address(sources[1].ip))
         assert r0.answer[0][0].address == sources[0].ip != r1.answer[0][0].address
         aaaa = next(q for q in topology.queries_for(sources[0]) if q.qtype == "AAAA")
-        response = peers.ask(process.port, aaaa, server.form, sources[0].ip)
+        response = peers.ask(process.port, aaaa, server.form, sources[0].ip, server=process.address(sources[0].ip))
         assert response.rcode() == dns.rcode.NOERROR and response.answer == []
     finally:
         process.stop()
