@@ -296,6 +296,37 @@ def test_serves_readiness_and_metrics(running: dict[str, Any]) -> None:
     assert re.search(r"^kubedock_dns_pods 3(\.0)?$", metrics, re.M), metrics[:2000]
 
 
+def test_stopping_the_container_drains_then_exits_0(built: Built, running: dict[str, Any]) -> None:
+    """``podman stop`` sends SIGTERM to twistd, PID 1 of the container, as the kubelet does when it
+    deletes a pod: /readyz turns 503 at once while DNS still answers, and after the drain the
+    container exits 0 by itself (not killed by its signal, nor by the SIGKILL 30 s later)."""
+    name, ops = running["name"], f"http://127.0.0.1:{running['ops']}/readyz"
+    stopping = subprocess.Popen(built.podman.command("stop", "--time", "30", name), env=built.podman.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 5
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            try:
+                with urlopen(ops, timeout=2) as r:
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            time.sleep(0.1)
+        assert status == 503, "still ready 5 s after SIGTERM"
+        assert _dig(running["dns"], "127.88.1.2", "db", "+short").split() == ["127.88.1.1"]
+        began = time.monotonic()
+        assert stopping.wait(timeout=60) == 0, stopping.stderr.read() if stopping.stderr else ""
+        assert time.monotonic() - began < 25, "the container needed SIGKILL"
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+            stopping.wait()
+    assert built.podman("inspect", "--format", "{{.State.ExitCode}}", name).strip() == "0"
+    logs = built.podman("logs", name)
+    assert "draining for 5 s before stopping" in logs and "drain over after" in logs, logs[-3000:]
+
+
 def test_explain_and_networks_commands_run_inside_the_container(built: Built, running: dict[str, Any]) -> None:
     """``kubectl exec deploy/kubedock-dns -- kubedock-dns explain ...`` as documented: the console
     command is on the image's PATH and tells, from the running server, why a pod gets its db;
