@@ -165,17 +165,21 @@ def test_pods_of_a_new_network_are_closed_to_other_networks_from_their_first_mom
     """Network C's first two pods are created back to back while B's pod knocks on the addresses
     they will get, from before they exist until C's policy lets them reach each other: B's pod is
     never answered (the default-deny isolation policy exists before them; C's own policy only
-    opens), and each reaches the other once C's policy is in force."""
+    opens), and each reaches the other once C's policy is in force.  kube-router programs a pod's
+    rules 0-120 ms after the kubelet reports its IP, when the container already listens
+    (docs/design.md, "Before a network's policy exists"); knocks back to back can miss a window
+    that short (every run so far saw none)."""
     bed = isolated
     node, ns = bed.node, bed.namespace
-    candidates = _next_pod_addresses(node, 3)
+    candidates = _next_pod_addresses(node, 2)
     knocker = bed.pods["b1"]["metadata"]["name"]
     node.exec(ns, knocker, ["rm", "-f", "/tmp/stop"])
-    # Two knockers per address, each knock bounded by 1 s (an address nobody holds yet, or a drop).
+    # Three knockers per address, back to back: an address nobody holds yet costs a knock 1 s
+    # (no ARP answer), a pod without a listener or behind a reject answers at once.
     script = ("end=$(( $(date +%s) + 150 )); "
-              f"for ip in {' '.join(candidates)}; do for n in 1 2; do "
+              f"for ip in {' '.join(candidates)}; do for n in 1 2 3; do "
               "(while [ ! -f /tmp/stop ] && [ $(date +%s) -lt $end ]; do "
-              f"/bin/busybox nc -w 1 $ip {PORT} </dev/null; echo knock-$ip; sleep 0.2; done) & "
+              f"/bin/busybox nc -w 1 $ip {PORT} </dev/null 2>/dev/null; echo knock-$ip; done) & "
               "done; done; wait")
     knocks: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: knocks.update(

@@ -167,15 +167,21 @@ class KubeNetworkPolicies:
         if shutil.which("nft") is None:
             return "nft is not installed"
         table = f"kdn_probe_{os.getpid()}"
+        # A counter rule first: so a refused queue rule is the kernel lacking the statement (nft then
+        # says "No such file or directory" and guesses at a chain name), not a broken table.
         steps = [["add", "table", "inet", table],
                  ["add", "chain", "inet", table, "c", "{ type filter hook forward priority 0; }"],
+                 ["add", "rule", "inet", table, "c", "counter"],
                  ["add", "rule", "inet", table, "c", "queue", "num", "98", "bypass"]]
         try:
             for step in steps:
                 done = _run(["nft", *step])
                 if done.returncode != 0:
                     first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else done.returncode
-                    return f"it needs nftables' queue statement, which this kernel lacks (nft {' '.join(step[:2])}: {first})"
+                    if step[-1] == "bypass":
+                        return ("it needs nftables' queue statement, which this kernel refuses while it "
+                                f"accepts a counter rule in the same chain (nft: {first})")
+                    return f"nftables is unusable here (nft {' '.join(step[:3])}: {first})"
         finally:
             _run(["nft", "delete", "table", "inet", table])
         return None
