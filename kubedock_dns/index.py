@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted, ascii_decimal
 
 FAMILY_V4 = 4
+_EMPTY: dict = {}  # read-only stand-in for a network with no names
 FAMILY_V6 = 6
 
 
@@ -111,8 +112,11 @@ class NetworkIndex:
         # Members are tuples, not sets: nearly every one holds a single uid, and a one-element
         # set costs 216 bytes against a tuple's 48 (10,000 pods: 19.1 -> 8.7 MiB of index).
         self._askers: dict[str, tuple[str, ...]] = {}
-        self._names: dict[tuple[str, str], tuple[str, ...]] = {}
-        self._reverse: dict[tuple[str, str], tuple[str, ...]] = {}
+        # network -> name -> answering pods, and network -> address -> pods: one small dict per
+        # network rather than one (network, name) tuple key per entry (10,000 pods in 5,000
+        # networks: 40,000 key tuples, 2.2 MiB, against 5,000 dicts).
+        self._names: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._reverse: dict[str, dict[str, tuple[str, ...]]] = {}
         # network label (full ID or short ID) -> networks carrying it, for ``name.<network>``.
         self._labels: dict[str, tuple[str, ...]] = {}
         self._label_refs: dict[str, int] = {}
@@ -244,11 +248,11 @@ class NetworkIndex:
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
-                    _add(self._names, (network, name), record.uid, alone)
+                    _add(self._names.setdefault(network, {}), name, record.uid, alone)
                     if _claim(self._name_refs, name):
                         self._held_before.setdefault(name, False)
                 for ip in record.ips:
-                    _add(self._reverse, (network, ip), record.uid, alone)
+                    _add(self._reverse.setdefault(network, {}), ip, record.uid, alone)
                     self._address_refs[ip] = self._address_refs.get(ip, 0) + 1
         for network in record.networks:
             self._label_refs[network] = self._label_refs.get(network, 0) + 1
@@ -269,11 +273,11 @@ class NetworkIndex:
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
-                    _discard(self._names, (network, name), record.uid)
+                    _discard_in(self._names, network, name, record.uid)
                     if _release(self._name_refs, name):
                         self._held_before.setdefault(name, True)
                 for ip in record.ips:
-                    _discard(self._reverse, (network, ip), record.uid)
+                    _discard_in(self._reverse, network, ip, record.uid)
                     _release(self._address_refs, ip)
         for network in record.networks:
             self._label_refs[network] -= 1
@@ -330,7 +334,7 @@ class NetworkIndex:
         live pod.
         """
         for network in networks:
-            uids = self._names.get((network, name))
+            uids = self._names.get(network, _EMPTY).get(name)
             if uids:
                 return ForwardAnswer(network, self._addresses(uids))
         return None
@@ -346,7 +350,7 @@ class NetworkIndex:
         """The reverse name (container name, else hostname) of the pod holding ``ip`` in the first
         of ``networks`` that has it."""
         for network in networks:
-            uids = self._reverse.get((network, ip))
+            uids = self._reverse.get(network, _EMPTY).get(ip)
             if uids:
                 if len(uids) > 1 or len(self._askers.get(ip, ())) > 1:
                     raise Conflict(ip, set(uids) | set(self._askers.get(ip, ())))
@@ -440,6 +444,15 @@ def _discard(mapping: dict, key, member: str) -> None:
             mapping[key] = kept
         else:
             del mapping[key]
+
+
+def _discard_in(mapping: dict[str, dict], outer: str, key: str, member: str) -> None:
+    """:func:`_discard` in ``mapping[outer]``, dropping that inner map once it is empty."""
+    inner = mapping.get(outer)
+    if inner is not None:
+        _discard(inner, key, member)
+        if not inner:
+            del mapping[outer]
 
 
 def reverse_name_to_ip(labels: list[str]) -> str | None:

@@ -192,3 +192,18 @@ def test_report_names_missing_and_failed_servers_instead_of_numbers():
     assert "| CoreDNS | missing: CoreDNS is not built yet |" in text
     assert "kubedock-dns not measured (failed: 3 wrong answers)" in text
     assert load.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and load.percentile([], 99) is None
+
+
+def test_memory_breakdown_runs_and_adds_up(capsys):
+    """bench.memory reports every import part in server order, each resident set at least the one
+    before it, and the records and index of the pods it decodes through the watcher's decoder."""
+    from bench import memory
+
+    assert memory.main(["--pods", "1000"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    parts = report["imports"]
+    assert [row["part"] for row in parts] == [part for part, _ in memory.PARTS]
+    assert all(later["rss_mib"] >= earlier["rss_mib"] - 0.5 for earlier, later in zip(parts, parts[1:]))
+    assert report["imports_total_mib"] == parts[-1]["rss_mib"]
+    data = report["pod_data"]
+    assert data["pods"] == 1000 and data["records_mib"] > 0 and data["index_mib"] > 0

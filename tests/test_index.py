@@ -244,9 +244,13 @@ def test_ten_thousand_pods_in_five_thousand_networks():
     for n in (0, 1234, 4999):
         asker = index.asker(f"10.{n // 250}.{n % 250}.2")
         assert index.lookup(asker.networks, "db").addresses == (f"10.{n // 250}.{n % 250}.1",)
-    before = dict(index._names)
+    def entries() -> dict:
+        return {(network, name): uids for network, names in index._names.items() for name, uids in names.items()}
+
+    before = entries()
     index.apply([Deleted("db7")])
-    changed = {k for k in before if index._names.get(k) != before[k]}
+    after = entries()
+    changed = {k for k in before if after.get(k) != before[k]}
     assert changed == {(network_id("net7"), "db")}
 
 

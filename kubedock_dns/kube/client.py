@@ -37,8 +37,6 @@ from kubedock_dns.kube.listing import ListBody
 if TYPE_CHECKING:
     from kubedock_dns.kube.watcher import WatcherConfig
 
-from kubedock_dns.kube.listing import ListBody
-
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
 
