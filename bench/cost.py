@@ -1,22 +1,37 @@
-"""Instructions per answered query, counted by ``valgrind --tool=callgrind`` (issue 13).
+"""Instructions per answered query, counted by ``valgrind --tool=callgrind``, for kubedock-dns and
+its peers (issue 13).
 
-Times on a shared 2-core machine swing with everyone else's load; the number of instructions the
-server executes per query does not.  This runs kubedock-dns (the suite's 100-pod topology from a
-pods file) under callgrind, sends ``--queries`` identical queries of one kind one after another
+Times on a shared 2-core machine swing with everyone else's load; the number of instructions a
+server executes per query does not.  Each server serves the suite's 100-pod topology
+(:mod:`bench.peers` configures it exactly as the QPS suite does) under callgrind; this sends
+``--queries`` identical queries of one kind from one pod address over loopback, one after another
 (each waits for its answer), with the counters zeroed before and dumped after, and divides.  The
-count covers everything the server process does for a query: the reactor's poll, recvfrom, the
-decision, sendto (the upstream's work for a forwarded query is another process and not counted).
+count covers everything the server process executes in user space for a query, all its threads
+included: the event loop's poll, recvfrom, the decision, sendto.  The kernel's share of the
+system calls is not counted (callgrind sees user space only), nor the upstream's work for a
+forwarded query (another process).
 
-Kinds:
+What runs even with no query (Go's scheduler and garbage collector, tokio's and Twisted's timers)
+is counted over an idle stretch as long as the queries took, from the same process right after,
+and reported beside (``idle``); ``net`` subtracts it.  aardvark-dns forks into the background,
+where ``callgrind_control`` cannot reach it: its count is the difference between the whole-life
+counts of two processes, one asked ``--queries`` more queries than the other, which stayed idle
+as long instead.  CoreDNS runs with ``GODEBUG=asyncpreemptoff=1``: Go's preemption signals
+crash callgrind.
 
-* **fast path**: ``db.bench.svc.cluster.local`` A from a known pod, answered from prepared bytes;
-* **full path**: the same query to a second server started with ``--no-fast-path``;
-* **forwarded**: ``fwN.example.test`` A, relayed to the upstream dnsmasq and back.
+Kinds and servers:
 
-    python -m bench.cost [--queries 2000]
+* **local**: the first query of the mix, ``db`` A in the search-suffixed form glibc sends first
+  (``db.bench.svc.cluster.local``; ``db.n0000.bench.svc.cluster.local`` for the servers without
+  per-source views).  kubedock-dns twice: answered from prepared bytes (``fast path``) and by a
+  second server started with ``--no-fast-path`` (``full path``);
+* **forwarded**: ``fw1.example.test`` A, relayed to the upstream dnsmasq and back.
 
-Prints one JSON object.  A regression shows as a larger count even when the machine is busy
-(the count does not depend on how much CPU the process was given, only on what it executed).
+    python -m bench.cost [--queries 1000] [--servers kubedock-dns,dnsmasq,coredns,aardvark]
+
+Prints one JSON object and a table.  A regression shows as a larger count even when the machine
+is busy (the count does not depend on how much CPU the process was given, only on what it
+executed).
 """
 
 from __future__ import annotations
@@ -34,14 +49,18 @@ from pathlib import Path
 import dns.message
 import dns.query
 
-from bench.peers import KUBEDOCK_SERVER, free_port, start_upstream, wait_answering, Process, launch
+from bench.peers import (
+    AARDVARK_SERVER, DNSMASQ_SERVER, KUBEDOCK_SERVER, Process, Server, Unavailable, answer_matches,
+    coredns_server, free_port, launch, port_was_taken, start_upstream, wait_answering,
+)
 from bench.topology import Topology
 
 _TOTALS = re.compile(rb"^(?:totals|summary):\s+(\d+)", re.M)
 
 
 def _instructions(dump_dir: Path, before: set[Path]) -> int:
-    """The instruction total of the newest dump file(s) written since ``before``."""
+    """The instruction total of the dump file(s) written since ``before`` (one per thread with
+    ``--separate-threads``, one per process otherwise)."""
     total = 0
     for path in sorted(set(dump_dir.glob("callgrind.out*")) - before):
         match = _TOTALS.search(path.read_bytes())
@@ -54,52 +73,158 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=120)
 
 
-def count(process: Process, dump_dir: Path, wire: bytes, source: str, queries: int) -> float:
-    """Instructions per query of ``queries`` sends of ``wire`` from ``source``."""
-    pid = str(process.popen.pid)
-    for _ in range(50):  # warm: caches prepared, upstream connection open
-        dns.query.udp(dns.message.from_wire(wire), "127.0.0.1", port=process.port, source=source, timeout=30)
-    _control("--zero", pid)
-    before = set(dump_dir.glob("callgrind.out*"))
-    for _ in range(queries):
-        dns.query.udp(dns.message.from_wire(wire), "127.0.0.1", port=process.port, source=source, timeout=30)
-    _control("--dump", pid)
+def _dump(process: Process, dump_dir: Path, before: set[Path]) -> int:
+    _control("--dump", str(process.pid))
     deadline = time.monotonic() + 60
     while not (total := _instructions(dump_dir, before)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return total / queries
+    return total
 
 
-def _start(topology: Topology, work: Path, upstream, extra: list[str]) -> Process:
-    binary = KUBEDOCK_SERVER.resolve_binary()
-    port = free_port()
+def count(process: Process, dump_dir: Path, wire: bytes, source: str, queries: int, check) -> dict:
+    """Instructions per query of ``queries`` sends of ``wire`` from ``source``, and what the process
+    executes idle over as long a stretch, per query."""
+    address = process.address(source)
+
+    def ask() -> dns.message.Message:
+        return dns.query.udp(dns.message.from_wire(wire), address, port=process.port, source=source, timeout=30)
+
+    for _ in range(50):  # warm: caches prepared, upstream sockets open
+        response = ask()
+    if not check(response):
+        raise RuntimeError(f"{process.name} answered wrongly: {response}")
+    _control("--zero", str(process.pid))
+    before = set(dump_dir.glob("callgrind.out*"))
+    began = time.monotonic()
+    for _ in range(queries):
+        ask()
+    took = time.monotonic() - began
+    busy = _dump(process, dump_dir, before)
+    _control("--zero", str(process.pid))
+    before = set(dump_dir.glob("callgrind.out*"))
+    time.sleep(took)
+    idle = _dump(process, dump_dir, before)
+    return {"instructions": round(busy / queries), "idle": round(idle / queries),
+            "net": round((busy - idle) / queries), "seconds": round(took, 2)}
+
+
+def count_by_lifetime(start, wire: bytes, source: str, queries: int, check) -> dict:
+    """For a server that forks into the background (aardvark-dns), which callgrind_control cannot
+    reach: the whole-life count of one process that answered ``queries`` more queries, less that of
+    an identical process left idle as long instead (start-up, warm-up and idle time cancel)."""
+    totals = []
+    took = 0.0
+    for asked in (queries, 0):
+        process, dump_dir = start()
+        address = process.address(source)
+
+        def ask() -> dns.message.Message:
+            return dns.query.udp(dns.message.from_wire(wire), address, port=process.port, source=source, timeout=30)
+
+        try:
+            for _ in range(50):
+                response = ask()
+            if not check(response):
+                raise RuntimeError(f"{process.name} answered wrongly: {response}")
+            began = time.monotonic()
+            for _ in range(asked):
+                ask()
+            took = took or time.monotonic() - began
+            if not asked:
+                time.sleep(took)
+            pid = process.pid
+        finally:
+            process.stop()
+        deadline = time.monotonic() + 60
+        while not (dump_dir / f"callgrind.out.{pid}").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        totals.append(_instructions(dump_dir, {p for p in dump_dir.glob("callgrind.out*") if p.name != f"callgrind.out.{pid}"}))
+    per_query = round((totals[0] - totals[1]) / queries)
+    return {"instructions": per_query, "idle": None, "net": per_query, "seconds": round(took, 2),
+            "method": "whole-life difference of two processes"}
+
+
+def _start(server: Server, topology: Topology, work: Path, upstream, extra: list[str]) -> Process:
+    """``server`` under callgrind, once it answers; a port another process took first is chosen
+    again (3 tries)."""
+    binary = server.resolve_binary()
     work.mkdir(parents=True, exist_ok=True)
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.out.%p",
-            "--dump-instr=no", *KUBEDOCK_SERVER.configure(binary, topology, work, port, upstream), *extra]
-    process = launch("kubedock-dns under callgrind", argv, port, work, None)
+    # Go's asynchronous preemption signals crash callgrind (threads.c post_signal assertion).
+    go = ["env", "GODEBUG=asyncpreemptoff=1"] if server.name == "CoreDNS" else []
+    addresses = ({pod.ip: server.address_for(topology, pod) for pod in topology.pods()}
+                 if server.address_for else {})
     source = topology.sources(1)[0]
-    wait_answering(process, topology.queries_for(source)[0], "view", source.ip, 600)
-    return process
+    for attempt in range(3):
+        port = free_port()
+        argv = [*go, "valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.out.%p",
+                "--dump-instr=no", *server.configure(binary, topology, work, port, upstream), *extra]
+        process = launch(f"{server.name} under callgrind", argv, port, work, None, addresses,
+                         work / server.pid_file if server.pid_file else None)
+        try:
+            wait_answering(process, topology.queries_for(source)[0], server.form, source.ip, 600)
+        except RuntimeError:
+            if attempt < 2 and port_was_taken(process):
+                continue
+            raise
+        return process
+    raise AssertionError("unreachable")
 
 
-def measure(work: Path, queries: int) -> dict:
+def subjects(chosen: list[str]) -> list[tuple[str, Server, list[str], tuple[str, ...]]]:
+    """(label, server, extra arguments, kinds) for each server run under callgrind."""
+    table = {
+        "kubedock-dns": [("kubedock-dns fast path", KUBEDOCK_SERVER, [], ("local", "forwarded")),
+                         ("kubedock-dns full path", KUBEDOCK_SERVER, ["--no-fast-path"], ("local", "forwarded"))],
+        "dnsmasq": [("dnsmasq", DNSMASQ_SERVER, [], ("local", "forwarded"))],
+        "coredns": [("CoreDNS", coredns_server(build=False), [], ("local", "forwarded"))],
+        "aardvark": [("aardvark-dns", AARDVARK_SERVER, [], ("local", "forwarded"))],
+    }
+    return [s for key in chosen for s in table[key]]
+
+
+def measure(work: Path, queries: int, chosen: list[str]) -> dict:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise RuntimeError("valgrind is missing: apt-get install valgrind")
     topology = Topology(50)
     source = topology.sources(1)[0]
-    local = dns.message.make_query("db.bench.svc.cluster.local", "A").to_wire()
-    forwarded = dns.message.make_query("fw1.example.test", "A").to_wire()
+    mix = topology.queries_for(source)
+    local = mix[0]
+    forwarded = next(q for q in mix if q.kind == "forwarded" and q.view_name.startswith("fw1."))
     upstream, upstream_process = start_upstream(work / "upstream", None)
     result: dict = {"queries_per_kind": queries, "valgrind": subprocess.run(
         ["valgrind", "--version"], capture_output=True, text=True).stdout.strip(),
-        "python": sys.version.split()[0]}
+        "python": sys.version.split()[0], "servers": {}}
     try:
-        for label, extra, kinds in (("fast", [], (("fast_path", local), ("forwarded", forwarded))),
-                                    ("full", ["--no-fast-path"], (("full_path", local),))):
-            process = _start(topology, work / label, upstream, extra)
+        for label, server, extra, kinds in subjects(chosen):
+            sdir = work / label.replace(" ", "-")
+            entry = result["servers"][label] = {}
             try:
-                for kind, wire in kinds:
-                    result[f"{kind}_instructions"] = round(count(process, work / label, wire, source.ip, queries))
+                result.setdefault("versions", {})[server.name] = server.version(server.resolve_binary())
+                if server.pid_file:
+                    for i, kind in enumerate(kinds):
+                        query = local if kind == "local" else forwarded
+                        wire = dns.message.make_query(*query.line(server.form).split()).to_wire()
+                        runs = iter(range(100))
+
+                        def fresh(server=server, kind=kind, extra=extra, runs=runs):
+                            d = sdir / f"{kind}-{next(runs)}"
+                            return _start(server, topology, d, upstream, extra), d
+
+                        entry[kind] = count_by_lifetime(fresh, wire, source.ip, queries,
+                                                        lambda r, q=query: answer_matches(r, q, owner=False))
+                        entry[kind]["query"] = query.line(server.form)
+                    continue
+                process = _start(server, topology, sdir, upstream, extra)
+            except Unavailable as e:
+                result["servers"][label] = {"missing": str(e)}
+                continue
+            try:
+                for kind in kinds:
+                    query = local if kind == "local" else forwarded
+                    wire = dns.message.make_query(*query.line(server.form).split()).to_wire()
+                    entry[kind] = count(process, sdir, wire, source.ip, queries,
+                                        lambda r, q=query: answer_matches(r, q))
+                    entry[kind]["query"] = query.line(server.form)
             finally:
                 process.stop()
     finally:
@@ -107,18 +232,41 @@ def measure(work: Path, queries: int) -> dict:
     return result
 
 
+def _f(value) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
+def table(result: dict) -> str:
+    lines = ["| server | local: instructions (idle) | forwarded: instructions (idle) |", "|---|---|---|"]
+    for label, entry in result["servers"].items():
+        if "missing" in entry:
+            lines.append(f"| {label} | missing: {entry['missing']} | |")
+            continue
+        cells = [f"{entry[k]['instructions']:,} ({_f(entry[k]['idle'])})" if k in entry else "–"
+                 for k in ("local", "forwarded")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=int, default=2000, help="queries per kind (default 2000)")
+    parser.add_argument("--queries", type=int, default=1000, help="queries per kind (default 1000)")
+    parser.add_argument("--servers", default="kubedock-dns,dnsmasq,coredns,aardvark",
+                        help="comma-separated subset of kubedock-dns,dnsmasq,coredns,aardvark (default all)")
     parser.add_argument("--work-dir", type=Path)
     args = parser.parse_args(argv)
+    chosen = args.servers.split(",")
+    unknown = [c for c in chosen if c not in ("kubedock-dns", "dnsmasq", "coredns", "aardvark")]
+    if unknown:
+        parser.error(f"unknown server {unknown}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kubedock-dns-cost."))
     try:
-        result = measure(work, args.queries)
+        result = measure(work, args.queries, chosen)
     except RuntimeError as e:
         print(f"cost: cannot run: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
+    print(table(result))
     return 0
 
 

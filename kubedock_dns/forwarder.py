@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Sequence
+from typing import Callable, Sequence
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorTime
@@ -141,15 +141,18 @@ _ID = struct.Struct("!H")
 
 
 class _UDPAttempt:
-    """One forwarded UDP question walking through the upstreams in order."""
+    """One forwarded UDP question walking through the upstreams in order; it ends by calling
+    ``on_answer`` with the relayed bytes or ``on_failure`` with :class:`UpstreamsFailed`."""
 
-    __slots__ = ("forwarder", "query", "question", "result", "position", "outcomes")
+    __slots__ = ("forwarder", "query", "question", "on_answer", "on_failure", "position", "outcomes")
 
-    def __init__(self, forwarder: "Forwarder", query: bytes, result: defer.Deferred) -> None:
+    def __init__(self, forwarder: "Forwarder", query: bytes, on_answer: Callable[[bytes], object],
+                 on_failure: Callable[[Exception], object]) -> None:
         self.forwarder = forwarder
         self.query = query
         self.question = question_section(query)
-        self.result = result
+        self.on_answer = on_answer
+        self.on_failure = on_failure
         self.position = -1
         self.outcomes: list[str] = []
 
@@ -159,7 +162,7 @@ class _UDPAttempt:
         if self.position >= len(forwarder.upstreams):
             forwarder.in_flight -= 1
             forwarder.failed += 1
-            self.result.errback(UpstreamsFailed("; ".join(self.outcomes)))
+            self.on_failure(UpstreamsFailed("; ".join(self.outcomes)))
             return
         upstream = forwarder.upstreams[self.position]
         forwarder._relays[6 if ":" in upstream.host else 4].send(self, upstream)
@@ -170,7 +173,7 @@ class _UDPAttempt:
             self.failed(f"rcode {rcode}")
             return
         self.forwarder.in_flight -= 1
-        self.result.callback(self.query[:2] + answer[2:])
+        self.on_answer(self.query[:2] + answer[2:])
 
     def failed(self, why: str) -> None:
         self.outcomes.append(f"{self.forwarder.upstreams[self.position]}: {why}")
@@ -234,7 +237,7 @@ class Forwarder:
             pending = list(relay.pending.values())
             relay.pending.clear()
             for query in pending:
-                query.attempt.result.errback(UpstreamsFailed("the server is stopping"))
+                query.attempt.on_failure(UpstreamsFailed("the server is stopping"))
             if relay.transport is not None:
                 stops.append(defer.maybeDeferred(relay.transport.stopListening))
         self._relays.clear()
@@ -246,15 +249,27 @@ class Forwarder:
         Fails with :class:`Overloaded` or :class:`UpstreamsFailed`.  ``query`` has been checked
         to hold exactly one well-formed question.
         """
-        if self.in_flight >= self.max_in_flight:
-            self.refused_overload += 1
-            return defer.fail(Overloaded(f"{self.in_flight} forwarded queries in flight"))
-        self.in_flight += 1
         if over_tcp:
+            if self.in_flight >= self.max_in_flight:
+                self.refused_overload += 1
+                return defer.fail(Overloaded(f"{self.in_flight} forwarded queries in flight"))
+            self.in_flight += 1
             return self._forward_tcp(query)
         result: defer.Deferred = defer.Deferred()
-        _UDPAttempt(self, query, result).next()
+        self.forward_udp(query, result.callback, result.errback)
         return result
+
+    def forward_udp(self, query: bytes, on_answer: Callable[[bytes], object],
+                    on_failure: Callable[[Exception], object]) -> None:
+        """:meth:`forward` over UDP without a Deferred (the server's per-query path): exactly one
+        of ``on_answer`` (the upstream's answer, the client's ID restored) or ``on_failure``
+        (:class:`Overloaded`, at once, or :class:`UpstreamsFailed`) is called."""
+        if self.in_flight >= self.max_in_flight:
+            self.refused_overload += 1
+            on_failure(Overloaded(f"{self.in_flight} forwarded queries in flight"))
+            return
+        self.in_flight += 1
+        _UDPAttempt(self, query, on_answer, on_failure).next()
 
     @defer.inlineCallbacks
     def _forward_tcp(self, query: bytes):

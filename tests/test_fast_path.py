@@ -96,13 +96,15 @@ def queries(draw, pods):
 @settings(max_examples=120, deadline=None)
 @given(st.data())
 def test_fast_path_bytes_equal_full_path_bytes(data):
-    """For random topologies and queries, every fast-path answer equals the full path's."""
+    """For random topologies and queries, every fast-path answer equals the full path's, also as a
+    server with the fast path sends it for a datagram."""
     pods = data.draw(topologies())
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
     resolver = Resolver(index, ResolverConfig(), shuffle=keep_order)
     full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None)
     fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order)
+    served = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None, fast_path=fast)
     hits = 0
     for _ in range(20):
         wire = data.draw(queries(pods))
@@ -115,6 +117,10 @@ def test_fast_path_bytes_equal_full_path_bytes(data):
         proto = Proto()
         full.query_received(wire, proto, None if tcp else (source, 5353), source)
         assert proto.transport.written == [reply], (wire, source)
+        if not tcp:
+            proto = Proto()
+            served.datagram_received(wire, proto, (source, 5353))
+            assert proto.transport.written == [reply], (wire, source)
     event(f"fast path answered {min(hits, 5)}+ of 20")
 
 
