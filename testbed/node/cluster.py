@@ -375,6 +375,10 @@ class Node:
             with contextlib.suppress(Exception):
                 self.processes.pop(name).stop(5.0)
         host.kill_processes_under(self.run)
+        # Again, now that the kubelet is gone: it re-creates its canary chains (KUBE-KUBELET-CANARY,
+        # KUBE-FIREWALL...) when it finds them missing, and it may have done so after kube-proxy's
+        # cleanup dropped them.
+        _drop_kube_chains()
         host.unmount_all(self.run)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
         host.remove_log_links(self.run, self._made_log_dir)
