@@ -111,7 +111,9 @@ def test_a_run_killed_outright_is_swept_by_the_next() -> None:
         lock.release()
     assert host.leftovers(run, bridge) == []
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    assert netns_after <= netns_before
+    # Only the CNI's pod namespaces (cni-<uuid>) are the node's: other test beds running on the
+    # machine at the same time (the stand-in's kd-<pid>-...) come and go on their own.
+    assert {name for name in netns_after - netns_before if name.startswith("cni-")} == set()
 
 
 @pytest.fixture(scope="module")
