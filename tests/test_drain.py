@@ -8,6 +8,7 @@ reason; then it exits 0.  A second SIGTERM ends the drain at once.  The service'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import ssl
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import dns.message
 import dns.query
@@ -63,7 +65,9 @@ def _mutate(port: int, ca_pem: bytes) -> dict:
         return dict(json.load(r)["response"])
 
 
-def _start(tmp_path: Path, drain: str) -> tuple[subprocess.Popen, Path, dict[str, int], bytes]:
+@contextlib.contextmanager
+def _server(tmp_path: Path, drain: str) -> Iterator[tuple[subprocess.Popen, Path, dict[str, int], bytes]]:
+    """A twistd kubedock-dns answering for two pods, ready; killed on the way out if still running."""
     from kubedock_dns.tls import generate_ca_and_cert
 
     net = network_id("drain")
@@ -86,11 +90,11 @@ def _start(tmp_path: Path, drain: str) -> tuple[subprocess.Popen, Path, dict[str
     try:
         ports = wait_for_ports(log_path, ("dns", "webhook", "ops"), lambda: proc.poll() is None)
         wait_for(lambda: _readyz(f"http://127.0.0.1:{ports['ops']}")[0] == 200, what="/readyz 200")
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc, log_path, ports, generated.ca_pem
+        yield proc, log_path, ports, generated.ca_pem
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _answer(port: int, tcp: bool) -> list[str]:
@@ -105,9 +109,8 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
     it, yet keeps answering DNS over UDP and TCP and admission reviews for the drain period;
     then it stops cleanly with exit code 0, having logged the drain's start and end."""
     drain = 8.0
-    proc, log_path, ports, ca_pem = _start(tmp_path, str(drain))
-    ops = f"http://127.0.0.1:{ports['ops']}"
-    try:
+    with _server(tmp_path, str(drain)) as (proc, log_path, ports, ca_pem):
+        ops = f"http://127.0.0.1:{ports['ops']}"
         assert _answer(ports["dns"], tcp=False) == ["127.21.0.1"]
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -123,10 +126,6 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
         assert proc.poll() is None, "stopped while draining"
         returncode = proc.wait(timeout=drain + 30)
         stopped_after = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = log_path.read_text()
     assert returncode == 0, out
     assert answered_at < drain <= stopped_after + 0.5, (answered_at, stopped_after)
@@ -137,17 +136,12 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
 def test_second_sigterm_ends_the_drain_at_once(tmp_path: Path) -> None:
     """A second SIGTERM during a long drain stops the server at once (exit 0): an operator's
     second Ctrl-C or signal is never ignored."""
-    proc, log_path, ports, _ = _start(tmp_path, "600")
-    try:
+    with _server(tmp_path, "600") as (proc, log_path, ports, _):
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "draining for 600 s" in log_path.read_text(), timeout=30, what="the drain to start")
         assert _answer(ports["dns"], tcp=True) == ["127.21.0.1"]
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = log_path.read_text()
     assert returncode == 0, out
     assert "SIGTERM received again" in out, out
@@ -155,14 +149,9 @@ def test_second_sigterm_ends_the_drain_at_once(tmp_path: Path) -> None:
 
 def test_drain_seconds_0_stops_at_once(tmp_path: Path) -> None:
     """``--drain-seconds 0`` stops without draining: no drain line, exit 0."""
-    proc, log_path, _, _ = _start(tmp_path, "0")
-    try:
+    with _server(tmp_path, "0") as (proc, log_path, _, _):
         proc.send_signal(signal.SIGINT)
         returncode = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = log_path.read_text()
     assert returncode == 0, out
     assert "draining" not in out, out
