@@ -207,7 +207,6 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
             f"kubedock-dns' own pods for opt-in, and leave them dnsPolicy ClusterFirst (or give --upstream)"
         )
     forwarder = Forwarder(reactor, upstreams, config.forward_timeout, config.max_forwards)
-    ForwarderService(forwarder).setServiceParent(top)
 
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
                                               hold_seconds=config.hold_timeout,
@@ -223,6 +222,10 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
     dns_service.setName("dns")
     dns_service.setServiceParent(top)
     top.dns_listeners = dns_service  # type: ignore[attr-defined]
+    # After the listeners (children start in the order added): the forwarder's upstream socket
+    # takes an ephemeral UDP port, and had it started first the kernel could hand it the very
+    # number --dns-port asks for (seen when a restart reused an ephemeral port).
+    ForwarderService(forwarder).setServiceParent(top)
 
     if pod_source is not None:
         pod_source(index).setServiceParent(top)

@@ -39,6 +39,52 @@ class _TCPTakenOnce:
         return reactor.listenTCP(port, factory, **kwargs)
 
 
+class _KernelPicksTheDNSPort:
+    """The real reactor, except that an ephemeral UDP bind (port 0, the forwarder's upstream
+    socket) is handed ``port`` while it is free, as the kernel may do when a restart asks again
+    for a number from the ephemeral range."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.handed: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+    def listenUDP(self, port, protocol, **kwargs):
+        if port == 0:
+            try:
+                listening = reactor.listenUDP(self.port, protocol, **kwargs)
+            except CannotListenError:
+                return reactor.listenUDP(0, protocol, **kwargs)
+            self.handed.append(self.port)
+            return listening
+        return reactor.listenUDP(port, protocol, **kwargs)
+
+
+class DNSPortOrderTests(TestCase):
+    timeout = 30
+
+    async def test_the_dns_port_is_bound_before_the_forwarders_ephemeral_socket(self) -> None:
+        """A fixed --dns-port in the ephemeral range cannot be taken by the server's own upstream
+        socket: the DNS listeners bind first, so the kernel hands the forwarder another port and
+        the server answers on the port asked for (seen on the real node: a restart on the same
+        port failed with 'Address already in use' against itself)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        clock = _KernelPicksTheDNSPort(port)
+        config = Config(dns_port=port, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
+                        namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
+        top = build_service(config, clock, pod_source=lambda index: service.Service())
+        top.startService()
+        self.addCleanup(top.stopService)
+        assert top.dns_listeners.port == port and clock.handed == []
+        query = dns.message.make_query("x.example", "A")
+        udp = await deferToThread(dns.query.udp, query, "127.0.0.1", port=port, timeout=5)
+        assert udp.id == query.id
+
+
 class DNSPortZeroTests(TestCase):
     timeout = 30
 
