@@ -51,7 +51,7 @@ import dns.query
 
 from bench.peers import (
     AARDVARK_SERVER, DNSMASQ_SERVER, KUBEDOCK_SERVER, Process, Server, Unavailable, answer_matches,
-    coredns_server, free_port, launch, port_was_taken, start_upstream, wait_answering,
+    coredns_server, start, start_upstream,
 )
 from bench.topology import Topology
 
@@ -145,29 +145,12 @@ def count_by_lifetime(start, wire: bytes, source: str, queries: int, check) -> d
 
 
 def _start(server: Server, topology: Topology, work: Path, upstream, extra: list[str]) -> Process:
-    """``server`` under callgrind, once it answers; a port another process took first is chosen
-    again (3 tries)."""
-    binary = server.resolve_binary()
-    work.mkdir(parents=True, exist_ok=True)
+    """``server`` under callgrind, once it answers (a taken port is chosen again, as in the suite)."""
     # Go's asynchronous preemption signals crash callgrind (threads.c post_signal assertion).
     go = ["env", "GODEBUG=asyncpreemptoff=1"] if server.name == "CoreDNS" else []
-    addresses = ({pod.ip: server.address_for(topology, pod) for pod in topology.pods()}
-                 if server.address_for else {})
-    source = topology.sources(1)[0]
-    for attempt in range(3):
-        port = free_port()
-        argv = [*go, "valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.out.%p",
-                "--dump-instr=no", *server.configure(binary, topology, work, port, upstream), *extra]
-        process = launch(f"{server.name} under callgrind", argv, port, work, None, addresses,
-                         work / server.pid_file if server.pid_file else None)
-        try:
-            wait_answering(process, topology.queries_for(source)[0], server.form, source.ip, 600)
-        except RuntimeError:
-            if attempt < 2 and port_was_taken(process):
-                continue
-            raise
-        return process
-    raise AssertionError("unreachable")
+    wrapper = [*go, "valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.out.%p", "--dump-instr=no"]
+    return start(server, topology, work, upstream, None, wrapper=wrapper, extra=extra, label=" under callgrind",
+                 ready_timeout=600)
 
 
 def subjects(chosen: list[str]) -> list[tuple[str, Server, list[str], tuple[str, ...]]]:

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import dns.message
 import dns.name
@@ -470,9 +470,14 @@ def port_was_taken(process: Process) -> bool:
     return not process.alive() and "in use" in process.log_tail(50).lower()
 
 
-def start(server: Server, topology: Topology, work: Path, upstream: Upstream, core: int | None) -> Process:
+def start(server: Server, topology: Topology, work: Path, upstream: Upstream, core: int | None, *,
+          wrapper: Sequence[str] = (), extra: Sequence[str] = (), label: str = "",
+          ready_timeout: float | None = None) -> Process:
     """Start ``server`` serving ``topology`` on a free loopback port; return once it answers.
-    A port taken by another process before the server bound it is chosen again (3 tries)."""
+    A port taken by another process before the server bound it is chosen again (3 tries).
+    ``wrapper`` goes before the server's command (a profiler), ``extra`` after its arguments;
+    ``label`` is added to its name (logs, errors)."""
+    ready_timeout = ready_timeout or server.ready_timeout
     binary = server.resolve_binary()
     work.mkdir(parents=True, exist_ok=True)
     source = topology.sources(1)[0]
@@ -481,13 +486,13 @@ def start(server: Server, topology: Topology, work: Path, upstream: Upstream, co
                  if server.address_for else {})
     for attempt in range(3):
         port = free_port()
-        argv = server.configure(binary, topology, work, port, upstream)
-        process = launch(server.name, argv, port, work, core, addresses,
+        argv = [*wrapper, *server.configure(binary, topology, work, port, upstream), *extra]
+        process = launch(server.name + label, argv, port, work, core, addresses,
                          work / server.pid_file if server.pid_file else None)
         try:
-            wait_answering(process, probe, server.form, source.ip, server.ready_timeout)
+            wait_answering(process, probe, server.form, source.ip, ready_timeout)
             if addresses:
-                wait_listening(process, server.ready_timeout)
+                wait_listening(process, ready_timeout)
         except RuntimeError:
             if attempt < 2 and port_was_taken(process):
                 continue

@@ -142,6 +142,10 @@ def markdown(results: dict, png_name: str | None, invocation: str) -> str:
                 _f((s.get("peak_rss_kib") or 0) / 1024, 1) if s.get("peak_rss_kib") else "–",
             ] + [_ratio(s["max"]["qps"], ok[p]["max"]["qps"]) for p in peers]
             out.append("| " + " | ".join(row) + " |")
+        rounds = [s for s in ok.values() if len(s.get("max_rounds", [])) > 1]
+        if rounds:
+            out.append("\nMax QPS of each round (the table gives the median): " + "; ".join(
+                f"{s['name']} {' / '.join(_f(q) for q in s['max_rounds'])}" for s in rounds) + ".")
         bad = [(s["name"], share, s[f"at{share}"]) for s in ok.values() for share in (50, 90)
                if s[f"at{share}"]["error_fraction"] or s[f"at{share}"]["lost_fraction"] > 0.001]
         for name, share, r in bad:
@@ -239,7 +243,12 @@ def markdown(results: dict, png_name: str | None, invocation: str) -> str:
         "queries). This is dnsmasq's real behaviour, not a harness artefact.",
         f"- **Load.** One dnsperf process per source pod (`-a` binds one local address), {results['sources']} "
         f"sources, each `-c {results['clients']} -q {results['outstanding']}`, {results['duration_s']:g} s per run. "
-        "Maximum QPS: no rate limit, the sum of the processes' completed queries per second. Latency: the total "
+        "Maximum QPS: no rate limit, the sum of the processes' completed queries per second"
+        + (f"; every server is started first, then the maximum-QPS and forwarded-only runs go round all of them "
+           f"in {results['rounds']} rounds, the order rotated each round, and the median round is reported (for "
+           "the forwarded latency, the round with the median p99): the machine's other load drifts over minutes "
+           "and would otherwise fall on whichever server ran during a busy stretch"
+           if results.get("rounds", 1) > 1 else "") + ". Latency: the total "
         "rate limited to 50% and 90% of that server's own maximum (`-Q` split across the processes), every "
         f"query timed with `-v`, from {results.get('latency_sources', 2)} of the sources only: each extra dnsperf "
         "process on the load core delays the others' receive timestamps (with 8, dnsmasq's p99 grew about "

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
@@ -102,73 +103,132 @@ def check_answers(process: Process, server: Server, topology: Topology, sources,
     return wrong
 
 
-def measure_server(server: Server, topology: Topology, work: Path, upstream, sources, files,
-                   args, forward_files) -> dict:
+@dataclass
+class Subject:
+    """A started server in one topology: its results entry and the arguments of its dnsperf runs."""
+
+    server: Server
+    entry: dict
+    process: Process
+    common: dict
+
+
+def start_server(server: Server, topology: Topology, work: Path, upstream, sources, files,
+                 args) -> tuple[dict, Subject | None]:
+    """Start ``server`` and check every answer; the entry, and the subject to load when it is
+    fit to be measured (None: missing, skipped or failed, said in the entry)."""
     entry: dict = {"name": server.name, "form": server.form}
     try:
         binary = server.resolve_binary()
         entry["version"] = server.version(binary)
     except Unavailable as e:
         entry.update(status="missing", note=str(e))
-        return entry
+        return entry, None
     swork = work / server.name.replace(" ", "-").replace(".", "")
     if server.max_networks and topology.networks > server.max_networks[0]:
         entry.update(status="skipped", note=f"not run above {server.max_networks[0]:,} networks: {server.max_networks[1]}")
-        return entry
+        return entry, None
     try:
         process = start(server, topology, swork, upstream, SERVER_CORE)
     except Unavailable as e:
         entry.update(status="missing", note=str(e))
-        return entry
+        return entry, None
     except Exception as e:  # noqa: BLE001 - reported, the run goes on with the others
         entry.update(status="failed", note=f"did not start: {e}")
-        return entry
+        return entry, None
     entry["command"] = process.argv
     if (swork / "Corefile").is_file():
         entry["corefile"] = (swork / "Corefile").read_text()
     first_network = swork / "aardvark" / topology.network(0).label
     if first_network.is_file():
         entry["config_example"] = f"# {first_network}\n" + first_network.read_text()
+    defects: set[str] = set()
+    wrong = check_answers(process, server, topology, sources, defects)
+    entry["checked"] = (len(sources) + (1 if server.tcp else 0)) * len(topology.queries_for(sources[0]))
+    if defects or server.notes:
+        entry["defects"] = sorted(defects) + list(server.notes)
+    if wrong:
+        entry.update(status="failed", note=f"{len(wrong)} wrong answers", wrong=wrong[:20])
+        process.stop()
+        return entry, None
+    pairs = [(s.ip, files[server.form][s.ip]) for s in sources]
+    common = dict(server="127.0.0.1", port=process.port, sources=pairs, work=swork, targets=process.addresses,
+                  core=LOAD_CORE, outstanding=args.outstanding, clients=args.clients)
+    return entry, Subject(server, entry, process, common)
+
+
+def median_round(results: list[LoadResult], key) -> LoadResult:
+    """The round whose ``key`` is the median (the lower middle of an even count)."""
+    ranked = sorted(results, key=key)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def interleaved(subjects: list[Subject], rounds: int, what: str, run) -> dict[str, list[LoadResult]]:
+    """``run(subject)`` for every subject, ``rounds`` times, the order rotated each round: the
+    machine's other load, which drifts over minutes, falls on every server alike instead of on
+    whichever ran during a busy stretch."""
+    results: dict[str, list[LoadResult]] = {s.server.name: [] for s in subjects}
+    for r in range(rounds):
+        order = subjects[r % len(subjects):] + subjects[: r % len(subjects)] if subjects else []
+        for subject in order:
+            print(f"bench:   {subject.server.name}: {what} (round {r + 1} of {rounds})", file=sys.stderr, flush=True)
+            results[subject.server.name].append(run(subject))
+    return results
+
+
+def measure_servers(chosen: list[Server], topology: Topology, work: Path, upstream, sources, files,
+                    args, forward_files) -> list[dict]:
+    """Every chosen server's entry: all are started and checked first, then the maximum-QPS and
+    forwarded runs go round them in ``args.rounds`` interleaved rounds (the median round is
+    reported, every round's QPS beside it); latency at 50% and 90% of each one's own maximum."""
+    entries: list[dict] = []
+    subjects: list[Subject] = []
     try:
-        defects: set[str] = set()
-        wrong = check_answers(process, server, topology, sources, defects)
-        entry["checked"] = (len(sources) + (1 if server.tcp else 0)) * len(topology.queries_for(sources[0]))
-        if defects or server.notes:
-            entry["defects"] = sorted(defects) + list(server.notes)
-        if wrong:
-            entry.update(status="failed", note=f"{len(wrong)} wrong answers", wrong=wrong[:20])
-            return entry
-        pairs = [(s.ip, files[server.form][s.ip]) for s in sources]
-        common = dict(server="127.0.0.1", port=process.port, sources=pairs, work=swork, targets=process.addresses,
-                      core=LOAD_CORE, outstanding=args.outstanding, clients=args.clients)
-        print(f"bench:   {server.name}: max QPS", file=sys.stderr, flush=True)
-        top = run_load(tag="max", duration=args.duration, **common)
-        entry["max"] = summarise(top)
-        entry["dnsperf_max_command"] = top.commands[0]
-        few = spread(pairs, args.latency_sources)
-        for share in (50, 90):
-            rate = top.qps * share / 100
-            print(f"bench:   {server.name}: latency at {share}% ({rate:.0f} QPS)", file=sys.stderr, flush=True)
-            load = run_load(tag=f"lat{share}", duration=args.duration, rate=rate, **(common | {"sources": few}))
-            entry[f"at{share}"] = summarise(load) | {"rate": round(rate)}
-            entry.setdefault("dnsperf_latency_command", load.commands[0])
+        for server in chosen:
+            entry, subject = start_server(server, topology, work, upstream, sources, files, args)
+            entries.append(entry)
+            if subject is not None:
+                subjects.append(subject)
+        maxima = interleaved(subjects, args.rounds, "max QPS",
+                             lambda s: run_load(tag="max", duration=args.duration, **s.common))
+        for subject in subjects:
+            rounds = maxima[subject.server.name]
+            top = median_round(rounds, lambda r: r.qps)
+            subject.entry["max"] = summarise(top)
+            subject.entry["max_rounds"] = [round(r.qps, 1) for r in rounds]
+            subject.entry["dnsperf_max_command"] = top.commands[0]
+            few = spread(subject.common["sources"], args.latency_sources)
+            for share in (50, 90):
+                rate = top.qps * share / 100
+                print(f"bench:   {subject.server.name}: latency at {share}% ({rate:.0f} QPS)", file=sys.stderr, flush=True)
+                load = run_load(tag=f"lat{share}", duration=args.duration, rate=rate,
+                                **(subject.common | {"sources": few}))
+                subject.entry[f"at{share}"] = summarise(load) | {"rate": round(rate)}
+                subject.entry.setdefault("dnsperf_latency_command", load.commands[0])
         if forward_files:
             fpairs = [(s.ip, forward_files[s.ip]) for s in sources]
-            print(f"bench:   {server.name}: forwarded-only max QPS", file=sys.stderr, flush=True)
-            fwd = run_load(tag="fwd", duration=args.duration, **(common | {"sources": fpairs}))
-            entry["forwarded_max"] = summarise(fwd)
-            print(f"bench:   {server.name}: forwarded-only latency at {args.forward_rate} QPS", file=sys.stderr, flush=True)
-            fwd = run_load(tag="fwdlat", duration=args.duration, rate=args.forward_rate,
-                           **(common | {"sources": spread(fpairs, args.latency_sources)}))
-            entry["forwarded_at_rate"] = summarise(fwd) | {"rate": args.forward_rate}
-        entry["peak_rss_kib"] = process.peak_rss_kib()
-        if not process.alive():
-            entry.update(status="failed", note=f"exited during the run:\n{process.log_tail()}")
-        else:
-            entry["status"] = "ok"
-        return entry
+            fmax = interleaved(subjects, args.rounds, "forwarded-only max QPS",
+                               lambda s: run_load(tag="fwd", duration=args.duration, **(s.common | {"sources": fpairs})))
+            flat = interleaved(subjects, args.rounds, f"forwarded-only latency at {args.forward_rate} QPS",
+                               lambda s: run_load(tag="fwdlat", duration=args.duration, rate=args.forward_rate,
+                                                  **(s.common | {"sources": spread(fpairs, args.latency_sources)})))
+            for subject in subjects:
+                name = subject.server.name
+                subject.entry["forwarded_max"] = summarise(median_round(fmax[name], lambda r: r.qps))
+                at_rate = flat[name]
+                subject.entry["forwarded_at_rate"] = summarise(
+                    median_round(at_rate, lambda r: r.latency(99, "forwarded") or 0.0)) | {"rate": args.forward_rate}
+                subject.entry["forwarded_at_rate_rounds"] = [summarise(r) for r in at_rate]
+        for subject in subjects:
+            subject.entry["peak_rss_kib"] = subject.process.peak_rss_kib()
+            if not subject.process.alive():
+                subject.entry.update(status="failed", note=f"exited during the run:\n{subject.process.log_tail()}")
+            else:
+                subject.entry["status"] = "ok"
+        return entries
     finally:
-        process.stop()
+        for subject in subjects:
+            subject.process.stop()
 
 
 def spread(pairs: list, count: int) -> list:
@@ -205,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="source pods (dnsperf processes) for the latency runs (default 2)")
     parser.add_argument("--forward-rate", type=int, default=2000,
                         help="QPS at which forwarded-only latency is compared with the upstream's (default 2000)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds of the maximum-QPS and forwarded runs, median reported "
+                             "(default 3, quick 1)")
     parser.add_argument("--outstanding", type=int, default=20, help="dnsperf -q per process (default 20)")
     parser.add_argument("--clients", type=int, default=4, help="dnsperf -c per process (default 4)")
     parser.add_argument("--servers", help="comma-separated subset: kubedock-dns,coredns,dnsmasq,aardvark,naive")
@@ -218,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.sources = args.sources or (4 if args.quick else 8)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     sizes = [int(s) for s in (args.sizes or ("50" if args.quick else "50,5000")).split(",")]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kubedock-dns-bench."))
     work.mkdir(parents=True, exist_ok=True)
@@ -235,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick, "duration_s": args.duration, "sources": args.sources,
         "outstanding": args.outstanding, "clients": args.clients, "latency_sources": args.latency_sources,
+        "rounds": args.rounds,
         "machine": machine(), "topologies": [], "work_dir": str(work),
     }
     failed = False
@@ -256,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                             "sources": [s.ip for s in sources], "servers": []}
             results["topologies"].append(tentry)
             print(f"bench: {topology.name}", file=sys.stderr, flush=True)
-            for key in chosen:
-                entry = measure_server(servers[key], topology, twork, upstream, sources, files, args, forward)
-                tentry["servers"].append(entry)
+            tentry["servers"] = measure_servers([servers[key] for key in chosen], topology, twork, upstream,
+                                                sources, files, args, forward)
+            for entry in tentry["servers"]:
                 if entry["status"] == "failed":
                     failed = True
                     print(f"bench:   {entry['name']}: FAILED: {entry['note']}", file=sys.stderr, flush=True)

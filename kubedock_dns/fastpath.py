@@ -70,6 +70,13 @@ class FastPath:
         self.invalidated = 0  # entries dropped because a fact they read was touched
         self.index.subscribe(self._touched)
 
+    @property
+    def replies(self) -> dict[tuple[str, bool, bytes], object]:
+        """The prepared entries, keyed (asker address, over TCP, query after its ID): a ``bytes``
+        value is the whole reply after the ID.  Read-only for others (the UDP port's read loop
+        looks hits up here without a call); the same dictionary for the fast path's lifetime."""
+        return self._cache
+
     def answer(self, data: bytes, host: str, tcp: bool) -> bytes | object | None:
         """The reply's bytes, :data:`FORWARD`, or None (let the full path decide)."""
         key = (host, tcp, data[2:])

@@ -32,6 +32,7 @@ from kubedock_dns.logs import WarningLimiter
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
+from kubedock_dns.udp_port import listen_answering_udp
 from kubedock_dns.fastpath import FastPath
 
 log = Logger()
@@ -60,26 +61,29 @@ class DNSListeners(service.Service):
     Port 0 lets the kernel choose: UDP is bound first and TCP takes the same number; when another
     process holds that TCP port, both are given up and the kernel is asked again (a few times).
     ``port`` is the bound port while running.  Each start logs ``dns listening on HOST:PORT``
-    (tests and tools that start the server on port 0 read the port from there)."""
+    (tests and tools that start the server on port 0 read the port from there).  ``server`` is the
+    TCP factory, and the UDP port answers fast-path hits from it in its read loop."""
 
     attempts = 20
 
-    def __init__(self, reactor, port: int, interface: str, udp_protocol_factory, tcp_factory) -> None:
+    def __init__(self, reactor, port: int, interface: str, udp_protocol_factory, server) -> None:
         self.reactor = reactor
         self.requested = port
         self.interface = interface
         self.udp_protocol_factory = udp_protocol_factory
-        self.tcp_factory = tcp_factory
+        self.server = server
         self.port = 0
-        self._udp = self._tcp = None
+        self._udp: Any = None
+        self._tcp: Any = None
 
     def startService(self) -> None:
         for attempt in range(self.attempts):
             # A fresh protocol each time: one given up is detached only in a later reactor turn.
-            udp = self.reactor.listenUDP(self.requested, self.udp_protocol_factory(), interface=self.interface)
+            udp = listen_answering_udp(self.reactor, self.requested, self.udp_protocol_factory(), self.interface,
+                                       self.server)
             port = udp.getHost().port
             try:
-                tcp = self.reactor.listenTCP(port, self.tcp_factory, interface=self.interface)
+                tcp = self.reactor.listenTCP(port, self.server, interface=self.interface)
             except CannotListenError:
                 udp.stopListening()
                 if self.requested or attempt == self.attempts - 1:

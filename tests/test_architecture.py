@@ -17,6 +17,8 @@ FORBIDDEN = {
     "wire": {"twisted", "kubernetes", "klein", "treq", "kubedock_dns.index", "kubedock_dns.resolver"},
     "fastpath": {"kubernetes", "klein", "kubedock_dns.kube", "kubedock_dns.webhook", "kubedock_dns.server"},
     "server": {"kubernetes", "kubedock_dns.kube", "kubedock_dns.webhook"},
+    "udp_port": {"kubernetes", "klein", "kubedock_dns.kube", "kubedock_dns.webhook", "kubedock_dns.index",
+                 "kubedock_dns.resolver"},
     "forwarder": {"kubernetes", "kubedock_dns.kube", "kubedock_dns.webhook"},
     "webhook": {"kubernetes", "kubedock_dns.index", "kubedock_dns.resolver", "kubedock_dns.server"},
     "tls": {"kubernetes", "kubedock_dns.index"},
