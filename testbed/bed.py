@@ -106,6 +106,17 @@ class BedPod:
     def short_id(self) -> str:
         return self.container_id[:12]
 
+    @classmethod
+    def new(cls, name: str, network_ids: Iterable[str], aliases: Iterable[str], container_name: str | None,
+            container_id: str | None, hostname: str | None, opt_in: bool) -> "BedPod":
+        """A pod as kubedock would make it for ``docker run --name <container_name>`` (default
+        ``<name>_<4 hex>``) with container ID ``container_id`` (default random, 64 hex)."""
+        container_id = container_id or secrets.token_hex(32)
+        container_name = container_name or f"{name}_{secrets.token_hex(2)}"
+        return cls(name=kubedock_pod_name(container_name, container_id[:12]), hostname=hostname or name,
+                   container_name=container_name, container_id=container_id, networks=tuple(network_ids),
+                   aliases=tuple(aliases), opted_in=opt_in)
+
 
 def kubedock_pod_name(container_name: str, short_id: str) -> str:
     """kubedock's ``Container.GetPodName``: ``kubedock-<name, cleaned, 32 chars>-<short id>``."""
@@ -525,12 +536,7 @@ class EndToEndBed:
         returns once the kubelet stand-in reports it Running, with ``ip`` filled in.
         """
         assert self.kubelet is not None
-        container_id = container_id or secrets.token_hex(32)
-        container_name = container_name or f"{name}_{secrets.token_hex(2)}"
-        pod = BedPod(name=kubedock_pod_name(container_name, container_id[:12]),
-                     hostname=hostname or name, container_name=container_name,
-                     container_id=container_id, networks=tuple(network_ids),
-                     aliases=tuple(aliases), opted_in=opt_in)
+        pod = BedPod.new(name, network_ids, aliases, container_name, container_id, hostname, opt_in)
         if ip is not None:
             self.kubelet.pin_ip(pod.name, ip)
         from kubernetes.client.exceptions import ApiException

@@ -80,19 +80,27 @@ def _started(name: str, argv: list[str], settings: NodeSettings) -> ManagedProce
     return process
 
 
+def _control_loop_args(name: str, plane: ControlPlane, settings: NodeSettings, port: int) -> list[str]:
+    """What the controller manager and the scheduler both need: the API server through the
+    control plane's kubeconfig (also for authenticating and authorising their own health
+    endpoint), no leader election (one of each), that endpoint on loopback ``port``."""
+    return [
+        f"--kubeconfig={plane.kubeconfig_path}",
+        f"--authentication-kubeconfig={plane.kubeconfig_path}",
+        f"--authorization-kubeconfig={plane.kubeconfig_path}",
+        "--leader-elect=false",
+        "--bind-address=127.0.0.1", f"--secure-port={port}",
+        f"--cert-dir={settings.run / (name + '-pki')}",
+    ]
+
+
 def start_controller_manager(binary: str, plane: ControlPlane, settings: NodeSettings,
                              timeout: float = 120.0) -> ManagedProcess:
     """Service accounts and their tokens' CA, namespaces, deployments/replica sets, garbage
     collection, endpoint slices: every default controller, no leader election."""
     port = free_port("127.0.0.1")
     process = _started("kube-controller-manager", [
-        binary,
-        f"--kubeconfig={plane.kubeconfig_path}",
-        f"--authentication-kubeconfig={plane.kubeconfig_path}",
-        f"--authorization-kubeconfig={plane.kubeconfig_path}",
-        "--leader-elect=false",
-        "--bind-address=127.0.0.1", f"--secure-port={port}",
-        f"--cert-dir={settings.run / 'kube-controller-manager-pki'}",
+        binary, *_control_loop_args("kube-controller-manager", plane, settings, port),
         f"--service-account-private-key-file={plane.service_account_key_path}",
         f"--root-ca-file={plane.ca_path}",
         "--use-service-account-credentials=false",
@@ -109,13 +117,7 @@ def start_scheduler(binary: str, plane: ControlPlane, settings: NodeSettings,
                     timeout: float = 120.0) -> ManagedProcess:
     port = free_port("127.0.0.1")
     process = _started("kube-scheduler", [
-        binary,
-        f"--kubeconfig={plane.kubeconfig_path}",
-        f"--authentication-kubeconfig={plane.kubeconfig_path}",
-        f"--authorization-kubeconfig={plane.kubeconfig_path}",
-        "--leader-elect=false",
-        "--bind-address=127.0.0.1", f"--secure-port={port}",
-        f"--cert-dir={settings.run / 'kube-scheduler-pki'}",
+        binary, *_control_loop_args("kube-scheduler", plane, settings, port),
         "--v=1",
     ], settings)
     wait_healthy(process, f"https://127.0.0.1:{port}/healthz", timeout)

@@ -21,13 +21,14 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import ipaddress
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -96,46 +97,60 @@ def prepare_sysctls() -> None:
 
 
 class MachineLock:
-    """An exclusive flock on ``STATE_DIR/node.lock``, waited for with progress messages."""
+    """The machine's one node, held as a bound abstract Unix socket (``LOCK_ADDRESS``) and waited
+    for with progress messages.
+
+    Not a flock on a file: deleting the state directory (a clean-up by hand) let a second node
+    start beside a running one.  An abstract socket has no file to delete, and the kernel frees it
+    when its holder exits, however it exits.  The holder's pid goes to ``STATE_DIR/node.holder``
+    for the waiting message only."""
+
+    LOCK_ADDRESS = "\0kubedock-dns-testbed-node"
 
     def __init__(self, progress: Callable[[str], None]) -> None:
         self._progress = progress
-        self._fd: int | None = None
+        self._socket: socket.socket | None = None
 
-    # flock conflicts between two descriptors of one process too: a second node in a process that
-    # already runs one would wait for itself.  Count the locks held here and refuse at once.
+    # A second node in a process that already runs one would wait for itself: count the locks
+    # held here and refuse at once.
     held_here = 0
 
     def acquire(self, timeout: float = 1800.0) -> None:
         if MachineLock.held_here:
             raise RuntimeError("this process already runs a node (one node per machine: kube-proxy's "
                                "rules have fixed names); stop it first")
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(STATE_DIR / "node.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        holder_file = STATE_DIR / "node.holder"
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # not inherited by the node's processes
         deadline = time.monotonic() + timeout
         noted = 0.0
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock.bind(self.LOCK_ADDRESS)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    lock.close()
+                    raise
                 if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RuntimeError(f"another node held {STATE_DIR / 'node.lock'} for {timeout:.0f}s")
+                    lock.close()
+                    raise RuntimeError(f"another node held the machine's node lock for {timeout:.0f}s")
                 if time.monotonic() - noted > 30:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    try:
+                        holder = holder_file.read_text().strip()
+                    except OSError:
+                        holder = ""
                     self._progress(f"another node runs on this machine ({holder or 'unknown'}); waiting")
                     noted = time.monotonic()
                 time.sleep(1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        holder_file.write_text(f"pid {os.getpid()}")
+        self._socket = lock
         MachineLock.held_here += 1
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if self._socket is not None:
+            self._socket.close()  # unbinds the abstract address
+            self._socket = None
             MachineLock.held_here -= 1
 
 

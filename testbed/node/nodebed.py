@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Any, Iterable
 
-from testbed.bed import BedError, BedPod, kubedock_pod_manifest, kubedock_pod_name, metric_values, wait_pod_gone
+from testbed.bed import BedError, BedPod, kubedock_pod_manifest, metric_values, wait_pod_gone
 from testbed.netns import ExecResult
 from testbed.node import images
 from testbed.node.hostserver import HostKubedockDns
@@ -110,12 +110,7 @@ class NodeBed:
         """As :meth:`testbed.bed.EndToEndBed.create_kubedock_pod`, run by the real kubelet."""
         if ip is not None:
             raise BedError("the real node cannot give a pod a chosen IP (host-local IPAM allocates)")
-        container_id = container_id or secrets.token_hex(32)
-        container_name = container_name or f"{name}_{secrets.token_hex(2)}"
-        pod = BedPod(name=kubedock_pod_name(container_name, container_id[:12]),
-                     hostname=hostname or name, container_name=container_name,
-                     container_id=container_id, networks=tuple(network_ids),
-                     aliases=tuple(aliases), opted_in=opt_in)
+        pod = BedPod.new(name, network_ids, aliases, container_name, container_id, hostname, opt_in)
         body = kubedock_pod_manifest(pod, self.namespace, self.instance_id, init_container=init_container,
                                      image=images.TOOLBOX_IMAGE, command=IDLE,
                                      init_image=images.TOOLBOX_IMAGE)
