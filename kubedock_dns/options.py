@@ -15,6 +15,20 @@ from kubedock_dns.policies import parse_selector
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
+def service_account_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The namespace this process runs in, from its service account; ValueError, saying what to
+    give instead, outside a pod or when the file is unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            namespace = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"--namespace is required: cannot read the pod's namespace from {path} "
+                         f"({e.strerror}): not running in a pod?") from None
+    if not namespace:
+        raise ValueError(f"--namespace is required: {path} is empty")
+    return namespace
+
+
 @dataclass(frozen=True)
 class Config:
     dns_port: int = 5353
@@ -94,6 +108,7 @@ _port.coerceDoc = "A port number, 0 to 65535 (0: any free port)."  # type: ignor
 
 class Options(usage.Options):
     synopsis = "[options]"
+    service_account_namespace_file = SERVICE_ACCOUNT_NAMESPACE  # where a pod's namespace is read (tests move it)
     longdesc = (
         "Serve Docker-network name resolution to kubedock pods of one namespace: a DNS server that "
         "answers from the asking pod's networks, an admission webhook that points opted-in pods at "
@@ -216,11 +231,12 @@ class Options(usage.Options):
             logs.use_json_log_file(self.parent.get("logfile"))
             self.parent["logger"] = "kubedock_dns.logs.json_observer"
         namespace = self["namespace"]
-        if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
-            with open(SERVICE_ACCOUNT_NAMESPACE) as f:
-                namespace = f.read().strip()
-        if not namespace and not self["pods-file"]:
-            raise usage.UsageError("--namespace is required outside a pod (no service account namespace file)")
+        if not namespace:
+            try:
+                namespace = service_account_namespace(self.service_account_namespace_file)
+            except ValueError as e:
+                if not self["pods-file"]:
+                    raise usage.UsageError(str(e)) from None
         self["namespace"] = namespace
 
     def config(self) -> Config:

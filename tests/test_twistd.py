@@ -144,3 +144,27 @@ def test_docker_fidelity_options_parse_into_the_config(tmp_path):
     for bad in ("bridge", "0123456789a", "g" * 64):
         with pytest.raises(usage.UsageError, match=f"--unresolved-network '{bad}': expected a Docker network ID"):
             Options().parseOptions(["--pods-file", str(pods), "--unresolved-network", bad])
+
+
+def test_the_namespace_defaults_to_the_service_accounts(tmp_path):
+    """Without --namespace the pod's own namespace is read from its service account mount; outside
+    a pod (no file) or with an empty file, the error says to give --namespace and names the file."""
+    import pytest
+    from twisted.python import usage
+
+    from kubedock_dns.options import Options
+
+    def parsed(path):
+        options = Options()
+        options.service_account_namespace_file = str(path)
+        options.parseOptions(["--upstream", "127.0.0.1"])
+        return options["namespace"]
+
+    mounted = tmp_path / "namespace"
+    mounted.write_text("team-a\n")
+    assert parsed(mounted) == "team-a"
+    with pytest.raises(usage.UsageError, match="--namespace is required: cannot read .*missing"):
+        parsed(tmp_path / "missing")
+    mounted.write_text("\n")
+    with pytest.raises(usage.UsageError, match="--namespace is required: .* is empty"):
+        parsed(mounted)

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted, pod_record_from_dict
 from kubedock_dns.kube.client import (
-    LIST_CHUNK, Aborted, ApiError, KubernetesPodApi, api_client_from, default_namespace,
+    LIST_CHUNK, Aborted, ApiError, KubernetesPodApi, api_client_from,
 )
 from kubedock_dns.kube.listing import ListBody
 from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig, WatcherService
@@ -552,15 +552,6 @@ def test_config_validates_early_with_clear_messages():
     with pytest.raises(ValueError, match="backoff_max"):
         WatcherConfig(namespace=NS, backoff_initial=5, backoff_max=1)
     assert WatcherConfig(namespace=NS, opt_in_label="x").label_selector == "x=true"
-
-
-def test_default_namespace_comes_from_the_service_account(tmp_path):
-    """The default namespace is read from the service account file; its absence says what to do."""
-    f = tmp_path / "namespace"
-    f.write_text("team-a\n")
-    assert default_namespace(str(f)) == "team-a"
-    with pytest.raises(ValueError, match="--namespace"):
-        default_namespace(str(tmp_path / "missing"))
 
 
 def test_api_client_from_kubeconfig(tmp_path):

@@ -40,26 +40,10 @@ if TYPE_CHECKING:
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
 
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
 SERVICE_PATH = "/api/v1/namespaces/{namespace}/services/{name}"
 # Bytes read from a list response at a time: the most of a page's text alive at once.
 LIST_CHUNK = 64 * 1024
-
-
-def default_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
-    """The namespace this process runs in, from its service account; clear error outside a pod."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            namespace = f.read().strip()
-    except OSError as e:
-        raise ValueError(
-            f"cannot read the pod's namespace from {path} ({e.strerror}): not running in a pod? "
-            f"give --namespace NS"
-        ) from None
-    if not namespace:
-        raise ValueError(f"{path} is empty: give --namespace NS")
-    return namespace
 
 
 def api_client_from(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
