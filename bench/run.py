@@ -157,6 +157,14 @@ def start_server(server: Server, topology: Topology, work: Path, upstream, sourc
     return entry, Subject(server, entry, process, common)
 
 
+def say_status(entry: dict) -> None:
+    """Print, as it happens, that a server is missing, skipped or failed (and its wrong answers)."""
+    label = "FAILED" if entry["status"] == "failed" else entry["status"]
+    print(f"bench:   {entry['name']}: {label}: {entry['note']}", file=sys.stderr, flush=True)
+    for line in entry.get("wrong", []):
+        print(f"bench:     {line}", file=sys.stderr)
+
+
 def median_round(results: list[LoadResult], key) -> LoadResult:
     """The round whose ``key`` is the median (the lower middle of an even count)."""
     ranked = sorted(results, key=key)
@@ -189,6 +197,8 @@ def measure_servers(chosen: list[Server], topology: Topology, work: Path, upstre
             entries.append(entry)
             if subject is not None:
                 subjects.append(subject)
+            else:
+                say_status(entry)
         maxima = interleaved(subjects, args.rounds, "max QPS",
                              lambda s: run_load(tag="max", duration=args.duration, **s.common))
         for subject in subjects:
@@ -223,6 +233,7 @@ def measure_servers(chosen: list[Server], topology: Topology, work: Path, upstre
             subject.entry["peak_rss_kib"] = subject.process.peak_rss_kib()
             if not subject.process.alive():
                 subject.entry.update(status="failed", note=f"exited during the run:\n{subject.process.log_tail()}")
+                say_status(subject.entry)
             else:
                 subject.entry["status"] = "ok"
         return entries
@@ -323,14 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {topology.name}", file=sys.stderr, flush=True)
             tentry["servers"] = measure_servers([servers[key] for key in chosen], topology, twork, upstream,
                                                 sources, files, args, forward)
-            for entry in tentry["servers"]:
-                if entry["status"] == "failed":
-                    failed = True
-                    print(f"bench:   {entry['name']}: FAILED: {entry['note']}", file=sys.stderr, flush=True)
-                    for line in entry.get("wrong", []):
-                        print(f"bench:     {line}", file=sys.stderr)
-                elif entry["status"] in ("missing", "skipped"):
-                    print(f"bench:   {entry['name']}: {entry['status']}: {entry['note']}", file=sys.stderr, flush=True)
+            failed = failed or any(entry["status"] == "failed" for entry in tentry["servers"])
             if forward:
                 print("bench:   upstream directly: forwarded-only max QPS", file=sys.stderr, flush=True)
                 direct = run_load(server=upstream.address, port=upstream.port,
