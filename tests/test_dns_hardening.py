@@ -212,3 +212,60 @@ class TCPLimitsTests(DNSServerTestCase):
         self.assertEqual(refused, [True, True, True])
         self.assertEqual(addresses(dns.message.from_wire(reply)), [A_DB])
         self.assertEqual(sum("connections are open already" in w for w in self.warnings), 1)
+
+
+class BurstTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_a_burst_of_mixed_datagrams_is_answered_one_by_one(self):
+        """Datagrams sent back to back reach the UDP port's read loop many at a time: repeated
+        questions (answered from prepared bytes), other questions and junk too short for a header,
+        interleaved. Every question gets exactly its own answer, junk gets none, and the counters
+        add up as if each had come alone."""
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        factory = self.top.dns_factory
+        before = factory.counters.as_dict()
+        expected: dict[int, list[str]] = {}
+        datagrams = []
+        for i in range(150):
+            if i % 3 == 1:
+                datagrams.append(b"\x00\x01")  # junk: dropped without a reply
+                continue
+            name, address = ("db", A_DB) if i % 3 == 0 else ("service", A_SVC)
+            query = dns.message.make_query(name, "A")
+            query.id = i
+            expected[i] = [address]
+            datagrams.append(query.to_wire())
+
+        def burst() -> dict[int, list[dns.message.Message]]:
+            replies: dict[int, list[dns.message.Message]] = {}
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                s.bind((A_SVC, 0))
+                for datagram in datagrams:
+                    s.sendto(datagram, ("127.0.0.1", self.port))
+                s.settimeout(2.0)
+                while sum(map(len, replies.values())) < len(expected):
+                    try:
+                        reply = dns.message.from_wire(s.recv(65535))
+                    except socket.timeout:
+                        break
+                    replies.setdefault(reply.id, []).append(reply)
+                s.settimeout(0.3)  # anything more (a reply to junk, a second reply) arrives now
+                try:
+                    while True:
+                        reply = dns.message.from_wire(s.recv(65535))
+                        replies.setdefault(reply.id, []).append(reply)
+                except socket.timeout:
+                    pass
+            return replies
+
+        replies = yield deferToThread(burst)
+        self.assertEqual(sorted(replies), sorted(expected))
+        self.assertEqual({i: [addresses(r) for r in rs] for i, rs in replies.items()},
+                         {i: [a] for i, a in expected.items()})
+        after = factory.counters.as_dict()
+        self.assertEqual((after["queries_udp"] - before["queries_udp"], after["dropped"] - before["dropped"],
+                          after["answered_local"] - before["answered_local"]), (150, 50, 100))
