@@ -136,6 +136,16 @@ def start_server(server: Server, topology: Topology, work: Path, upstream, sourc
     except Exception as e:  # noqa: BLE001 - reported, the run goes on with the others
         entry.update(status="failed", note=f"did not start: {e}")
         return entry, None
+    try:
+        return entry, _checked(server, entry, process, topology, swork, sources, files, args)
+    except BaseException:
+        process.stop()
+        raise
+
+
+def _checked(server: Server, entry: dict, process: Process, topology: Topology, swork: Path, sources, files,
+             args) -> Subject | None:
+    """The started server's subject once every answer is right; None (and stopped) when not."""
     entry["command"] = process.argv
     if (swork / "Corefile").is_file():
         entry["corefile"] = (swork / "Corefile").read_text()
@@ -150,11 +160,11 @@ def start_server(server: Server, topology: Topology, work: Path, upstream, sourc
     if wrong:
         entry.update(status="failed", note=f"{len(wrong)} wrong answers", wrong=wrong[:20])
         process.stop()
-        return entry, None
+        return None
     pairs = [(s.ip, files[server.form][s.ip]) for s in sources]
     common = dict(server="127.0.0.1", port=process.port, sources=pairs, work=swork, targets=process.addresses,
                   core=LOAD_CORE, outstanding=args.outstanding, clients=args.clients)
-    return entry, Subject(server, entry, process, common)
+    return Subject(server, entry, process, common)
 
 
 def say_status(entry: dict) -> None:
