@@ -273,29 +273,12 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     # -- reception ---------------------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, proto, address) -> None:
-        """One datagram handed over by the protocol: counted, then :meth:`udp_query`.  The real
-        port (:class:`~kubedock_dns.udp_port.AnsweringPort`) counts and answers hits itself."""
+        """One datagram handed over by the protocol.  The real port
+        (:class:`~kubedock_dns.udp_port.AnsweringPort`) counts datagrams and answers repeated
+        questions itself, and hands the rest to :meth:`counted_query`."""
         counters = self.counters
         number = counters.queries_udp = counters.queries_udp + 1
-        self.udp_query(data, proto, address, 0.0 if number & self.sample_mask else self.clock())
-
-    def udp_query(self, data: bytes, proto, address, started: float) -> None:
-        """:meth:`query_received` for one counted datagram (``started``: its receipt time when it
-        is one of the timed ones, else 0), a fast-path answer sent straight to the socket."""
-        counters = self.counters
-        if self.fast_path is not None:
-            reply = self.fast_path.answer(data, address[0], False)
-            if reply.__class__ is bytes:
-                counters.fast_path += 1
-                counters.answered_local += 1
-                send_datagram(proto.transport, reply, address)
-                if started:
-                    self.answer_latency.observe(self.clock() - started)
-                return
-            if reply is FORWARD:
-                counters.fast_path += 1
-                return self._forward(None, data, proto, address, started)
-        self._full_path(data, proto, address, address[0], started)
+        self.counted_query(data, proto, address, address[0], 0.0 if number & self.sample_mask else self.clock())
 
     def query_received(self, data: bytes, proto, address, host: str) -> None:
         counters = self.counters
@@ -303,10 +286,15 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             number = counters.queries_tcp = counters.queries_tcp + 1
         else:
             number = counters.queries_udp = counters.queries_udp + 1
-        started = 0.0 if number & self.sample_mask else self.clock()
+        self.counted_query(data, proto, address, host, 0.0 if number & self.sample_mask else self.clock())
+
+    def counted_query(self, data: bytes, proto, address, host: str, started: float) -> None:
+        """Answer, relay or decide one query already counted (``address`` None: over TCP;
+        ``started``: its receipt time when it is one of the timed ones, else 0)."""
         if self.fast_path is not None:
             reply = self.fast_path.answer(data, host, address is None)
             if reply is not None:
+                counters = self.counters
                 counters.fast_path += 1
                 if reply is FORWARD:
                     return self._forward(None, data, proto, address, started)

@@ -6,7 +6,7 @@ Twisted's port hands every datagram through three Python calls (protocol, server
 and the server counts it in three attributes; here the read loop looks the reply up and sends
 it in line, and adds its counts once per batch.  Everything else (a miss, a reply with several
 addresses to shuffle, a question to relay or to read strictly) goes to the server's
-:meth:`~kubedock_dns.server.KubedockDNSServerFactory.udp_query` exactly as before, so the bytes
+:meth:`~kubedock_dns.server.KubedockDNSServerFactory.counted_query` exactly as before, so the bytes
 on the wire are the fast path's, which the differential test holds equal to the full path's.
 Measured with ``python -m bench.cost`` (instructions per local answer) and ``python -m bench.run``.
 """
@@ -38,7 +38,7 @@ class AnsweringPort(udp.Port):
         replies = server.fast_path.replies
         counters = server.counters
         mask, clock, observe = server.sample_mask, server.clock, server.answer_latency.observe
-        query = server.udp_query
+        query = server.counted_query
         protocol = self.protocol
         recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
         size, budget = self.maxPacketSize, self.maxThroughput
@@ -70,7 +70,7 @@ class AnsweringPort(udp.Port):
                 if ipv6:
                     address = address[:2]  # (host, port), as twisted's port hands it on
                 try:
-                    query(data, protocol, address, started)
+                    query(data, protocol, address, address[0], started)
                 except BaseException:
                     log.err()
         finally:

@@ -62,6 +62,17 @@ class _KernelPicksTheDNSPort:
         return reactor.listenUDP(port, protocol, **kwargs)
 
 
+def _serve(case: TestCase, clock, port: int) -> int:
+    """The server on ``port`` of 127.0.0.1 (0: the kernel's choice) with ``clock`` as its reactor,
+    stopped when ``case`` ends; the DNS port it listens on."""
+    config = Config(dns_port=port, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
+                    namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
+    top = build_service(config, clock, pod_source=lambda index: service.Service())
+    top.startService()
+    case.addCleanup(top.stopService)
+    return top.dns_listeners.port
+
+
 class DNSPortOrderTests(TestCase):
     timeout = 30
 
@@ -74,12 +85,7 @@ class DNSPortOrderTests(TestCase):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         clock = _KernelPicksTheDNSPort(port)
-        config = Config(dns_port=port, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
-                        namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
-        top = build_service(config, clock, pod_source=lambda index: service.Service())
-        top.startService()
-        self.addCleanup(top.stopService)
-        assert top.dns_listeners.port == port and clock.handed == []
+        assert _serve(self, clock, port) == port and clock.handed == []
         query = dns.message.make_query("x.example", "A")
         udp = await deferToThread(dns.query.udp, query, "127.0.0.1", port=port, timeout=5)
         assert udp.id == query.id
@@ -89,12 +95,7 @@ class DNSPortZeroTests(TestCase):
     timeout = 30
 
     def start(self, clock) -> int:
-        config = Config(dns_port=0, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
-                        namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
-        top = build_service(config, clock, pod_source=lambda index: service.Service())
-        top.startService()
-        self.addCleanup(top.stopService)
-        return top.dns_listeners.port
+        return _serve(self, clock, 0)
 
     async def test_port_zero_serves_udp_and_tcp_on_one_port(self) -> None:
         """--dns-port 0: the kernel picks the UDP port and TCP listens on the same number, so a
