@@ -42,7 +42,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
  && "$VENV/bin/pip" install --no-index --find-links "$WHEEL_DIR" kubedock-dns \
  && "$VENV/bin/pip" uninstall --yes pip setuptools \
  && rm -rf "$VENV"/lib/python*/site-packages/kubernetes/aio \
- && "$VENV/bin/python" -c "import kubedock_dns.tap, kubedock_dns.kube.watcher, kubedock_dns.kube.policy_writer, kubedock_dns.webhook; \
+ && "$VENV/bin/python" -c "import kubedock_dns.tap, kubedock_dns.kube.watcher, kubedock_dns.kube.policy_writer, kubedock_dns.admission.service; \
 from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 USER 10001:10001
 # DNS (UDP+TCP), admission webhook (TLS), operations (/healthz, /readyz, /metrics, /debug/networks)

@@ -33,7 +33,7 @@ from kubedock_dns.contract import Relisted, Upserted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.kube.watcher import decode_pod
-from kubedock_dns.fastpath import FastPath
+from kubedock_dns.dns.fastpath import FastPath
 
 EVENTS = 1000
 _MANAGED = [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": "2026-11-29T20:00:00Z",

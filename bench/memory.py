@@ -38,7 +38,7 @@ PARTS = [
     ("the DNS side (twisted.names, twisted.web, kubedock_dns.tap)", "import kubedock_dns.tap"),
     ("the kubernetes client and kubedock_dns.kube", "import kubedock_dns.kube.watcher"),
     ("the ops endpoint (klein, prometheus_client)",
-     "import kubedock_dns.ops, kubedock_dns.metrics, kubedock_dns.explain"),
+     "import kubedock_dns.ops.endpoint, kubedock_dns.ops.metrics, kubedock_dns.ops.explain"),
 ]
 
 STATUS = r"""

@@ -62,12 +62,12 @@ def micro(settings: list[int], repeats: int = 30, number: int = 20000) -> dict[i
     from twisted.internet.task import Clock
 
     from kubedock_dns.contract import Relisted, pod_record_from_dict
-    from kubedock_dns.forwarder import Forwarder
-    from kubedock_dns.upstreams import Upstream
+    from kubedock_dns.dns.forwarder import Forwarder
+    from kubedock_dns.dns.upstreams import Upstream
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
-    from kubedock_dns.server import KubedockDNSServerFactory
-    from kubedock_dns.fastpath import FastPath
+    from kubedock_dns.dns.server import KubedockDNSServerFactory
+    from kubedock_dns.dns.fastpath import FastPath
 
     class Discard:
         def sendto(self, data, address):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from twisted.python import usage
 
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
-from kubedock_dns.upstreams import Upstream, parse_upstream
-from kubedock_dns.policies import parse_selector
+from kubedock_dns.dns.upstreams import Upstream, parse_upstream
+from kubedock_dns.kube.policies import parse_selector
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -226,10 +226,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")
         if self["log-format"] == "json" and self.parent is not None:
             # twistd starts its logging after makeService, from its own --logger option.
-            from kubedock_dns import logs
+            from kubedock_dns.ops import logs
 
             logs.use_json_log_file(self.parent.get("logfile"))
-            self.parent["logger"] = "kubedock_dns.logs.json_observer"
+            self.parent["logger"] = "kubedock_dns.ops.logs.json_observer"
         namespace = self["namespace"]
         if not namespace:
             try:

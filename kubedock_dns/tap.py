@@ -1,6 +1,6 @@
 """``twistd kubedock-dns``: one MultiService of DNS server, webhook, watcher and ops endpoint.
 
-The top service is a :class:`~kubedock_dns.drain.DrainingService`: on stop (SIGTERM) the replica
+The top service is a :class:`~kubedock_dns.ops.drain.DrainingService`: on stop (SIGTERM) the replica
 turns not ready and keeps serving for ``--drain-seconds`` before its listeners close.
 
 Only the reactor thread touches the index: the watcher thread hands its changes over with
@@ -23,17 +23,17 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from kubedock_dns.contract import Relisted, pod_record_from_dict
-from kubedock_dns.drain import DrainingService
-from kubedock_dns.forwarder import Forwarder
-from kubedock_dns.upstreams import upstreams_from_resolv_conf
+from kubedock_dns.ops.drain import DrainingService
+from kubedock_dns.dns.forwarder import Forwarder
+from kubedock_dns.dns.upstreams import upstreams_from_resolv_conf
 from kubedock_dns.index import NetworkIndex
-from kubedock_dns.latency import LAG_BUCKETS, LatencyHistogram
-from kubedock_dns.logs import WarningLimiter
+from kubedock_dns.ops.latency import LAG_BUCKETS, LatencyHistogram
+from kubedock_dns.ops.logs import WarningLimiter
 from kubedock_dns.options import Config, Options
 from kubedock_dns.resolver import Resolver, ResolverConfig
-from kubedock_dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
-from kubedock_dns.udp_port import listen_answering_udp
-from kubedock_dns.fastpath import FastPath
+from kubedock_dns.dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
+from kubedock_dns.dns.udp import listen_answering_udp
+from kubedock_dns.dns.fastpath import FastPath
 
 log = Logger()
 
@@ -278,9 +278,9 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
         return defer.maybeDeferred(explain, resolver, forwarder, asker, name, qtype, reactor.seconds(),
                                    ndots=config.ndots)
 
-    from kubedock_dns.explain import explain
-    from kubedock_dns.metrics import ServerCollector, registry
-    from kubedock_dns.ops import OpsApp
+    from kubedock_dns.ops.explain import explain
+    from kubedock_dns.ops.metrics import ServerCollector, registry
+    from kubedock_dns.ops.endpoint import OpsApp
 
     ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer,
                                                        draining=lambda: top.draining).app.resource()),
@@ -294,7 +294,7 @@ def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], No
                           top: service.MultiService) -> Callable[[Iterable], None]:
     """``apply_changes`` that also tells the NetworkPolicy writer (its own thread, see
     :class:`kubedock_dns.kube.policy_writer.NetworkPolicyWriter`) which networks have pods, once synced."""
-    from kubedock_dns.policies import Membership, PolicyConfig
+    from kubedock_dns.kube.policies import Membership, PolicyConfig
     from kubedock_dns.kube.policy_writer import NetworkPolicyService
 
     policy_service = NetworkPolicyService.for_cluster(
@@ -328,10 +328,11 @@ def injected_nameserver(config: Config) -> str:
 
 def webhook_child(config: Config, nameserver: str, reactor, ready) -> service.Service:
     """The TLS admission webhook, injecting ``nameserver`` into opted-in pods."""
-    from kubedock_dns.webhook import WebhookApp, WebhookConfig, webhook_service
+    from kubedock_dns.admission.review import WebhookConfig
+    from kubedock_dns.admission.service import WebhookApp, webhook_service
 
     assert config.tls_cert and config.tls_key  # webhook_enabled
-    from kubedock_dns.reviewing import ReviewPool
+    from kubedock_dns.admission.workers import ReviewPool
 
     webhook_config = WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
                                    ndots=config.ndots, opt_in_label=config.opt_in_label,

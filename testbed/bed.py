@@ -14,7 +14,7 @@ Contract
    with an IP no pod has (``DECOY_DB_IP``), so a lookup of ``db`` that fell through to the cluster
    DNS shows; reachable from pods at ``cluster_dns_ip`` (DNAT, the kube-proxy stand-in);
 4. kubedock-dns itself, ``twistd -n kubedock-dns`` as a subprocess watching the namespace, its
-   webhook serving TLS with a certificate from :func:`kubedock_dns.tls.generate_ca_and_cert`;
+   webhook serving TLS with a certificate from :func:`testbed.tls.generate_ca_and_cert`;
    reachable from pods at ``service_ip`` port 53 UDP+TCP (DNAT to the bridge gateway, no SNAT:
    it sees each pod's own address); the bed waits for its ``/readyz``;
 5. a ``MutatingWebhookConfiguration`` pointing the API server at it (``url``
@@ -428,7 +428,7 @@ class EndToEndBed:
         return lambda message: self._progress(f"{who}: {message}")
 
     def _start_server(self) -> None:
-        from kubedock_dns.tls import generate_ca_and_cert
+        from testbed.tls import generate_ca_and_cert
 
         assert self.workdir is not None and self.upstream is not None
         self.tls = generate_ca_and_cert(["127.0.0.1", "localhost"], self.workdir / "tls")

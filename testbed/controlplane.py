@@ -320,7 +320,7 @@ class _Pki:
 
 def _make_pki(directory: Path, service_ip: str, extra_ips: Sequence[str] = ()) -> _Pki:
     """A CA, a serving certificate for loopback and the in-cluster names, and the SA signing key."""
-    from kubedock_dns.tls import generate_ca_and_cert
+    from testbed.tls import generate_ca_and_cert
 
     directory.mkdir(mode=0o700)
     hosts = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",

@@ -1,7 +1,7 @@
 """Ports of a kubedock-dns server started in another process on port 0.
 
 The server logs ``dns listening on HOST:PORT``, ``webhook listening on ...`` and ``ops listening
-on ...`` as each listener starts (:mod:`kubedock_dns.tap`, :mod:`kubedock_dns.webhook`).  A test
+on ...`` as each listener starts (:mod:`kubedock_dns.tap`, :mod:`kubedock_dns.admission.service`).  A test
 bed passes port 0 for each and reads the ports here, so no port is ever chosen ahead of time and
 nothing can take it in between.
 """

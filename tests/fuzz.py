@@ -9,7 +9,7 @@ Targets (each a function of the input bytes that raises only when a contract is 
   must answer with a message dnspython reads, carrying the query's ID, and must never answer
   with an address of a pod outside the asker's networks; wherever the fast path answers, its
   bytes must equal the full path's; where it forwards, so must the full path.
-- ``review``: :func:`kubedock_dns.webhook.render_review` must never raise and never answer 500;
+- ``review``: :func:`kubedock_dns.admission.review.render_review` must never raise and never answer 500;
   a 200 carries an AdmissionReview whose patch (if any) is a JSON patch; log lines stay bounded.
 
 Seeds and every crash found are kept in ``tests/fuzz_corpus/<target>/`` and replayed by
@@ -43,10 +43,10 @@ def _imports() -> None:
     from kubedock_dns.contract import Relisted
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
-    from kubedock_dns.server import KubedockDNSServerFactory
-    from kubedock_dns.webhook import WebhookConfig, render_review
-    from kubedock_dns.fastpath import FORWARD, FastPath
-    from kubedock_dns.wire import WireError, parse_question, scan_records
+    from kubedock_dns.dns.server import KubedockDNSServerFactory
+    from kubedock_dns.admission.review import WebhookConfig, render_review
+    from kubedock_dns.dns.fastpath import FORWARD, FastPath
+    from kubedock_dns.dns.wire import WireError, parse_question, scan_records
     from tests.podfactory import network_id, record
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubedock_dns.metrics import HISTOGRAMS, METRICS, PREFIX
+from kubedock_dns.ops.metrics import HISTOGRAMS, METRICS, PREFIX
 from tests.test_chart import helm, render, run_helm  # noqa: F401  (helm is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent

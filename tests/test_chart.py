@@ -352,7 +352,7 @@ def test_replica_count(helm: str) -> None:
 @pytest.mark.parametrize("upstream", ["10.96.0.10", "10.96.0.10:5353", "[fd00::10]:53", "fd00::10"])
 def test_schema_accepts_every_upstream_form_the_server_takes(helm: str, upstream: str) -> None:
     """dns.upstreams entries are IP addresses with an optional port, IPv6 in brackets."""
-    from kubedock_dns.upstreams import parse_upstream
+    from kubedock_dns.dns.upstreams import parse_upstream
 
     parse_upstream(upstream)
     args = args_of(render(helm, "--set-json", f'dns.upstreams=["{upstream}"]'))
@@ -606,7 +606,7 @@ def test_helm_template_renders_what_helm_install_installs(
             "spec": {"clusterIP": str(net.network_address + 10), "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
         })
         created_kube_dns = True
-    from kubedock_dns.tls import generate_ca_and_cert
+    from testbed.tls import generate_ca_and_cert
 
     tls = generate_ca_and_cert([f"{release}-kubedock-dns.{namespace}.svc"], tmp_path / "tls")
     fixed = tmp_path / "values.yaml"
@@ -687,7 +687,7 @@ def test_rendered_webhook_mutates_pods_for_real(
     local ports."""
     from kubernetes import client
 
-    from kubedock_dns.tls import generate_ca_and_cert
+    from testbed.tls import generate_ca_and_cert
 
     release = "kd"
     service = f"{release}-kubedock-dns"

@@ -137,7 +137,7 @@ del _case, _name
 
 class TCPLimitsTests(DNSServerTestCase):
     def setUp(self):
-        from kubedock_dns.server import QueryStreamProtocol
+        from kubedock_dns.dns.server import QueryStreamProtocol
 
         self.patch(QueryStreamProtocol, "MESSAGE_SECONDS", 1)
         super().setUp()

@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted
-from kubedock_dns.upstreams import parse_upstream
+from kubedock_dns.dns.upstreams import parse_upstream
 from kubedock_dns.options import Config
 from kubedock_dns.tap import build_service
 from testbed.upstream import Dnsmasq
@@ -533,7 +533,7 @@ class OverloadTests(DNSServerTestCase):
 
 class IdleTCPTests(DNSServerTestCase):
     def setUp(self):
-        from kubedock_dns.server import QueryStreamProtocol
+        from kubedock_dns.dns.server import QueryStreamProtocol
 
         self.patch(QueryStreamProtocol, "IDLE_SECONDS", 0.5)
         super().setUp()

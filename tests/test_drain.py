@@ -1,4 +1,4 @@
-"""A replica asked to stop leaves its Service before it stops answering (kubedock_dns.drain).
+"""A replica asked to stop leaves its Service before it stops answering (kubedock_dns.ops.drain).
 
 The real process: ``twistd -n kubedock-dns`` gets SIGTERM and, for ``--drain-seconds``, answers
 real UDP and TCP queries and admission reviews over TLS while ``/readyz`` says 503 with the
@@ -26,7 +26,7 @@ import pytest
 from twisted.application import service
 from twisted.internet.task import Clock
 
-from kubedock_dns.drain import DrainingService
+from kubedock_dns.ops.drain import DrainingService
 from testbed.ports import wait_for_ports
 from tests.podfactory import kubedock_pod, network_id
 from tests.test_twistd import twistd_env, wait_for
@@ -68,7 +68,7 @@ def _mutate(port: int, ca_pem: bytes) -> dict:
 @contextlib.contextmanager
 def _server(tmp_path: Path, drain: str) -> Iterator[tuple[subprocess.Popen, Path, dict[str, int], bytes]]:
     """A twistd kubedock-dns answering for two pods, ready; killed on the way out if still running."""
-    from kubedock_dns.tls import generate_ca_and_cert
+    from testbed.tls import generate_ca_and_cert
 
     net = network_id("drain")
     pods = [kubedock_pod("db", [net], ip="127.21.0.1", uid="db"),

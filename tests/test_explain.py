@@ -19,8 +19,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from kubedock_dns.contract import Deleted, Relisted, Upserted
-from kubedock_dns.cli import main as cli_main
-from kubedock_dns.cli import render_explain
+from kubedock_dns.ops.cli import main as cli_main
+from kubedock_dns.ops.cli import render_explain
 from tests.podfactory import record
 from tests.test_dns_server import (
     A_DB, A_SVC, B_DB, B_SVC, MULTI, NET_A, NET_C, NS, OUTSIDER, DNSServerTestCase, addresses, base_pods,

@@ -18,8 +18,8 @@ import dataclasses
 from kubedock_dns.contract import Deleted, Relisted, Upserted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
-from kubedock_dns.server import KubedockDNSServerFactory
-from kubedock_dns.fastpath import FORWARD, FastPath, _Shuffled
+from kubedock_dns.dns.server import KubedockDNSServerFactory
+from kubedock_dns.dns.fastpath import FORWARD, FastPath, _Shuffled
 from tests.podfactory import network_id, record
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from kubedock_dns.tls import generate_ca_and_cert
+from testbed.tls import generate_ca_and_cert
 from testbed.image import Podman, PodmanUnavailable, Registry, debian_base, podman_shim
 from testbed.ports import listening_ports
 from testbed.upstream import Dnsmasq

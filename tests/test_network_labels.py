@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kubedock_dns.contract import network_label_key
-from kubedock_dns.webhook import WebhookConfig, review
+from kubedock_dns.admission.review import WebhookConfig, review
 from tests.test_webhook import NETWORK_ID, admission_review, admitted, pod
 
 ON = WebhookConfig(nameserver_ip="10.96.0.53", network_labels=True)

@@ -90,7 +90,7 @@ def test_one_policy_per_network_with_pods_and_none_once_its_pods_are_gone(bed):
     removes A's policy and leaves B's; a policy somebody else made is never touched."""
     from kubernetes.client import NetworkingV1Api
 
-    from kubedock_dns.policies import policy_name
+    from kubedock_dns.kube.policies import policy_name
     from testbed.bed import new_network_id
 
     NetworkingV1Api(bed.core.api_client).create_namespaced_network_policy(bed.namespace, {
@@ -122,7 +122,7 @@ def test_one_policy_per_network_with_pods_and_none_once_its_pods_are_gone(bed):
 
 def test_a_network_whose_pod_is_pending_already_has_its_policy(bed):
     """The policy follows the pod from its creation, not from its start."""
-    from kubedock_dns.policies import policy_name
+    from kubedock_dns.kube.policies import policy_name
     from testbed.bed import new_network_id
 
     network = new_network_id()
@@ -133,7 +133,7 @@ def test_a_network_whose_pod_is_pending_already_has_its_policy(bed):
 def test_policies_already_as_wanted_are_not_rewritten(bed):
     """A reconcile (triggered by a new network) leaves an unchanged policy's resourceVersion alone:
     no write per network per pod event."""
-    from kubedock_dns.policies import policy_name
+    from kubedock_dns.kube.policies import policy_name
     from testbed.bed import new_network_id
 
     first, second = new_network_id(), new_network_id()
@@ -150,7 +150,7 @@ def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(bed):
     neither re-creates it nor writes a policy for a new network.  (Last: it turns the mode off.)"""
     from kubernetes.client import NetworkingV1Api
 
-    from kubedock_dns.policies import policy_name
+    from kubedock_dns.kube.policies import policy_name
     from testbed.bed import new_network_id
 
     NetworkingV1Api(bed.core.api_client).delete_namespaced_network_policy("kubedock-dns-isolation", bed.namespace)
@@ -165,7 +165,7 @@ def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(bed):
 def test_the_writer_backs_off_while_the_api_server_refuses(control_plane):
     """Writes that fail (here: a namespace that does not exist) are retried with a growing delay,
     never in a tight loop, and the thread stops when asked."""
-    from kubedock_dns.policies import PolicyConfig
+    from kubedock_dns.kube.policies import PolicyConfig
     from kubedock_dns.kube.policy_writer import NetworkPolicyWriter
 
     api_client = control_plane.api_client()

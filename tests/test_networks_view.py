@@ -22,8 +22,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
-from kubedock_dns import views
-from kubedock_dns.cli import main as cli_main
+from kubedock_dns.ops import views
+from kubedock_dns.ops.cli import main as cli_main
 from kubedock_dns.contract import Relisted, Upserted, pod_record_from_dict
 from kubedock_dns.index import NetworkIndex
 from tests.podfactory import kubedock_pod, network_id, record

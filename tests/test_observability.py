@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
-from kubedock_dns.latency import LatencyHistogram
-from kubedock_dns.logs import WarningLimiter
-from kubedock_dns.metrics import HISTOGRAMS, METRICS, PREFIX
+from kubedock_dns.ops.latency import LatencyHistogram
+from kubedock_dns.ops.logs import WarningLimiter
+from kubedock_dns.ops.metrics import HISTOGRAMS, METRICS, PREFIX
 from kubedock_dns.tap import StampedHandOver
 from testbed.upstream import free_port
 from tests.podfactory import kubedock_pod, network_id
@@ -160,12 +160,12 @@ def test_one_query_in_n_is_timed_and_zero_times_none():
     """--latency-sample-every N (a power of two) times exactly every Nth query (one clock read
     each, observed into the answer histogram); 0 times none."""
     from kubedock_dns.contract import Relisted
-    from kubedock_dns.forwarder import Forwarder
-    from kubedock_dns.upstreams import Upstream
+    from kubedock_dns.dns.forwarder import Forwarder
+    from kubedock_dns.dns.upstreams import Upstream
     from kubedock_dns.index import NetworkIndex
     from kubedock_dns.resolver import Resolver, ResolverConfig
-    from kubedock_dns.server import KubedockDNSServerFactory
-    from kubedock_dns.fastpath import FastPath
+    from kubedock_dns.dns.server import KubedockDNSServerFactory
+    from kubedock_dns.dns.fastpath import FastPath
     from tests.podfactory import record
 
     class Socket:

@@ -1,4 +1,4 @@
-"""The pure shapes of --network-policies (kubedock_dns.policies): manifests, membership, plan."""
+"""The pure shapes of --network-policies (kubedock_dns.kube.policies): manifests, membership, plan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from kubedock_dns.contract import Deleted, PodRecord, Relisted, Upserted, network_label_key
-from kubedock_dns.policies import (
+from kubedock_dns.kube.policies import (
     Membership, PolicyConfig, base_policy, network_policy, parse_selector, plan, policy_name,
 )
 

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 import testbed.upstream
-from kubedock_dns.upstreams import parse_upstream
+from kubedock_dns.dns.upstreams import parse_upstream
 from kubedock_dns.options import Config
 from kubedock_dns.tap import build_service
 from testbed.upstream import Dnsmasq

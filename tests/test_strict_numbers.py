@@ -11,10 +11,10 @@ import pytest
 from twisted.python import usage
 
 from kubedock_dns.contract import AnnotationError, ascii_decimal, indexed_annotations
-from kubedock_dns.upstreams import parse_upstream
+from kubedock_dns.dns.upstreams import parse_upstream
 from kubedock_dns.index import reverse_name_to_ip
 from kubedock_dns.options import Options
-from kubedock_dns.webhook import review
+from kubedock_dns.admission.review import review
 from tests.test_webhook import CONFIG, admission_review, pod
 
 LOOKALIKES = ["²", "١", "٣٢", "𝟗", "+1", "-1", " 1", "1 ", "1_0", "", "0x1", "1.0"]

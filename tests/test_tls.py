@@ -25,8 +25,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from kubedock_dns.tls import ReloadingServerTLS, TLSConfigError, generate_ca_and_cert, load_certificate
-from kubedock_dns.webhook import WebhookApp, WebhookConfig, webhook_service
+from kubedock_dns.admission.tls import ReloadingServerTLS, TLSConfigError, load_certificate
+from testbed.tls import generate_ca_and_cert
+from kubedock_dns.admission.review import WebhookConfig
+from kubedock_dns.admission.service import WebhookApp, webhook_service
 
 
 def served_serial(tls: ReloadingServerTLS) -> int:

@@ -104,7 +104,7 @@ def test_twistd_refuses_to_forward_to_its_own_service(tmp_path):
     """When the resolv.conf it forwards to names kubedock-dns' own Service address (its pod was
     opted in, so the webhook pointed it at itself), the server refuses to start and says why,
     instead of sending every forwarded query around in a loop."""
-    from kubedock_dns.tls import generate_ca_and_cert
+    from testbed.tls import generate_ca_and_cert
 
     generated = generate_ca_and_cert(["127.0.0.1"], tmp_path / "tls")
     (tmp_path / "pods.json").write_text("[]")

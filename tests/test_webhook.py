@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from treq.testing import StubTreq
 
-from kubedock_dns.webhook import WebhookApp, WebhookConfig, review
+from kubedock_dns.admission.review import WebhookConfig, review
+from kubedock_dns.admission.service import WebhookApp
 
 NETWORK_ID = "4f2a" * 16
 CONFIG = WebhookConfig(nameserver_ip="10.96.0.53", cluster_domain="cluster.local", ndots=5)

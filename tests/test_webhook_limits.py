@@ -31,9 +31,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from kubedock_dns.reviewing import ReviewPool
-from kubedock_dns.tls import generate_ca_and_cert
-from kubedock_dns.webhook import MAX_REVIEW_BYTES, WebhookApp, WebhookConfig, review, webhook_service
+from kubedock_dns.admission.workers import ReviewPool
+from testbed.tls import generate_ca_and_cert
+from kubedock_dns.admission.review import WebhookConfig, review
+from kubedock_dns.admission.service import MAX_REVIEW_BYTES, WebhookApp, webhook_service
 from tests.test_dns_server import A_SVC, DNSServerTestCase
 from tests.test_webhook import CONFIG, admission_review, pod
 
@@ -377,8 +378,8 @@ def test_log_lines_about_a_review_stay_short(annotations: dict[str, str] | None)
 STDIN_PARENT = """
 import json, sys
 from twisted.internet import reactor
-from kubedock_dns.reviewing import ReviewPool
-from kubedock_dns.webhook import WebhookConfig
+from kubedock_dns.admission.workers import ReviewPool
+from kubedock_dns.admission.review import WebhookConfig
 from tests.test_webhook import admission_review, pod
 pool = ReviewPool(WebhookConfig(nameserver_ip="10.96.0.53"), reactor)
 def go():

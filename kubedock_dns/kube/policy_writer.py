@@ -2,7 +2,7 @@
 
 Contract
 --------
-What the policies say is decided by the pure :mod:`kubedock_dns.policies`; this module only makes
+What the policies say is decided by the pure :mod:`kubedock_dns.kube.policies`; this module only makes
 the API server match it, from its own daemon thread (see :class:`NetworkPolicyWriter`), and runs
 that thread as a Twisted service while the server runs.
 """
@@ -19,7 +19,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from kubedock_dns.kube.client import ApiError, api_client_from, describe_failure, status_of
-from kubedock_dns.policies import MANAGED_SELECTOR, Plan, PolicyConfig, base_policy, network_policy, plan
+from kubedock_dns.kube.policies import MANAGED_SELECTOR, Plan, PolicyConfig, base_policy, network_policy, plan
 
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
@@ -31,9 +31,9 @@ class NetworkPolicyWriter:
     :meth:`want` (any thread, cheap: the reactor thread calls it after every index change) records
     the latest set of networks with pods; a daemon thread makes the API match it: at its first pass
     it makes sure the isolation policy exists (created from
-    :func:`kubedock_dns.policies.base_policy` if missing, never changed: the chart owns it; deleted
+    :func:`kubedock_dns.kube.policies.base_policy` if missing, never changed: the chart owns it; deleted
     later, it stops all writing, see :meth:`isolation_policy`), then creates, replaces and deletes per-network policies as
-    :func:`kubedock_dns.policies.plan` says.  Nothing per network is written before the first
+    :func:`kubedock_dns.kube.policies.plan` says.  Nothing per network is written before the first
     :meth:`want` (the index must be synced first, or every policy would look unwanted).  It
     reconciles again every ``resync`` seconds (a policy deleted by hand comes back), and after a
     failure with a capped backoff.  Another replica doing the same is harmless: 409 on create and

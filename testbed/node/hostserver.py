@@ -61,7 +61,7 @@ class HostKubedockDns:
     def _start(self) -> None:
         from kubernetes import client
 
-        from kubedock_dns.tls import generate_ca_and_cert
+        from testbed.tls import generate_ca_and_cert
 
         node, ns = self.node, self.namespace
         workdir = Path(node.run) / f"host-kubedock-dns-{ns}"

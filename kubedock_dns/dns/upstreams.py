@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from kubedock_dns.contract import ascii_decimal
 
 # These warnings were always logged under the forwarder's namespace; kept so log filters keep working.
-log = Logger(namespace="kubedock_dns.forwarder")
+log = Logger(namespace="kubedock_dns.dns.forwarder")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Stock twisted.names hands resolvers the question only; here the factory keeps the asker's address
 (UDP: the datagram's source; TCP: the connection's peer), asks :class:`~kubedock_dns.resolver.Resolver`
 what to do, holds questions whose answer may be about to appear, relays the rest through the
-:class:`~kubedock_dns.forwarder.Forwarder`, and owns the mapping from every outcome to an rcode.
+:class:`~kubedock_dns.dns.forwarder.Forwarder`, and owns the mapping from every outcome to an rcode.
 
 Malformed input never raises out of a protocol: a datagram too short for a header, or a response
 (QR set), is dropped; an unknown opcode gets NOTIMP; anything else unreadable gets FORMERR, and so
@@ -26,10 +26,10 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from kubedock_dns.contract import canonical_ip
-from kubedock_dns.limits import RateLimitedLog
+from kubedock_dns.ops.limits import RateLimitedLog
 # SERVER_UDP_PAYLOAD is 1232, the DNS flag day 2020 size: no IP fragmentation on common paths.
-from kubedock_dns.fastpath import FORWARD
-from kubedock_dns.wire import (
+from kubedock_dns.dns.fastpath import FORWARD
+from kubedock_dns.dns.wire import (
     SERVER_UDP_PAYLOAD,
     TCP_LIMIT,
     UDP_PLAIN_LIMIT,
@@ -37,9 +37,9 @@ from kubedock_dns.wire import (
     parse_question,
     scan_records,
 )
-from kubedock_dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
-from kubedock_dns.latency import DNS_BUCKETS, LatencyHistogram
-from kubedock_dns.logs import WarningLimiter
+from kubedock_dns.dns.forwarder import Forwarder, Overloaded, UpstreamsFailed, send_datagram
+from kubedock_dns.ops.latency import DNS_BUCKETS, LatencyHistogram
+from kubedock_dns.ops.logs import WarningLimiter
 from kubedock_dns.resolver import (
     TYPE_A,
     TYPE_AAAA,
@@ -111,7 +111,7 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
                   ttl: int, limit: int) -> tuple[bytes, bool]:
     """The wire form of our own answer to ``query``, truncated (TC, no answers) past ``limit``.
 
-    Returns the bytes and whether they were truncated.  The fast path in :mod:`kubedock_dns.fastpath`
+    Returns the bytes and whether they were truncated.  The fast path in :mod:`kubedock_dns.dns.fastpath`
     must produce the same bytes; a differential test holds the two together.
     """
     question = query.queries[0]
@@ -274,7 +274,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
 
     def datagram_received(self, data: bytes, proto, address) -> None:
         """One datagram handed over by the protocol.  The real port
-        (:class:`~kubedock_dns.udp_port.AnsweringPort`) counts datagrams and answers repeated
+        (:class:`~kubedock_dns.dns.udp.AnsweringPort`) counts datagrams and answers repeated
         questions itself, and hands the rest to :meth:`counted_query`."""
         counters = self.counters
         number = counters.queries_udp = counters.queries_udp + 1

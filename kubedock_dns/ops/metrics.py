@@ -1,7 +1,7 @@
 """Prometheus metrics: one collector that reads the server's own counters when scraped.
 
 The DNS hot path only increments plain integer attributes (``server.Counters``, the forwarder's,
-the index's, the watcher's) and, for sampled queries, a :class:`~kubedock_dns.latency.LatencyHistogram`;
+the index's, the watcher's) and, for sampled queries, a :class:`~kubedock_dns.ops.latency.LatencyHistogram`;
 nothing here runs until a scrape asks.  :data:`METRICS` is the one table of names, types and
 HELP texts (docs/metrics.md lists the same); a value without an entry is a bug that a test catches.
 The registry adds prometheus_client's process collector (RSS, CPU, open file descriptors) and the
@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from kubedock_dns.latency import LatencyHistogram
+from kubedock_dns.ops.latency import LatencyHistogram
 
 PREFIX = "kubedock_dns_"
 COUNTER, GAUGE = "counter", "gauge"
@@ -85,7 +85,7 @@ class ServerCollector(Collector):
             try:
                 kind, documentation = METRICS[name]
             except KeyError:
-                raise KeyError(f"metric {name!r} has no entry in kubedock_dns.metrics.METRICS") from None
+                raise KeyError(f"metric {name!r} has no entry in kubedock_dns.ops.metrics.METRICS") from None
             family: Metric
             if kind == COUNTER:
                 family = CounterMetricFamily(PREFIX + name, documentation, value=value)

@@ -5,9 +5,9 @@ Contract
 Decoding an AdmissionReview is C code that holds the interpreter lock for as long as it runs
 (about 0.1 s per MB, more for pathological JSON), and building millions of objects triggers
 garbage-collector pauses: in the reactor's process, any thread doing it stalls DNS answers.  A
-:class:`ReviewPool` therefore runs :func:`kubedock_dns.webhook.render_review` in one worker
+:class:`ReviewPool` therefore runs :func:`kubedock_dns.admission.review.render_review` in one worker
 process (spawned, not forked: the parent has threads).  The reactor thread hands over the body's
-bytes and gets back the finished HTTP answer (:class:`~kubedock_dns.webhook.Rendered`, a few KB),
+bytes and gets back the finished HTTP answer (:class:`~kubedock_dns.admission.review.Rendered`, a few KB),
 so its cost in the DNS process is a copy of bytes, whatever the review holds.
 
 - ``review(body)`` returns a Deferred firing, in the reactor thread, with a ``Rendered``.  It
@@ -15,7 +15,7 @@ so its cost in the DNS process is a copy of bytes, whatever the review holds.
   is replaced for the next review; past ``max_pending`` reviews waiting, 503 "busy" at once.
 - The worker is started at the first review (about a second) and kept; ``close()`` stops it.
 - Memory: the worker holds at most one review at a time; the body bound of the webhook
-  (:data:`kubedock_dns.webhook.MAX_REVIEW_BYTES`) bounds what one review can cost.
+  (:data:`kubedock_dns.admission.service.MAX_REVIEW_BYTES`) bounds what one review can cost.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from kubedock_dns.webhook import Rendered, WebhookConfig, render_review
+from kubedock_dns.admission.review import Rendered, WebhookConfig, render_review
 
 log = Logger()
 

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
-from kubedock_dns.upstreams import Upstream
+from kubedock_dns.dns.upstreams import Upstream
 
 log = Logger()
 

@@ -1,4 +1,4 @@
-"""The admission webhook: points opted-in pods at kubedock-dns and guards their contract.
+"""Admission reviews, decided: JSON bytes in, the HTTP answer out (pure: no Twisted, no I/O).
 
 Contract (DESIGN section 5):
 
@@ -17,50 +17,41 @@ Contract (DESIGN section 5):
   ``db:5432``, a container name longer than 63 characters) is admitted with an admission warning
   naming the container and the name (it is simply not resolvable, as in Docker); other
   annotations (kubedock copies the container's labels into them) are left alone.  The pod is
-  mutated with a JSON patch setting ``spec.dnsPolicy: None`` and ``spec.dnsConfig``.  In that ``dnsConfig`` kubedock-dns owns
-  ``nameservers`` (exactly the configured IP) and ``searches`` (``<ns>.svc.<domain>``,
-  ``svc.<domain>``, ``<domain>``: the cluster's usual list) and the ``ndots`` option; the pod's other
-  options are kept, in their order, after ``ndots``.  The patch uses ``add``, which per RFC 6902
-  creates a missing member and replaces an existing one, so it is correct whether or not the pod
-  already had a ``dnsConfig``; nothing is emitted when the pod already has exactly that config.
-  With ``network_labels`` (``--network-policies``) the patch also gives the pod one label
-  ``kubedock-dns.net/<short network ID>: "true"`` per network (:func:`network_label_patch`,
-  :func:`kubedock_dns.contract.network_label_key`) and removes any other label under that prefix.
-  A pod with no ``kubedock.network/N`` annotation is admitted and mutated with a warning: it is on
-  no network, so no other pod can resolve its names.
+  mutated with a JSON patch setting ``spec.dnsPolicy: None`` and ``spec.dnsConfig``.  In that
+  ``dnsConfig`` kubedock-dns owns ``nameservers`` (exactly the configured IP) and ``searches``
+  (``<ns>.svc.<domain>``, ``svc.<domain>``, ``<domain>``: the cluster's usual list) and the
+  ``ndots`` option; the pod's other options are kept, in their order, after ``ndots``.  The patch
+  uses ``add``, which per RFC 6902 creates a missing member and replaces an existing one, so it
+  is correct whether or not the pod already had a ``dnsConfig``; nothing is emitted when the pod
+  already has exactly that config.  With ``network_labels`` (``--network-policies``) the patch
+  also gives the pod one label ``kubedock-dns.net/<short network ID>: "true"`` per network
+  (:func:`network_label_patch`, :func:`kubedock_dns.contract.network_label_key`) and removes any
+  other label under that prefix.  A pod with no ``kubedock.network/N`` annotation is admitted and
+  mutated with a warning: it is on no network, so no other pod can resolve its names.
 - UPDATE of a pod that is opted in before or after the change: the ``kubedock.hostalias/*`` and
   ``kubedock.network/*`` annotations and the opt-in label (with ``network_labels``, the network
-  labels too) must not change (code 403); any other
-  change is allowed and nothing is patched (a pod's DNS settings cannot change after creation).
-  Unchanged annotations are not validated again, so that a pod admitted while the webhook was
-  absent can still be updated (e.g. to remove a finalizer) and deleted.
+  labels too) must not change (code 403); any other change is allowed and nothing is patched (a
+  pod's DNS settings cannot change after creation).  Unchanged annotations are not validated
+  again, so that a pod admitted while the webhook was absent can still be updated (e.g. to remove
+  a finalizer) and deleted.
 - DELETE and CONNECT are allowed.  The answer depends on the request alone: no state, no side
   effects, so dry-run requests get the same answer and any replica can answer.
 
-:class:`WebhookApp` serves :func:`review` at ``POST /mutate`` with ``GET /healthz`` and
-``GET /readyz``; :func:`webhook_service` serves it over TLS with a certificate that follows its
-files (:mod:`kubedock_dns.tls`).  This module never touches the network index.
+:func:`render_review` is what the review worker process (:mod:`kubedock_dns.admission.workers`)
+runs: this module imports only the standard library and :mod:`kubedock_dns.contract`, so the
+worker loads neither Twisted nor klein nor OpenSSL to parse JSON.  An unexpected error while
+deciding is answered 400 and its traceback travels back in :attr:`Rendered.log_text` (the worker
+has no log of its own).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import reprlib
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
-
-from klein import Klein
-from klein.resource import KleinResource
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from typing import Any, Mapping
 
 from kubedock_dns.contract import (
     DEFAULT_OPT_IN_LABEL,
@@ -77,27 +68,22 @@ from kubedock_dns.contract import (
     pod_search_list,
     sort_names,
 )
-from kubedock_dns.limits import ConnectionCap, RateLimitedLog
-from kubedock_dns.tls import ReloadingServerTLS
 
 __all__ = [
     "ADMISSION_API_VERSION",
     "MalformedReview",
-    "WebhookApp",
+    "Rendered",
     "WebhookConfig",
-    "WebhookService",
     "admit",
     "dns_patch",
     "network_label_patch",
     "parse_review",
+    "render_review",
     "review",
-    "webhook_service",
+    "shown",
 ]
 
-log = Logger()
-
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
-_MAX_LOG_TEXT = 2000
 _LABEL_KEY_PREFIX = "label "  # how contract_view names the opt-in label among annotation keys
 
 
@@ -460,21 +446,29 @@ def review(request_body: bytes, config: WebhookConfig) -> tuple[int, dict[str, A
 
     Never raises, and never answers 500: whatever a request holds is either a review we decide
     or a malformed one.  An unexpected error while deciding (a field of a type the parser did
-    not foresee, or a bug) is logged with its traceback and answered 400 naming the error.
+    not foresee, or a bug) is answered 400 naming the error (:func:`render_review` also logs its
+    traceback).
     """
+    status, document, _ = _review(request_body, config)
+    return status, document
+
+
+def _review(request_body: bytes, config: WebhookConfig) -> tuple[int, dict[str, Any], str | None]:
+    """:func:`review`, plus the traceback of an unexpected error (None when there was none)."""
     try:
         request = parse_review(request_body)
     except MalformedReview as e:
-        return 400, _status(400, str(e))
+        return 400, _status(400, str(e)), None
     try:
         response = admit(request, config)
     except RecursionError:
-        return 400, _status(400, "a field of the pod is JSON nested too deeply to review")
+        return 400, _status(400, "a field of the pod is JSON nested too deeply to review"), None
     except Exception as e:
-        log.failure("admission review {uid} failed", uid=shown(request.get("uid")))
-        return 400, _status(400, f"cannot review this request ({type(e).__name__}: {shown(str(e))}); "
-                                 f"it does not look like a pod the API server would send")
-    return 200, {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
+        message = (f"cannot review this request ({type(e).__name__}: {shown(str(e))}); "
+                   f"it does not look like a pod the API server would send")
+        return 400, _status(400, message), (f"admission review {shown(request.get('uid'))} failed:\n"
+                                            + traceback.format_exc(limit=20))
+    return 200, {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}, None
 
 
 @dataclass(frozen=True)
@@ -484,7 +478,7 @@ class Rendered:
     status: int
     content_type: bytes
     body: bytes
-    log_level: str  # "warn", "info" or "debug"
+    log_level: str  # "error", "warn", "info" or "debug"
     log_text: str
 
 
@@ -492,12 +486,14 @@ def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
     """:func:`review`, encoded for HTTP: a review as JSON, a refusal of the body as plain text.
 
     Pure and picklable both ways, so that it can run in a worker process
-    (:mod:`kubedock_dns.reviewing`); the reactor then only moves bytes.
+    (:mod:`kubedock_dns.admission.workers`); the reactor then only moves bytes.
     """
-    status, document = review(request_body, config)
+    status, document, failure = _review(request_body, config)
     if status != 200:
+        text = f"rejected an admission request: HTTP {status}: {document['message']}"
         return Rendered(status, b"text/plain; charset=utf-8", (document["message"] + "\n").encode(),
-                        "warn", f"rejected an admission request: HTTP {status}: {document['message']}")
+                        "warn" if failure is None else "error",
+                        text if failure is None else f"{text}\n{failure}")
     response = document["response"]
     try:
         body = json.dumps(document).encode()
@@ -510,324 +506,3 @@ def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
         return Rendered(200, b"application/json", body, "info", text)
     return Rendered(200, b"application/json", body, "debug",
                     f"allowed {shown(response['uid'])} (patched: {'patch' in response})")
-
-
-# -- HTTP ------------------------------------------------------------------------------------------
-
-
-class WebhookApp:
-    """The webhook's HTTP routes: ``POST /mutate``, ``GET /healthz``, ``GET /readyz``.
-
-    :param ready: called for ``/readyz``; True means ready (200), anything else 503.
-    :param reviewer: turns a request body into a :class:`Rendered` answer, or a Deferred of
-        one; by default :func:`render_review` in this thread (in-memory tests), in production a
-        :class:`kubedock_dns.reviewing.ReviewPool` so that DNS never waits for a review.
-    """
-
-    app = Klein()
-    log = Logger()
-
-    def __init__(self, config: WebhookConfig, ready: Callable[[], bool] = lambda: True,
-                 reviewer: Callable[[bytes], Rendered | Deferred[Rendered]] | None = None) -> None:
-        self.config = config
-        self._ready = ready
-        self._reviewer = reviewer if reviewer is not None else (lambda body: render_review(body, config))
-
-    def resource(self) -> KleinResource:
-        """The twisted.web resource serving these routes."""
-        return self.app.resource()
-
-    @staticmethod
-    def _text(request: Request, code: int, text: str) -> bytes:
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (text + "\n").encode()
-
-    @app.route("/mutate", methods=["POST"])
-    def mutate(self, request: Request) -> bytes | Deferred[bytes]:
-        body = request.content.read() if request.content is not None else b""
-        result = self._reviewer(body)
-        if isinstance(result, Rendered):
-            return self._send(result, request)
-        return result.addCallback(self._send, request)
-
-    def _send(self, rendered: Rendered, request: Request) -> bytes:
-        text = rendered.log_text
-        if len(text) > _MAX_LOG_TEXT:  # values from the request are in it: keep lines bounded
-            text = text[:_MAX_LOG_TEXT] + f"... ({len(text) - _MAX_LOG_TEXT} more characters)"
-        getattr(self.log, rendered.log_level)("{text}", text=text)
-        request.setResponseCode(rendered.status)
-        request.setHeader(b"content-type", rendered.content_type)
-        return rendered.body
-
-    @app.route("/healthz", methods=["GET"])
-    def healthz(self, request: Request) -> bytes:
-        return self._text(request, 200, "ok")
-
-    @app.route("/readyz", methods=["GET"])
-    def readyz(self, request: Request) -> bytes:
-        try:
-            ready = self._ready() is True
-        except Exception:
-            self.log.failure("readiness check failed")
-            ready = False
-        return self._text(request, 200, "ok") if ready else self._text(request, 503, "not ready")
-
-
-# The API server refuses request bodies over 3 MiB and etcd objects over 1.5 MiB, so a review (the
-# object, and on UPDATE its old version) stays well below this; anything larger is not from it.
-MAX_REVIEW_BYTES = 4 * 1024 * 1024
-# Bodies being received are held in memory (never spooled to /tmp, which the chart sizes at
-# 16 MiB); all of them together stay below this, past which new bytes get 503.
-MAX_BUFFERED_BYTES = 24 * 1024 * 1024
-# A request must arrive whole (headers and body) within this many seconds of its first byte,
-# however slowly its bytes trickle in (the API server's webhook timeout is 10 s by default).
-REQUEST_SECONDS = 10.0
-MAX_CONNECTIONS = 64
-
-
-def _refuse_and_close(channel: Any, code: int, phrase: str, text: str) -> None:
-    """Answer a request that will not be read to its end, and close the connection."""
-    body = (text + "\n").encode()
-    channel.transport.write(
-        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (code, phrase.encode(), len(body)) + body
-    )
-    channel.loseConnection()
-
-
-class _BoundedRequest(Request):
-    """A request whose body is held in memory up to :data:`MAX_REVIEW_BYTES`; a larger one is
-    answered 413 as soon as its Content-Length, or its streamed size, says so."""
-
-    _refused = False
-    _counted = 0
-    channel: Any  # a _LimitedChannel of a _Site
-    content: Any
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()
-        self.notifyFinish().addBoth(self._release)
-        site: _Site = self.channel.site
-        if length is not None and length > site.max_body:
-            self._refuse(413, "Content Too Large",
-                         f"the request body has {length} bytes; an AdmissionReview has at most {site.max_body}")
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        site: _Site = self.channel.site
-        size = self._counted + len(data)
-        if size > site.max_body:
-            self._refuse(413, "Content Too Large",
-                         f"the request body exceeds {site.max_body} bytes; an AdmissionReview is smaller")
-            return
-        if site.buffered + len(data) > site.max_buffered:
-            self._refuse(503, "Service Unavailable",
-                         "too many request bodies are being received at once; retry")
-            return
-        site.buffered += len(data)
-        self._counted = size
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        channel: Any = self.channel
-        channel.request_complete()
-        if self._refused:
-            return  # answered already; the connection is closing
-        super().requestReceived(command, path, version)
-
-    def _refuse(self, code: int, phrase: str, text: str) -> None:
-        self._refused = True
-        self._release()
-        self.channel.request_complete()  # answered: no 408 for it later
-        self.content = io.BytesIO()
-        site: _Site = self.channel.site
-        site.limits_log.bite(f"webhook {code}", f"webhook: answered {code} to {self.getClientAddress()}: {text}")
-        _refuse_and_close(self.channel, code, phrase, text)
-
-    def _release(self, result: object = None) -> object:
-        counted, self._counted = self._counted, 0
-        if counted:
-            site: _Site = self.channel.site
-            site.buffered -= counted
-        return None
-
-    def process(self) -> None:
-        self._release()  # the body is read whole by now; the review holds its own copy
-        super().process()
-
-
-class _LimitedChannel(HTTPChannel):
-    """An HTTP channel giving each request :data:`REQUEST_SECONDS` from its first byte to its
-    last; a request still incomplete then gets 408 and the connection is closed."""
-
-    _deadline: Any = None
-    _abort_call: Any = None
-    site: Any  # set by the Site that builds the channel
-    transport: Any
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._abort_call is not None:
-            return  # answered 408 and closing: read nothing more
-        if self._deadline is None and data:
-            site: _Site = self.site
-            self._deadline = site.clock.callLater(site.request_seconds, self._too_slow)
-        super().dataReceived(data)
-
-    def request_complete(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        site: _Site = self.site
-        site.limits_log.bite(
-            "webhook slow request",
-            f"webhook: closed a connection from {self.transport.getPeer().host}: its request did "
-            f"not arrive whole within {site.request_seconds:.0f}s",
-        )
-        _refuse_and_close(self, 408, "Request Timeout",
-                          f"the request did not arrive whole within {site.request_seconds:.0f}s")
-        # A client that reads nothing keeps the TLS close from completing: abort it then.
-        self._abort_call = site.clock.callLater(5, self.transport.abortConnection)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.request_complete()
-        abort = self._abort_call
-        if abort is not None and abort.active():
-            abort.cancel()
-        super().connectionLost(reason)
-
-
-class _Site(Site):
-    """A Site with bounded requests (see :class:`_BoundedRequest`, :class:`_LimitedChannel`)
-    and without per-request access logging (probes would flood the log)."""
-
-    protocol = _LimitedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 wrapper
-    requestFactory = _BoundedRequest
-
-    def __init__(self, resource: Resource, clock: Any, limits_log: RateLimitedLog, *,
-                 max_body: int = MAX_REVIEW_BYTES, max_buffered: int = MAX_BUFFERED_BYTES,
-                 request_seconds: float = REQUEST_SECONDS, timeout: float = 60) -> None:
-        super().__init__(resource, timeout=timeout, reactor=clock)
-        self.clock = clock
-        self.limits_log = limits_log
-        self.max_body = max_body
-        self.max_buffered = max_buffered
-        self.request_seconds = request_seconds
-        self.buffered = 0  # body bytes held by requests being received, all connections
-
-    def log(self, request: object) -> None:
-        pass
-
-
-class _TrackedProtocol(ProtocolWrapper):
-    """Wraps one connection so that the service can close it and know when it is closed."""
-
-    def __init__(self, factory: Any, wrappedProtocol: Any) -> None:
-        super().__init__(factory, wrappedProtocol)
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)
-        self.closed.callback(None)
-
-
-class _ConnectionTracker(ConnectionCap):
-    protocol = _TrackedProtocol  # type: ignore[assignment]
-
-
-class WebhookService(Service):
-    """Listens with TLS while running; ``port`` is the bound port (useful when asked for 0).
-
-    Stopping stops listening and closes the open connections (the API server keeps idle ones
-    alive), aborting those still open after ``close_timeout`` seconds; the Deferred returned by
-    ``stopService`` fires when all are closed.
-    """
-
-    close_timeout = 5.0
-
-    def __init__(
-        self,
-        resource: Resource,
-        port: int,
-        interface: str,
-        tls: ReloadingServerTLS,
-        reactor: Any,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-        max_body: int = MAX_REVIEW_BYTES,
-        request_seconds: float = REQUEST_SECONDS,
-    ) -> None:
-        self.limits_log = RateLimitedLog(reactor)
-        self.site = _Site(resource, reactor, self.limits_log, max_body=max_body,
-                          request_seconds=request_seconds)
-        self.tls = tls
-        self._connections = _ConnectionTracker(self.site, max_connections, "webhook", self.limits_log)
-        self._port = port
-        self._interface = interface
-        self._reactor = reactor
-        self.listening: Any = None  # an IListeningPort while running
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on; only while running."""
-        if self.listening is None:
-            raise RuntimeError("the webhook service is not listening; start it first")
-        return int(self.listening.getHost().port)
-
-    def startService(self) -> None:
-        self.listening = self._reactor.listenSSL(
-            self._port, self._connections, self.tls, interface=self._interface
-        )
-        super().startService()
-        log.info("webhook listening on {interface}:{port}", interface=self._interface or "*", port=self.port)
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        listening, self.listening = self.listening, None
-        waits: list[Deferred[Any]] = []
-        if listening is not None:
-            waits.append(maybeDeferred(listening.stopListening))
-        for connection in list(self._connections.protocols):
-            assert isinstance(connection, _TrackedProtocol)
-            waits.append(connection.closed)
-            transport: Any = connection.transport
-            # The HTTP channel stays registered as the TLS layer's producer, and the TLS layer
-            # sends its close alert only once no producer is left: unregister it.
-            transport.loseConnection()
-            transport.unregisterProducer()
-            abort = self._reactor.callLater(self.close_timeout, transport.abortConnection)
-            connection.closed.addBoth(_cancel_if_active, abort)
-        return gatherResults(waits).addCallback(lambda _: None)
-
-
-def _cancel_if_active(result: object, call: Any) -> object:
-    if call.active():
-        call.cancel()
-    return result
-
-
-def webhook_service(
-    app_resource: Resource,
-    port: int,
-    interface: str,
-    cert_path: str,
-    key_path: str,
-    reactor: Any,
-    *,
-    check_interval: float = 1.0,
-    **limits: Any,
-) -> WebhookService:
-    """A service serving ``app_resource`` over TLS on ``interface:port`` (``""``: all IPv4).
-
-    The certificate and key are loaded now (``TLSConfigError`` names a bad file), and re-read
-    at most every ``check_interval`` seconds when connections arrive.  ``reactor`` must provide
-    ``IReactorSSL`` and ``IReactorTime``.  ``limits`` (``max_connections``, ``max_body``,
-    ``request_seconds``) override the defaults of :class:`WebhookService`.
-    """
-    tls = ReloadingServerTLS(cert_path, key_path, clock=reactor, check_interval=check_interval)
-    return WebhookService(app_resource, port, interface, tls, reactor, **limits)
-

@@ -5,7 +5,7 @@ be uncompressed (nothing precedes it that a pointer could refer to), each label 
 the name at most 255; anything else raises :class:`WireError` (a ``ValueError``) with the reason,
 which the server answers with FORMERR.  The records after the question are walked and counted,
 never interpreted, except OPT.  Names are written compressed the way twisted.names writes them, so
-the fast path (:mod:`kubedock_dns.fastpath`) and the full path produce the same bytes.
+the fast path (:mod:`kubedock_dns.dns.fastpath`) and the full path produce the same bytes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from kubedock_dns import views
+from kubedock_dns.ops import views
 
 DEFAULT_OPS = "http://127.0.0.1:8080"
 

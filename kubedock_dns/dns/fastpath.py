@@ -2,10 +2,10 @@
 
 Contract: :meth:`FastPath.answer` returns the reply's bytes, :data:`FORWARD` (relay the query
 unparsed: the index plainly does not answer it), or None (the full path in
-:mod:`kubedock_dns.server` decides).  Its replies are byte-identical to the full path's
+:mod:`kubedock_dns.dns.server` decides).  Its replies are byte-identical to the full path's
 (``tests/test_fast_path.py`` holds them so on random topologies), and a cached reply never outlives
 a change to any index fact its decision read.  The query is read with the strict readers of
-:mod:`kubedock_dns.wire`.
+:mod:`kubedock_dns.dns.wire`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kubedock_dns.contract import canonical_ip
 from kubedock_dns.index import Touched
 from kubedock_dns.resolver import Answer, Forward, Resolver
-from kubedock_dns.wire import (
+from kubedock_dns.dns.wire import (
     CLASS_IN,
     OPT_RECORD,
     TCP_LIMIT,

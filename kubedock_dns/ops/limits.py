@@ -10,7 +10,7 @@ Contract
 
 The time limits themselves (a request or a query must arrive whole within a total time, however
 its bytes trickle in) live in the protocols that know where a message starts and ends
-(:mod:`kubedock_dns.webhook`, :mod:`kubedock_dns.server`); they report through this log.
+(:mod:`kubedock_dns.admission.service`, :mod:`kubedock_dns.dns.server`); they report through this log.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from kubedock_dns.logs import WarningLimiter
+from kubedock_dns.ops.logs import WarningLimiter
 
 log = Logger()
 
@@ -30,7 +30,7 @@ __all__ = ["ConnectionCap", "RateLimitedLog", "Refused"]
 
 class RateLimitedLog:
     """One warning per ``interval`` seconds per ``kind``, with the count of the ones skipped
-    (:class:`kubedock_dns.logs.WarningLimiter` does the limiting), and a count per kind."""
+    (:class:`kubedock_dns.ops.logs.WarningLimiter` does the limiting), and a count per kind."""
 
     def __init__(self, clock: Any, interval: float = 60.0) -> None:
         self.interval = interval

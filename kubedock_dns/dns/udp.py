@@ -1,12 +1,12 @@
 """The DNS server's UDP port: a twisted UDP port whose read loop sends prepared replies itself.
 
 Most datagrams a test suite sends are questions the fast path has answered before: their reply
-is a dictionary look-up away (:attr:`FastPath.replies <kubedock_dns.fastpath.FastPath.replies>`).
+is a dictionary look-up away (:attr:`FastPath.replies <kubedock_dns.dns.fastpath.FastPath.replies>`).
 Twisted's port hands every datagram through three Python calls (protocol, server, fast path)
 and the server counts it in three attributes; here the read loop looks the reply up and sends
 it in line, and adds its counts once per batch.  Everything else (a miss, a reply with several
 addresses to shuffle, a question to relay or to read strictly) goes to the server's
-:meth:`~kubedock_dns.server.KubedockDNSServerFactory.counted_query` exactly as before, so the bytes
+:meth:`~kubedock_dns.dns.server.KubedockDNSServerFactory.counted_query` exactly as before, so the bytes
 on the wire are the fast path's, which the differential test holds equal to the full path's.
 Measured with ``python -m bench.cost`` (instructions per local answer) and ``python -m bench.run``.
 """
@@ -24,7 +24,7 @@ _READ_DONE = frozenset(udp._sockErrReadIgnore) | frozenset(udp._sockErrReadRefus
 
 
 class AnsweringPort(udp.Port):
-    """A listening UDP port for ``protocol`` (a :class:`~kubedock_dns.server.QueryDatagramProtocol`)
+    """A listening UDP port for ``protocol`` (a :class:`~kubedock_dns.dns.server.QueryDatagramProtocol`)
     that answers fast-path hits from ``server.fast_path.replies`` in its read loop."""
 
     def __init__(self, port: int, protocol, interface: str, reactor, server) -> None:

@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.names import dns
 
 from kubedock_dns.contract import canonical_ip, pod_search_list
-from kubedock_dns.forwarder import Forwarder
+from kubedock_dns.dns.forwarder import Forwarder
 from kubedock_dns.resolver import TYPE_A, TYPE_AAAA, TYPE_PTR, Answer, Decision, Forward, Hold, NotFound, Resolver
 
 TYPES = {"A": TYPE_A, "AAAA": TYPE_AAAA, "PTR": TYPE_PTR}

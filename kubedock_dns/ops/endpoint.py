@@ -5,9 +5,9 @@ Plain HTTP on its own port, so kubelet probes and scrapers need no certificate:
 the replica is not draining before a stop: 503 with the reason otherwise),
 ``/metrics`` (Prometheus or OpenMetrics text by prometheus_client; docs/metrics.md),
 ``/debug/networks`` (JSON: every network, its pods, their names and addresses), ``/networks`` and
-``/networks/<id>`` (the networks view of :mod:`kubedock_dns.views`, for ``kubedock-dns
+``/networks/<id>`` (the networks view of :mod:`kubedock_dns.ops.views`, for ``kubedock-dns
 networks``), ``/`` (the same as a small read-only HTML page) and ``/explain?from=&name=&type=``
-(:mod:`kubedock_dns.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
+(:mod:`kubedock_dns.ops.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
 with ``{"error": ...}`` saying what to give instead.
 """
 
@@ -20,7 +20,7 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from kubedock_dns import views
+from kubedock_dns.ops import views
 
 
 class OpsApp:
@@ -29,10 +29,10 @@ class OpsApp:
     def __init__(self, index, registry: CollectorRegistry, explainer=None,
                  draining: Callable[[], bool] = lambda: False) -> None:
         self.index = index
-        # True from SIGTERM until the listeners close (kubedock_dns.drain).
+        # True from SIGTERM until the listeners close (kubedock_dns.ops.drain).
         self.draining = draining
         self.registry = registry
-        # explainer(asker, name, type) -> Deferred of the JSON-ready account (kubedock_dns.explain).
+        # explainer(asker, name, type) -> Deferred of the JSON-ready account (kubedock_dns.ops.explain).
         self.explainer = explainer
 
     @app.route("/healthz", methods=["GET"])
@@ -97,7 +97,7 @@ class OpsApp:
                           if missing else "this server cannot explain"})
 
         def failed(failure):
-            from kubedock_dns.explain import ExplainError
+            from kubedock_dns.ops.explain import ExplainError
 
             failure.trap(ExplainError)
             request.setResponseCode(400)
