@@ -6,7 +6,7 @@ and repeats the settings interleaved so that a busy machine disturbs them alike.
 median QPS of each and its ratio to "never timed"; docs/metrics.md quotes a run.
 
 On a shared machine dnsperf's QPS swings by more than the difference sought, so ``--micro`` also
-measures the CPU cost per query in-process: the server's ``query_received`` on the fast path,
+measures the CPU cost per query in-process: the server's ``datagram_received`` on the fast path,
 with a socket that discards the reply, best of many repeats (the minimum is what the code costs
 when nothing else interferes).
 
@@ -95,10 +95,10 @@ def micro(settings: list[int], repeats: int = 30, number: int = 20000) -> dict[i
     address = (SOURCE, 40000)
     for _ in range(repeats):  # interleaved, so that interference hits every setting alike
         for every in settings:
-            receive = factories[every].query_received
-            timings[every].append(timeit.timeit(lambda: receive(query, Proto, address, SOURCE), number=number))
+            receive = factories[every].datagram_received
+            timings[every].append(timeit.timeit(lambda: receive(query, Proto, address), number=number))
     for every in settings:
-        assert factories[every].counters.answered_local == repeats * number
+        assert factories[every].counts()["answered_local"] == repeats * number
         out[every] = min(timings[every]) / number * 1e9
     return out
 

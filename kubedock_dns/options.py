@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from twisted.python import usage
 
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
-from kubedock_dns.dns.upstreams import Upstream, parse_upstream
+from kubedock_dns.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from kubedock_dns.kube.policies import parse_selector
+from kubedock_dns.ops.latency import sampling_mask
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -208,11 +209,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{flag} {self[flag]}: no such file")
         if not self["upstream"] and not os.path.exists(self["resolv-conf"]):
             raise usage.UsageError(f"--resolv-conf {self['resolv-conf']}: no such file (or give --upstream)")
-        every = self["latency-sample-every"]
-        if every < 0 or every & (every - 1):
-            raise usage.UsageError(
-                f"--latency-sample-every {every}: must be 0 (off) or a power of two (1, 2, 4, ... 16, ...)"
-            )
+        try:
+            sampling_mask(self["latency-sample-every"])
+        except ValueError as e:
+            raise usage.UsageError(f"--latency-sample-every {self['latency-sample-every']}: {e}")
         try:
             self["kubedock-pod-selector"] = parse_selector(self["kubedock-pod-selector"])
         except ValueError as e:
@@ -274,4 +274,28 @@ class Options(usage.Options):
             kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
             isolation_policy=self["isolation-policy"],
             drain_seconds=self["drain-seconds"],
+        )
+
+
+def upstreams_of(config: Config) -> list[Upstream]:
+    """Where questions that are not ours go: ``--upstream``, else every nameserver of
+    ``--resolv-conf`` (read now; OSError when it cannot be)."""
+    if config.upstreams:
+        return list(config.upstreams)
+    with open(config.resolv_conf) as f:
+        return upstreams_from_resolv_conf(f.read())
+
+
+def check_no_upstream_loop(config: Config, upstreams: list[Upstream], nameserver: str | None) -> None:
+    """ValueError when an upstream is ``nameserver``, kubedock-dns' own Service address that the
+    webhook gives opted-in pods: every forwarded query would come back here."""
+    if nameserver is None:
+        return
+    looping = [u for u in upstreams if ipaddress.ip_address(u.host) == ipaddress.ip_address(nameserver)]
+    if looping:
+        source = "--upstream" if config.upstreams else config.resolv_conf
+        raise ValueError(
+            f"upstream {looping[0].host} (from {source}) is kubedock-dns' own Service address, which the "
+            f"webhook gives opted-in pods: every forwarded query would come back here. Do not label "
+            f"kubedock-dns' own pods for opt-in, and leave them dnsPolicy ClusterFirst (or give --upstream)"
         )

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Union
 
+from kubedock_dns.dns.wire import TYPE_A, TYPE_AAAA, TYPE_PTR
 from kubedock_dns.index import (
     FAMILY_V4,
     FAMILY_V6,
@@ -22,10 +23,6 @@ from kubedock_dns.index import (
     family_of,
     reverse_name_to_ip,
 )
-
-TYPE_A = 1
-TYPE_PTR = 12
-TYPE_AAAA = 28
 
 
 @dataclass(frozen=True)

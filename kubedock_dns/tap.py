@@ -1,7 +1,10 @@
 """``twistd kubedock-dns``: one MultiService of DNS server, webhook, watcher and ops endpoint.
 
-The top service is a :class:`~kubedock_dns.ops.drain.DrainingService`: on stop (SIGTERM) the replica
-turns not ready and keeps serving for ``--drain-seconds`` before its listeners close.
+The composition root, and nothing else: :func:`build_server` makes every part from a
+:class:`~kubedock_dns.options.Config` and returns a :class:`Server` naming what it built;
+:func:`makeService` (twistd's entry) returns its top service.  The top service is a
+:class:`~kubedock_dns.ops.drain.DrainingService`: on stop (SIGTERM) the replica turns not ready
+and keeps serving for ``--drain-seconds`` before its listeners close.
 
 Only the reactor thread touches the index: the watcher thread hands its changes over with
 ``reactor.callFromThread(index.apply, changes)``.
@@ -10,34 +13,48 @@ Only the reactor thread touches the index: the watcher thread hands its changes 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
-import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from twisted.application import internet, service
-from twisted.internet.error import CannotListenError
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from kubedock_dns.contract import Relisted, pod_record_from_dict
-from kubedock_dns.ops.drain import DrainingService
+from kubedock_dns.dns.fastpath import FastPath
 from kubedock_dns.dns.forwarder import Forwarder
-from kubedock_dns.dns.upstreams import upstreams_from_resolv_conf
+from kubedock_dns.dns.listeners import DNSListeners
+from kubedock_dns.dns.server import KubedockDNSServerFactory
 from kubedock_dns.index import NetworkIndex
+from kubedock_dns.ops.drain import DrainingService
 from kubedock_dns.ops.latency import LAG_BUCKETS, LatencyHistogram
 from kubedock_dns.ops.logs import WarningLimiter
-from kubedock_dns.options import Config, Options
+from kubedock_dns.options import Config, Options, check_no_upstream_loop, upstreams_of
 from kubedock_dns.resolver import Resolver, ResolverConfig
-from kubedock_dns.dns.server import KubedockDNSServerFactory, QueryDatagramProtocol
-from kubedock_dns.dns.udp import listen_answering_udp
-from kubedock_dns.dns.fastpath import FastPath
 
 log = Logger()
 
-__all__ = ["Options", "makeService", "build_service"]
+__all__ = ["Options", "Server", "build_server", "makeService"]
+
+
+@dataclass(frozen=True)
+class Server:
+    """What :func:`build_server` built.  ``service`` is the top service (start and stop it);
+    the rest are its parts, for tests and tools: ``webhook``, ``review_pool`` and
+    ``policy_writer`` are None when not configured."""
+
+    service: DrainingService
+    index: NetworkIndex
+    resolver: Resolver
+    dns: KubedockDNSServerFactory
+    listeners: DNSListeners
+    forwarder: Forwarder
+    ops: Any  # kubedock_dns.ops.endpoint.OpsService
+    webhook: Any = None  # kubedock_dns.admission.service.WebhookService
+    review_pool: Any = None  # kubedock_dns.admission.workers.ReviewPool
+    policy_writer: Any = None  # kubedock_dns.kube.policy_writer.NetworkPolicyWriter
 
 
 class ForwarderService(service.Service):
@@ -55,64 +72,6 @@ class ForwarderService(service.Service):
         return self.forwarder.stop()
 
 
-class DNSListeners(service.Service):
-    """The DNS server's UDP and TCP ports: one port number for both.
-
-    Port 0 lets the kernel choose: UDP is bound first and TCP takes the same number; when another
-    process holds that TCP port, both are given up and the kernel is asked again (a few times).
-    ``port`` is the bound port while running.  Each start logs ``dns listening on HOST:PORT``
-    (tests and tools that start the server on port 0 read the port from there).  ``server`` is the
-    TCP factory, and the UDP port answers fast-path hits from it in its read loop."""
-
-    attempts = 20
-
-    def __init__(self, reactor, port: int, interface: str, udp_protocol_factory, server) -> None:
-        self.reactor = reactor
-        self.requested = port
-        self.interface = interface
-        self.udp_protocol_factory = udp_protocol_factory
-        self.server = server
-        self.port = 0
-        self._udp: Any = None
-        self._tcp: Any = None
-
-    def startService(self) -> None:
-        for attempt in range(self.attempts):
-            # A fresh protocol each time: one given up is detached only in a later reactor turn.
-            udp = listen_answering_udp(self.reactor, self.requested, self.udp_protocol_factory(), self.interface,
-                                       self.server)
-            port = udp.getHost().port
-            try:
-                tcp = self.reactor.listenTCP(port, self.server, interface=self.interface)
-            except CannotListenError:
-                udp.stopListening()
-                if self.requested or attempt == self.attempts - 1:
-                    raise
-                continue
-            self._udp, self._tcp, self.port = udp, tcp, port
-            break
-        super().startService()
-        log.info("dns listening on {interface}:{port} (UDP and TCP)", interface=self.interface or "*",
-                 port=self.port)
-
-    def stopService(self):
-        super().stopService()
-        from twisted.internet import defer
-
-        listening = [p for p in (self._udp, self._tcp) if p is not None]
-        self._udp = self._tcp = None
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in listening])
-
-
-class LoggedTCPServer(internet.TCPServer):
-    """A TCPServer that logs ``<name> listening on HOST:PORT`` with the port it was given."""
-
-    def startService(self) -> None:
-        super().startService()
-        port = self._port.getHost()  # type: ignore[attr-defined]
-        log.info("{name} listening on {interface}:{port}", name=self.name, interface=port.host, port=port.port)
-
-
 class PodsFileService(service.Service):
     """Feeds the index from a JSON list of pods once, instead of watching an API server."""
 
@@ -128,27 +87,6 @@ class PodsFileService(service.Service):
             pods = pods.get("items", [])
         self.apply((Relisted(tuple(pod_record_from_dict(p) for p in pods)),))
         log.info("loaded {count} pods from {path}", count=len(pods), path=self.path)
-
-
-class StampedHandOver:
-    """The reactor as the watcher thread sees it: every batch handed over with ``callFromThread``
-    is stamped on the watcher thread, and ``lag`` observes how long it waited for the reactor
-    thread to apply it (the watch lag metric).  Everything else goes to the real reactor."""
-
-    def __init__(self, reactor: Any, lag: LatencyHistogram, clock: Callable[[], float] = time.monotonic) -> None:
-        self._reactor = reactor
-        self._lag = lag
-        self._clock = clock
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self._reactor.callFromThread(self._timed, self._clock(), f, args)
-
-    def _timed(self, stamp: float, f: Callable[..., Any], args: tuple) -> None:
-        f(*args)
-        self._lag.observe(self._clock() - stamp)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
 
 
 def apply_and_warn(index: NetworkIndex, warnings: WarningLimiter, remembered: int = 4096) -> Callable[[Iterable], None]:
@@ -187,29 +125,17 @@ def apply_and_warn(index: NetworkIndex, warnings: WarningLimiter, remembered: in
     return apply
 
 
-def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
+def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], service.Service] | None = None) -> Server:
     """The whole server.  ``pod_source(index)`` may supply the service feeding the index
     (tests); by default it is the pods file or the API watcher, as configured."""
     top = DrainingService(reactor, config.drain_seconds)
     index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
-    top.index = index  # type: ignore[attr-defined]
     apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
     watch_lag = LatencyHistogram(LAG_BUCKETS)
 
-    upstreams = list(config.upstreams)
-    if not upstreams:
-        with open(config.resolv_conf) as f:
-            upstreams = upstreams_from_resolv_conf(f.read())
+    upstreams = upstreams_of(config)
     nameserver = injected_nameserver(config) if config.webhook_enabled else None
-    looping = [u for u in upstreams
-               if nameserver is not None and ipaddress.ip_address(u.host) == ipaddress.ip_address(nameserver)]
-    if looping:
-        source = "--upstream" if config.upstreams else config.resolv_conf
-        raise ValueError(
-            f"upstream {looping[0].host} (from {source}) is kubedock-dns' own Service address, which the "
-            f"webhook gives opted-in pods: every forwarded query would come back here. Do not label "
-            f"kubedock-dns' own pods for opt-in, and leave them dnsPolicy ClusterFirst (or give --upstream)"
-        )
+    check_no_upstream_loop(config, upstreams, nameserver)
     forwarder = Forwarder(reactor, upstreams, config.forward_timeout, config.max_forwards)
 
     resolver = Resolver(index, ResolverConfig(cluster_domain=config.cluster_domain, ttl=config.ttl,
@@ -220,41 +146,39 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
     factory = KubedockDNSServerFactory(reactor, resolver, forwarder, fast_path=fast_path,
                                        latency_sample_every=config.latency_sample_every)
     factory.verbose = int(config.verbose)
-    top.dns_factory = factory  # type: ignore[attr-defined]
-    dns_service = DNSListeners(reactor, config.dns_port, config.dns_interface,
-                               lambda: QueryDatagramProtocol(factory, reactor), factory)
-    dns_service.setName("dns")
-    dns_service.setServiceParent(top)
-    top.dns_listeners = dns_service  # type: ignore[attr-defined]
+    listeners = DNSListeners(reactor, config.dns_port, config.dns_interface, factory)
+    listeners.setName("dns")
+    listeners.setServiceParent(top)
     # After the listeners (children start in the order added): the forwarder's upstream socket
     # takes an ephemeral UDP port, and had it started first the kernel could hand it the very
     # number --dns-port asks for (seen when a restart reused an ephemeral port).
     ForwarderService(forwarder).setServiceParent(top)
 
+    watcher_service = None
+    policy_writer = None
     if pod_source is not None:
         pod_source(index).setServiceParent(top)
     elif config.pods_file:
         PodsFileService(config.pods_file, apply_changes).setServiceParent(top)
     else:
-        from kubedock_dns.kube.watcher import WatcherConfig, WatcherService
+        from kubedock_dns.kube.client import WatcherConfig
+        from kubedock_dns.kube.watcher import WatcherService
 
         deliver = apply_changes
         if config.network_policies:
-            deliver = policies_follow_index(config, apply_changes, top)
-        watcher = WatcherService.for_cluster(
-            StampedHandOver(reactor, watch_lag),
-            WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
-            deliver, kubeconfig=config.kubeconfig,
+            deliver, policy_writer = policies_follow_index(config, apply_changes, top)
+        watcher_service = WatcherService.for_cluster(
+            reactor, WatcherConfig(namespace=config.namespace, opt_in_label=config.opt_in_label),
+            deliver, kubeconfig=config.kubeconfig, lag=watch_lag,
         )
-        watcher.setServiceParent(top)
+        watcher_service.setServiceParent(top)
 
+    webhook = review_pool = None
     if nameserver is not None:
-        webhook_child(config, nameserver, reactor, lambda: index.synced).setServiceParent(top)
-
-    watcher_service = top.namedServices.get("watcher")
+        webhook, review_pool = webhook_child(config, nameserver, reactor, lambda: index.synced, top)
 
     def metrics() -> dict[str, float]:
-        values: dict[str, float] = dict(factory.counters.as_dict())
+        values: dict[str, float] = dict(factory.counts())
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
@@ -268,32 +192,33 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
         return values
 
     def histograms() -> dict[str, LatencyHistogram]:
-        found = {"answer_duration_seconds": factory.answer_latency,
-                 "forward_duration_seconds": factory.forward_latency}
+        found = {"answer_duration_seconds": factory.sampler.answers,
+                 "forward_duration_seconds": factory.sampler.forwards}
         if watcher_service is not None:
             found["watch_lag_seconds"] = watch_lag
         return found
+
+    from kubedock_dns.ops.endpoint import OpsApp, OpsService
+    from kubedock_dns.ops.explain import explain
+    from kubedock_dns.ops.metrics import ServerCollector, registry
 
     def explainer(asker: str, name: str, qtype: str):
         return defer.maybeDeferred(explain, resolver, forwarder, asker, name, qtype, reactor.seconds(),
                                    ndots=config.ndots)
 
-    from kubedock_dns.ops.explain import explain
-    from kubedock_dns.ops.metrics import ServerCollector, registry
-    from kubedock_dns.ops.endpoint import OpsApp
-
-    ops = LoggedTCPServer(config.ops_port, Site(OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer,
-                                                       draining=lambda: top.draining).app.resource()),
-                             interface=config.ops_interface)
-    ops.setName("ops")
+    app = OpsApp(index, registry(ServerCollector(metrics, histograms)), explainer, draining=lambda: top.draining)
+    ops = OpsService(reactor, app.app.resource(), config.ops_port, config.ops_interface)
     ops.setServiceParent(top)
-    return top
+    return Server(service=top, index=index, resolver=resolver, dns=factory, listeners=listeners,
+                  forwarder=forwarder, ops=ops, webhook=webhook, review_pool=review_pool,
+                  policy_writer=policy_writer)
 
 
 def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], None],
-                          top: service.MultiService) -> Callable[[Iterable], None]:
+                          top: service.MultiService) -> tuple[Callable[[Iterable], None], Any]:
     """``apply_changes`` that also tells the NetworkPolicy writer (its own thread, see
-    :class:`kubedock_dns.kube.policy_writer.NetworkPolicyWriter`) which networks have pods, once synced."""
+    :class:`kubedock_dns.kube.policy_writer.NetworkPolicyWriter`) which networks have pods, once
+    synced; and that writer."""
     from kubedock_dns.kube.policies import Membership, PolicyConfig
     from kubedock_dns.kube.policy_writer import NetworkPolicyService
 
@@ -302,7 +227,6 @@ def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], No
         PolicyConfig(opt_in_label=config.opt_in_label, kubedock_selector=dict(config.kubedock_pod_selector),
                      base_name=config.isolation_policy))
     policy_service.setServiceParent(top)
-    top.policy_writer = policy_service.writer  # type: ignore[attr-defined]
 
     membership = Membership()
 
@@ -313,7 +237,7 @@ def policies_follow_index(config: Config, apply_changes: Callable[[Iterable], No
         if membership.synced:
             # O(pods) per batch on the reactor thread: a set of network IDs, no API call.
             policy_service.writer.want(membership.networks())
-    return apply
+    return apply, policy_service.writer
 
 
 def injected_nameserver(config: Config) -> str:
@@ -326,31 +250,29 @@ def injected_nameserver(config: Config) -> str:
     return service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
 
 
-def webhook_child(config: Config, nameserver: str, reactor, ready) -> service.Service:
-    """The TLS admission webhook, injecting ``nameserver`` into opted-in pods."""
+def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.MultiService) -> tuple[Any, Any]:
+    """The TLS admission webhook, injecting ``nameserver`` into opted-in pods, as a child of
+    ``top``; returns its listener and its review worker pool."""
     from kubedock_dns.admission.review import WebhookConfig
     from kubedock_dns.admission.service import WebhookApp, webhook_service
-
-    assert config.tls_cert and config.tls_key  # webhook_enabled
     from kubedock_dns.admission.workers import ReviewPool
 
+    assert config.tls_cert and config.tls_key  # webhook_enabled
     webhook_config = WebhookConfig(nameserver_ip=nameserver, cluster_domain=config.cluster_domain,
                                    ndots=config.ndots, opt_in_label=config.opt_in_label,
                                    network_labels=config.network_policies)
     # Reviews are decoded and decided in a worker process: in this one they would stall DNS.
     pool = ReviewPool(webhook_config, reactor)
     app = WebhookApp(webhook_config, ready=ready, reviewer=pool.review)
-    child = webhook_service(app.resource(), config.webhook_port, config.webhook_interface,
-                            config.tls_cert, config.tls_key, reactor)
+    listener = webhook_service(app.resource(), config.webhook_port, config.webhook_interface,
+                               config.tls_cert, config.tls_key, reactor)
+    listener.setName("webhook")
+    child = service.MultiService()
     child.setName("webhook")
-    child.review_pool = pool  # type: ignore[attr-defined]
-    top = service.MultiService()
-    top.setName("webhook")
+    listener.setServiceParent(child)
+    ReviewPoolService(pool).setServiceParent(child)
     child.setServiceParent(top)
-    ReviewPoolService(pool).setServiceParent(top)
-    top.review_pool = pool  # type: ignore[attr-defined]
-    top.listener = child  # type: ignore[attr-defined]
-    return top
+    return listener, pool
 
 
 class ReviewPoolService(service.Service):
@@ -368,8 +290,8 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        top = build_service(options.config(), reactor)
+        server = build_server(options.config(), reactor)
     except (OSError, ValueError) as error:  # bad certificate, unreadable kubeconfig, no upstream...
         raise SystemExit(f"kubedock-dns: cannot start: {error}")
-    top.handle_signals()
-    return top
+    server.service.handle_signals()
+    return server.service

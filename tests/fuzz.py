@@ -78,7 +78,7 @@ class _Forwarder:
         self.forwarded.append(data)
         return defer.Deferred()
 
-    def forward_udp(self, data: bytes, on_answer, on_failure) -> None:
+    def forward_udp(self, data: bytes, on_answer, on_failure, context) -> None:
         self.forwarded.append(data)
 
 
@@ -132,7 +132,10 @@ class DNSHarness:
         full = KubedockDNSServerFactory(clock, resolver, forwarder)
         proto = _Proto()
         address = None if tcp else (source, 5353)
-        full.query_received(wire, proto, address, source)
+        if address is None:
+            full.message_received(wire, proto, source)
+        else:
+            full.datagram_received(wire, proto, address)
         clock.advance(5)  # let held questions be decided
         written = proto.transport.written
         assert len(written) + len(forwarder.forwarded) <= 1, (written, forwarder.forwarded)

@@ -179,3 +179,32 @@ def test_package_type_checks():
     done = subprocess.run([sys.executable, "-m", "mypy", "kubedock_dns"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _private_twisted_uses(path: Path) -> list[str]:
+    """``from twisted.x import _y`` and ``<twisted module or name>._y`` in ``path``."""
+    tree = ast.parse(path.read_text())
+    aliases: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "twisted":
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.module}.{alias.name}")
+                aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "twisted":
+                    aliases.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_no_private_twisted_names():
+    """The product uses Twisted's public API only (STYLE): a private name can vanish in any
+    release.  Where there is no public one, the module states what it does instead."""
+    uses = {p.relative_to(ROOT).as_posix(): _private_twisted_uses(p) for p in PACKAGE.rglob("*.py")}
+    assert {k: v for k, v in uses.items() if v} == {}

@@ -141,7 +141,7 @@ class TCPLimitsTests(DNSServerTestCase):
 
         self.patch(QueryStreamProtocol, "MESSAGE_SECONDS", 1)
         super().setUp()
-        self.top.dns_factory.max_tcp_connections = 3
+        self.server.listeners.tcp_cap.max_connections = 3
         self.warnings = []
 
         def observer(event):
@@ -225,8 +225,8 @@ class BurstTests(DNSServerTestCase):
 
         from twisted.internet.threads import deferToThread
 
-        factory = self.top.dns_factory
-        before = factory.counters.as_dict()
+        factory = self.server.dns
+        before = factory.counts()
         expected: dict[int, list[str]] = {}
         datagrams = []
         for i in range(150):
@@ -266,6 +266,6 @@ class BurstTests(DNSServerTestCase):
         self.assertEqual(sorted(replies), sorted(expected))
         self.assertEqual({i: [addresses(r) for r in rs] for i, rs in replies.items()},
                          {i: [a] for i, a in expected.items()})
-        after = factory.counters.as_dict()
+        after = factory.counts()
         self.assertEqual((after["queries_udp"] - before["queries_udp"], after["dropped"] - before["dropped"],
                           after["answered_local"] - before["answered_local"]), (150, 50, 100))

@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from kubedock_dns.contract import Deleted, Relisted, Upserted
 from kubedock_dns.dns.upstreams import parse_upstream
 from kubedock_dns.options import Config
-from kubedock_dns.tap import build_service
+from kubedock_dns.tap import build_server
 from testbed.upstream import Dnsmasq
 from tests.podfactory import network_id, record
 from tests.scripted_upstream import ScriptedUpstream, closed_port
@@ -67,12 +67,13 @@ class DNSServerTestCase(TestCase):
                         max_forwards=self.max_forwards, namespace=NS, ops_port=0,
                         ops_interface="127.0.0.1", fast_path=self.fast_path,
                         drain_seconds=0)  # the cleanup stops it at once
-        self.top = build_service(config, reactor, pod_source=lambda index: service.Service())
-        self.index = self.top.index
+        self.server = build_server(config, reactor, pod_source=lambda index: service.Service())
+        self.top = self.server.service
+        self.index = self.server.index
         self.index.apply([Relisted(tuple(base_pods()))])
         self.top.startService()
         self.addCleanup(self.top.stopService)
-        self.port = self.top.dns_listeners.port  # the kernel's choice: nothing to race for
+        self.port = self.server.listeners.port  # the kernel's choice: nothing to race for
 
     fast_path = True
 
@@ -216,15 +217,15 @@ class LocalAnswersTests(DNSServerTestCase):
         timed, so the metrics a dashboard shows do not depend on which path answered."""
         if not self.fast_path:
             self.skipTest("--no-fast-path: nothing is prepared")
-        factory = self.top.dns_factory
-        before, timed = factory.counters.as_dict(), factory.answer_latency.count
+        factory = self.server.dns
+        before, timed = factory.counts(), factory.sampler.answers.count
         for _ in range(32):
             r = yield self.ask(B_SVC, "db")
             self.assertEqual(addresses(r), [B_DB])
-        after = factory.counters.as_dict()
+        after = factory.counts()
         self.assertEqual({k: after[k] - before[k] for k in ("queries_udp", "fast_path", "answered_local")},
                          {"queries_udp": 32, "fast_path": 32, "answered_local": 32})
-        self.assertEqual(factory.answer_latency.count - timed, 32 // factory.sample_every)
+        self.assertEqual(factory.sampler.answers.count - timed, 32 // factory.sampler.every)
 
     @defer.inlineCallbacks
     def test_deleted_and_finished_pods_stop_answering(self):
@@ -321,17 +322,17 @@ class HoldTests(DNSServerTestCase):
     def test_holds_are_bounded_and_overflow_is_answered_at_once(self):
         """Past the bound on held questions, a question for an unknown name is decided at once
         (forwarded) instead of piling up."""
-        self.top.dns_factory.max_held = 1
+        self.server.dns.holds.max_held = 1
         started = time.monotonic()
         first = self.ask(A_SVC, "nobody-1")
         yield task.deferLater(reactor, 0.2, lambda: None)
         second = yield self.ask(A_SVC, "nobody-2")
         self.assertEqual(second.rcode(), dns.rcode.NXDOMAIN)
         self.assertLess(time.monotonic() - started, 1.2)
-        self.assertEqual(self.top.dns_factory.counters.hold_overflow, 1)
+        self.assertEqual(self.server.dns.counters.hold_overflow, 1)
         r = yield first
         self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
-        self.assertEqual(self.top.dns_factory.holding, 0)
+        self.assertEqual(self.server.dns.holding, 0)
 
     @defer.inlineCallbacks
     def test_not_synced_index_answers_servfail_after_the_hold(self):
@@ -364,7 +365,7 @@ class MissingContainerTests(DNSServerTestCase):
         self.assertEqual(self.upstream_asked(decoy), [])
         r = yield self.ask(B_SVC, decoy)
         self.assertEqual(addresses(r), [B_DB])
-        self.assertEqual(self.top.dns_factory.counters.nxdomain, 8)
+        self.assertEqual(self.server.dns.counters.nxdomain, 8)
 
     @defer.inlineCallbacks
     def test_terminating_pod_is_not_found_at_once_but_still_asks(self):
@@ -405,8 +406,8 @@ class ForwardSingleLabelTests(DNSServerTestCase):
 
     def setUp(self):
         super().setUp()
-        self.top.dns_factory.resolver.config = dataclasses.replace(
-            self.top.dns_factory.resolver.config, forward_single_label=True)
+        self.server.dns.resolver.config = dataclasses.replace(
+            self.server.dns.resolver.config, forward_single_label=True)
 
     @defer.inlineCallbacks
     def test_option_lets_the_namespace_service_answer(self):
@@ -430,7 +431,7 @@ class UnknownAskerTests(DNSServerTestCase):
         for _ in range(3):
             r = yield self.ask(OUTSIDER, "kubernetes.default.svc.cluster.local")
             self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
-        self.assertEqual(self.top.dns_factory.counters.held, 0)
+        self.assertEqual(self.server.dns.counters.held, 0)
 
     @defer.inlineCallbacks
     def test_a_name_that_could_become_local_is_held_once_per_asker_and_name(self):
@@ -442,7 +443,7 @@ class UnknownAskerTests(DNSServerTestCase):
         self.assertEqual(addresses(r), [self.dnsmasq.service_ip])  # a plain forwarder for a non-pod
         for name in (f"db.{NS}.svc.cluster.local", "db.svc.cluster.local", "db"):
             yield self.ask(OUTSIDER, name)
-        self.assertEqual(self.top.dns_factory.counters.held, 1)
+        self.assertEqual(self.server.dns.counters.held, 1)
 
     @defer.inlineCallbacks
     def test_held_question_is_decided_when_the_askers_ip_is_indexed(self):
@@ -453,7 +454,7 @@ class UnknownAskerTests(DNSServerTestCase):
         self.index.apply([Upserted(record("newbie", [NET_B], ip="127.10.2.50", namespace=NS, uid="newbie"))])
         r = yield pending
         self.assertEqual(addresses(r), [B_DB])
-        counters = self.top.dns_factory.counters
+        counters = self.server.dns.counters
         self.assertEqual((counters.held, counters.hold_expired), (1, 0))  # decided, not timed out
 
 
@@ -502,7 +503,7 @@ class AllUpstreamsFailTests(DNSServerTestCase):
         self.bad = ScriptedUpstream(rcode=2)
         self.addCleanup(self.bad.close)
         super().setUp()
-        self.top.dns_factory.forwarder.upstreams = (parse_upstream(self.bad.upstream_arg),
+        self.server.dns.forwarder.upstreams = (parse_upstream(self.bad.upstream_arg),
                                                     parse_upstream(closed_port()))
 
     @defer.inlineCallbacks
@@ -519,7 +520,7 @@ class OverloadTests(DNSServerTestCase):
         self.silent = ScriptedUpstream(silent=True)
         self.addCleanup(self.silent.close)
         super().setUp()
-        self.top.dns_factory.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+        self.server.dns.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
 
     @defer.inlineCallbacks
     def test_too_many_forwards_in_flight_are_refused(self):
@@ -528,7 +529,7 @@ class OverloadTests(DNSServerTestCase):
         rcodes = sorted(r.rcode() for r in results)
         self.assertEqual(rcodes.count(dns.rcode.REFUSED), 4)
         self.assertEqual(rcodes.count(dns.rcode.SERVFAIL), 2)
-        self.assertEqual(self.top.dns_factory.forwarder.refused_overload, 4)
+        self.assertEqual(self.server.dns.forwarder.refused_overload, 4)
 
 
 class IdleTCPTests(DNSServerTestCase):

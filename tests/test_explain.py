@@ -41,7 +41,7 @@ class ExplainTestCase(DNSServerTestCase):
 
     @property
     def ops(self) -> str:
-        port = self.top.getServiceNamed("ops")._port.getHost().port
+        port = self.server.ops.port
         return f"http://127.0.0.1:{port}"
 
     def explain(self, asker: str, name: str, rdtype: str = "A", expect_status: int = 200):

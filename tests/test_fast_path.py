@@ -115,7 +115,10 @@ def test_fast_path_bytes_equal_full_path_bytes(data):
             continue
         hits += 1
         proto = Proto()
-        full.query_received(wire, proto, None if tcp else (source, 5353), source)
+        if tcp:
+            full.message_received(wire, proto, source)
+        else:
+            full.datagram_received(wire, proto, (source, 5353))
         assert proto.transport.written == [reply], (wire, source)
         if not tcp:
             proto = Proto()
@@ -159,7 +162,7 @@ def test_not_found_and_held_names_are_left_to_the_full_path():
         full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None)
         if source == "10.1.0.3":  # nothing can become local: decided at once, NXDOMAIN
             proto = Proto()
-            full.query_received(wire, proto, (source, 5353), source)
+            full.datagram_received(wire, proto, (source, 5353))
             [reply] = proto.transport.written
             assert dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
     assert fast.answer(dns.message.make_query("db", "A").to_wire() + b"junk", "10.1.0.2", False) is None

@@ -221,14 +221,18 @@ def test_require_ready_option_waits_for_readiness():
     assert index.lookup((NET_A,), "db") is None
 
 
-def test_listeners_fire_once_after_a_change():
-    """when_changed listeners run once, after the next apply."""
+def test_subscribers_hear_of_every_apply_after_it_is_done():
+    """Subscribers are told once per apply, after every change of the batch is in the index:
+    the first sync touches everything, a later pod its own address, networks and names."""
     index = NetworkIndex()
-    calls = []
-    index.when_changed(lambda: calls.append(index.generation))
+    heard = []
+    index.subscribe(lambda touched: heard.append((touched, index.lookup((NET_A,), "db"))))
     index.apply([Relisted(())])
-    index.apply([Relisted(())])
-    assert calls == [1]
+    index.apply([Upserted(record("db", [NET_A], ip="10.0.0.1", uid="db"))])
+    [(first, _), (second, found)] = heard
+    assert first.everything
+    assert not second.everything and second.addresses == {"10.0.0.1"} and second.networks == {NET_A}
+    assert "db" in second.names and found is not None  # the pod is indexed when the subscriber runs
 
 
 def test_ten_thousand_pods_in_five_thousand_networks():

@@ -95,7 +95,7 @@ class NetworksViewTests(DNSServerTestCase):
 
     @property
     def ops(self) -> str:
-        return f"http://127.0.0.1:{self.top.getServiceNamed('ops')._port.getHost().port}"
+        return f"http://127.0.0.1:{self.server.ops.port}"
 
     def command(self, *argv):
         def call():

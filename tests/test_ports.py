@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 import testbed.upstream
 from kubedock_dns.dns.upstreams import parse_upstream
 from kubedock_dns.options import Config
-from kubedock_dns.tap import build_service
+from kubedock_dns.tap import build_server
 from testbed.upstream import Dnsmasq
 
 
@@ -67,10 +67,11 @@ def _serve(case: TestCase, clock, port: int) -> int:
     stopped when ``case`` ends; the DNS port it listens on."""
     config = Config(dns_port=port, dns_interface="127.0.0.1", upstreams=(parse_upstream("127.0.0.1:9"),),
                     namespace="ns", ops_port=0, ops_interface="127.0.0.1", drain_seconds=0)
-    top = build_service(config, clock, pod_source=lambda index: service.Service())
+    server = build_server(config, clock, pod_source=lambda index: service.Service())
+    top = server.service
     top.startService()
     case.addCleanup(top.stopService)
-    return top.dns_listeners.port
+    return server.listeners.port
 
 
 class DNSPortOrderTests(TestCase):

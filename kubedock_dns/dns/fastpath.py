@@ -2,7 +2,7 @@
 
 Contract: :meth:`FastPath.answer` returns the reply's bytes, :data:`FORWARD` (relay the query
 unparsed: the index plainly does not answer it), or None (the full path in
-:mod:`kubedock_dns.dns.server` decides).  Its replies are byte-identical to the full path's
+:mod:`kubedock_dns.dns.server` decides).  It counts what it answered and relayed itself.  Its replies are byte-identical to the full path's
 (``tests/test_fast_path.py`` holds them so on random topologies), and a cached reply never outlives
 a change to any index fact its decision read.  The query is read with the strict readers of
 :mod:`kubedock_dns.dns.wire`.
@@ -20,6 +20,11 @@ from kubedock_dns.index import Touched
 from kubedock_dns.resolver import Answer, Forward, Resolver
 from kubedock_dns.dns.wire import (
     CLASS_IN,
+    FLAG_AA,
+    FLAG_QR,
+    FLAG_RA,
+    FLAG_RD,
+    HEADER,
     OPT_RECORD,
     TCP_LIMIT,
     TYPE_A,
@@ -33,7 +38,6 @@ from kubedock_dns.dns.wire import (
     read_opt,
 )
 
-_HEADER = struct.Struct("!6H")
 _RECORD_HEAD = struct.Struct("!HHHIH")
 FORWARD = object()
 
@@ -68,6 +72,10 @@ class FastPath:
         self._dependents: dict[tuple[str, str], set[tuple[str, bool, bytes]]] = {}
         self._links = 0  # members of all _dependents sets, stale ones included
         self.invalidated = 0  # entries dropped because a fact they read was touched
+        # Questions answered from prepared bytes (the UDP read loop adds its hits here too) and
+        # relayed unparsed: the fast path's own counters.
+        self.answered = 0
+        self.relayed = 0
         self.index.subscribe(self._touched)
 
     @property
@@ -92,9 +100,13 @@ class FastPath:
                 self._dependents.setdefault(fact, set()).add(key)
             self._links += len(facts)
         if entry.__class__ is bytes:
+            self.answered += 1
             return data[:2] + entry
         if entry.__class__ is _Shuffled:
+            self.answered += 1
             return data[:2] + entry.build(self._shuffle)
+        if entry is FORWARD:
+            self.relayed += 1
         return entry
 
     def _touched(self, touched: Touched) -> None:
@@ -127,7 +139,7 @@ class FastPath:
         index facts that decision read (none when the query alone decided)."""
         if len(data) < 12:
             return None, []
-        _qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+        _qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
         if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
             return None, []
         try:
@@ -156,7 +168,8 @@ class FastPath:
         if not isinstance(decision, Answer):
             return None
         records = self._records(decision, qtype, data[12 : end - 4])
-        head = _HEADER.pack(0, 0x8480 | (flags & 0x0100), 1, len(records), 0, 1 if edns is not None else 0)
+        head = HEADER.pack(0, FLAG_QR | FLAG_AA | FLAG_RA | (flags & FLAG_RD), 1, len(records), 0,
+                           1 if edns is not None else 0)
         prefix = head[2:] + data[12:end]
         suffix = OPT_RECORD if edns is not None else b""
         size = 12 + len(data[12:end]) + sum(map(len, records)) + len(suffix)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReactorTime
@@ -19,11 +19,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
 from kubedock_dns.dns.upstreams import Upstream
+from kubedock_dns.dns.wire import RCODE_REFUSED, RCODE_SERVFAIL, question_section
 
 log = Logger()
 
-RCODE_SERVFAIL = 2
-RCODE_REFUSED = 5
 RELAY = "relay"
 NEXT = "next"
 # upstream rcode -> what to do with it; any rcode not listed is relayed.
@@ -38,26 +37,9 @@ class Overloaded(Exception):
     """Too many forwarded queries are in flight."""
 
 
-def question_section(message: bytes) -> bytes:
-    """The raw bytes of the first question (name, type, class), lower-cased for comparison."""
-    offset = 12
-    while True:
-        length = message[offset]
-        if length & 0xC0:
-            raise ValueError("compressed question name")
-        offset += 1 + length
-        if length == 0:
-            break
-    return message[12 : offset + 4].lower()
-
-
-def send_datagram(transport, data: bytes, address) -> bool:
-    """Send one datagram on a listening UDP port; False when the kernel refused it.
-
-    Straight to the socket: twisted's ``write`` re-validates the address three times per
-    datagram, a third of the cost of a relayed query.  A refused datagram (full buffer, vanished
-    peer) is dropped, as UDP may; the client retries.
-    """
+def _send_datagram(transport, data: bytes, address) -> bool:
+    """One datagram to an upstream, straight to the relay socket (see ``Query.reply`` for why);
+    False when the kernel refused it."""
     try:
         transport.socket.sendto(data, address)
     except AttributeError:  # not a real port (in-memory transports in tests)
@@ -109,7 +91,7 @@ class _UDPRelay(protocol.DatagramProtocol):
             qid = random.getrandbits(16)
         address = (upstream.host, upstream.port)
         pending[qid] = _PendingQuery(attempt, self.reactor.seconds() + self.timeout, attempt.question, address)
-        if not send_datagram(self.transport, _ID.pack(qid) + attempt.query[2:], address):
+        if not _send_datagram(self.transport, _ID.pack(qid) + attempt.query[2:], address):
             del pending[qid]
             attempt.failed("the datagram could not be sent")
 
@@ -142,17 +124,18 @@ _ID = struct.Struct("!H")
 
 class _UDPAttempt:
     """One forwarded UDP question walking through the upstreams in order; it ends by calling
-    ``on_answer`` with the relayed bytes or ``on_failure`` with :class:`UpstreamsFailed`."""
+    ``on_answer(relayed bytes, context)`` or ``on_failure(UpstreamsFailed, context)``."""
 
-    __slots__ = ("forwarder", "query", "question", "on_answer", "on_failure", "position", "outcomes")
+    __slots__ = ("forwarder", "query", "question", "on_answer", "on_failure", "context", "position", "outcomes")
 
-    def __init__(self, forwarder: "Forwarder", query: bytes, on_answer: Callable[[bytes], object],
-                 on_failure: Callable[[Exception], object]) -> None:
+    def __init__(self, forwarder: "Forwarder", query: bytes, on_answer: Callable[[bytes, Any], object],
+                 on_failure: Callable[[Exception, Any], object], context: Any) -> None:
         self.forwarder = forwarder
         self.query = query
         self.question = question_section(query)
         self.on_answer = on_answer
         self.on_failure = on_failure
+        self.context = context
         self.position = -1
         self.outcomes: list[str] = []
 
@@ -162,7 +145,7 @@ class _UDPAttempt:
         if self.position >= len(forwarder.upstreams):
             forwarder.in_flight -= 1
             forwarder.failed += 1
-            self.on_failure(UpstreamsFailed("; ".join(self.outcomes)))
+            self.on_failure(UpstreamsFailed("; ".join(self.outcomes)), self.context)
             return
         upstream = forwarder.upstreams[self.position]
         forwarder._relays[6 if ":" in upstream.host else 4].send(self, upstream)
@@ -173,7 +156,7 @@ class _UDPAttempt:
             self.failed(f"rcode {rcode}")
             return
         self.forwarder.in_flight -= 1
-        self.on_answer(self.query[:2] + answer[2:])
+        self.on_answer(self.query[:2] + answer[2:], self.context)
 
     def failed(self, why: str) -> None:
         self.outcomes.append(f"{self.forwarder.upstreams[self.position]}: {why}")
@@ -237,7 +220,7 @@ class Forwarder:
             pending = list(relay.pending.values())
             relay.pending.clear()
             for query in pending:
-                query.attempt.on_failure(UpstreamsFailed("the server is stopping"))
+                query.attempt.on_failure(UpstreamsFailed("the server is stopping"), query.attempt.context)
             if relay.transport is not None:
                 stops.append(defer.maybeDeferred(relay.transport.stopListening))
         self._relays.clear()
@@ -256,20 +239,22 @@ class Forwarder:
             self.in_flight += 1
             return self._forward_tcp(query)
         result: defer.Deferred = defer.Deferred()
-        self.forward_udp(query, result.callback, result.errback)
+        self.forward_udp(query, lambda answer, _: result.callback(answer),
+                         lambda reason, _: result.errback(reason), None)
         return result
 
-    def forward_udp(self, query: bytes, on_answer: Callable[[bytes], object],
-                    on_failure: Callable[[Exception], object]) -> None:
+    def forward_udp(self, query: bytes, on_answer: Callable[[bytes, Any], object],
+                    on_failure: Callable[[Exception, Any], object], context: Any) -> None:
         """:meth:`forward` over UDP without a Deferred (the server's per-query path): exactly one
-        of ``on_answer`` (the upstream's answer, the client's ID restored) or ``on_failure``
-        (:class:`Overloaded`, at once, or :class:`UpstreamsFailed`) is called."""
+        of ``on_answer(answer, context)`` (the upstream's answer, the client's ID restored) or
+        ``on_failure(reason, context)`` (:class:`Overloaded`, at once, or :class:`UpstreamsFailed`)
+        is called; ``context`` is the caller's (its query), so that no closure is made per query."""
         if self.in_flight >= self.max_in_flight:
             self.refused_overload += 1
-            on_failure(Overloaded(f"{self.in_flight} forwarded queries in flight"))
+            on_failure(Overloaded(f"{self.in_flight} forwarded queries in flight"), context)
             return
         self.in_flight += 1
-        _UDPAttempt(self, query, on_answer, on_failure).next()
+        _UDPAttempt(self, query, on_answer, on_failure, context).next()
 
     @defer.inlineCallbacks
     def _forward_tcp(self, query: bytes):

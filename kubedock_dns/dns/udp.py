@@ -2,48 +2,72 @@
 
 Most datagrams a test suite sends are questions the fast path has answered before: their reply
 is a dictionary look-up away (:attr:`FastPath.replies <kubedock_dns.dns.fastpath.FastPath.replies>`).
-Twisted's port hands every datagram through three Python calls (protocol, server, fast path)
-and the server counts it in three attributes; here the read loop looks the reply up and sends
-it in line, and adds its counts once per batch.  Everything else (a miss, a reply with several
-addresses to shuffle, a question to relay or to read strictly) goes to the server's
-:meth:`~kubedock_dns.dns.server.KubedockDNSServerFactory.counted_query` exactly as before, so the bytes
-on the wire are the fast path's, which the differential test holds equal to the full path's.
+Twisted's port hands every datagram through a protocol to the server; here the read loop looks
+the reply up and sends it in line, and reports its counts once per batch.  Everything else (a
+miss, a reply with several addresses to shuffle, a question to relay or to read strictly) is
+handed to the server through :attr:`ReadLoopHook.missed`, as a :class:`~kubedock_dns.dns.query.Query`
+made here, so the bytes on the wire are the fast path's, which the differential test holds equal
+to the full path's.
 Measured with ``python -m bench.cost`` (instructions per local answer) and ``python -m bench.run``.
+
+The port sees the server through one narrow :class:`ReadLoopHook` and nothing else.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from twisted.internet import udp
 from twisted.python import log
 
-# What twisted's own UDP read loop treats as "nothing more to read now" (EAGAIN, EINTR) and as a
-# refused earlier send (ECONNREFUSED: reported only on connected ports, which this never is).
-_READ_DONE = frozenset(udp._sockErrReadIgnore) | frozenset(udp._sockErrReadRefuse)
+from kubedock_dns.dns.query import Query
+from kubedock_dns.ops.latency import Sampler
+
+# "Nothing more to read now" (EAGAIN/EWOULDBLOCK, EINTR), and a refused earlier send
+# (ECONNREFUSED: reported only on connected ports, which this never is).  twisted's own read
+# loop keeps the same list in private names, so it is stated here.
+_READ_DONE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLoopHook:
+    """All the UDP port knows of the server.
+
+    - ``replies``: prepared replies keyed (asker address, False, query after its ID); a ``bytes``
+      value is the whole reply after the ID (the fast path's, read-only here);
+    - ``sampler``: which datagrams are timed, and where local answers' times go;
+    - ``missed(query)``: a datagram the loop did not answer, counted already, as a
+      :class:`~kubedock_dns.dns.query.Query` (``started`` as the sampler decided);
+    - ``read(datagrams, hits)``: after each batch, how many datagrams it read and answered.
+    """
+
+    replies: dict
+    sampler: Sampler
+    missed: Callable[[Query], None]
+    read: Callable[[int, int], None]
 
 
 class AnsweringPort(udp.Port):
-    """A listening UDP port for ``protocol`` (a :class:`~kubedock_dns.dns.server.QueryDatagramProtocol`)
-    that answers fast-path hits from ``server.fast_path.replies`` in its read loop."""
+    """A listening UDP port whose read loop answers prepared replies (see the module)."""
 
-    def __init__(self, port: int, protocol, interface: str, reactor, server) -> None:
+    def __init__(self, port: int, protocol: Any, interface: str, reactor: Any, hook: ReadLoopHook) -> None:
         super().__init__(port, protocol, interface, reactor=reactor)
-        self.server = server
+        self.hook = hook
+        self.datagrams = 0  # numbers the datagrams, to time one in N
 
     def doRead(self) -> None:
-        server = self.server
-        if server.fast_path is None:
-            return super().doRead()
-        replies = server.fast_path.replies
-        counters = server.counters
-        mask, clock, observe = server.sample_mask, server.clock, server.answer_latency.observe
-        query = server.counted_query
+        hook = self.hook
+        replies, missed = hook.replies, hook.missed
+        sampler = hook.sampler
+        mask, clock, observe = sampler.mask, sampler.clock, sampler.answers.observe
         protocol = self.protocol
         recvfrom, sendto = self.socket.recvfrom, self.socket.sendto
         size, budget = self.maxPacketSize, self.maxThroughput
         ipv6 = self.addressFamily == socket.AF_INET6
-        number = counters.queries_udp
+        number = first = self.datagrams
         hits = read = 0
         try:
             while read < budget:
@@ -55,7 +79,7 @@ class AnsweringPort(udp.Port):
                     raise
                 read += len(data)
                 number += 1
-                # One query in N is timed (server.sample_mask); the others pay one AND.
+                # One query in N is timed (sampler.mask); the others pay one AND.
                 started = 0.0 if number & mask else clock()
                 reply = replies.get((address[0], False, data[2:]))
                 if reply.__class__ is bytes:
@@ -70,17 +94,16 @@ class AnsweringPort(udp.Port):
                 if ipv6:
                     address = address[:2]  # (host, port), as twisted's port hands it on
                 try:
-                    query(data, protocol, address, address[0], started)
+                    missed(Query(data, protocol, address, address[0], started))
                 except BaseException:
                     log.err()
         finally:
-            counters.queries_udp = number
-            counters.fast_path += hits
-            counters.answered_local += hits
+            self.datagrams = number
+            hook.read(number - first, hits)
 
 
-def listen_answering_udp(reactor, port: int, protocol, interface: str, server) -> AnsweringPort:
+def listen_answering_udp(reactor: Any, port: int, protocol: Any, interface: str, hook: ReadLoopHook) -> AnsweringPort:
     """``reactor.listenUDP`` with an :class:`AnsweringPort`: bound and reading when it returns."""
-    listening = AnsweringPort(port, protocol, interface, reactor, server)
+    listening = AnsweringPort(port, protocol, interface, reactor, hook)
     listening.startListening()
     return listening

@@ -1,6 +1,8 @@
-"""Strict reading and writing of DNS wire format, with no knowledge of what is answered.
+"""DNS on the wire: the one home of its constants, and strict reading and writing of messages.
 
-Contract (pure: no Twisted, no index): every read is bounds-checked.  A query's question name must
+Every type, class and rcode number the package uses, the 12-byte header, and the names of query
+types are defined here and nowhere else.  Contract (pure: no Twisted, no index): every read is
+bounds-checked.  A query's question name must
 be uncompressed (nothing precedes it that a pointer could refer to), each label at most 63 octets,
 the name at most 255; anything else raises :class:`WireError` (a ``ValueError``) with the reason,
 which the server answers with FORMERR.  The records after the question are walked and counted,
@@ -12,7 +14,45 @@ from __future__ import annotations
 
 import struct
 
+TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_PTR, TYPE_MX, TYPE_TXT, TYPE_AAAA = 1, 2, 5, 6, 12, 15, 16, 28
+TYPE_SRV, TYPE_OPT, TYPE_HTTPS, TYPE_ANY = 33, 41, 65, 255
+CLASS_IN = 1
+OPCODE_QUERY = 0
+RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 3, 4, 5
+RCODE_BADVERS = 16  # an extended rcode (RFC 6891): its upper 8 bits travel in the OPT record
+RCODE_NAMES = {RCODE_OK: "NOERROR", RCODE_FORMERR: "FORMERR", RCODE_SERVFAIL: "SERVFAIL",
+               RCODE_NXDOMAIN: "NXDOMAIN", RCODE_NOTIMP: "NOTIMP", RCODE_REFUSED: "REFUSED"}
+QTYPE_NAMES = {TYPE_A: "A", TYPE_NS: "NS", TYPE_CNAME: "CNAME", TYPE_SOA: "SOA", TYPE_PTR: "PTR", TYPE_MX: "MX",
+               TYPE_TXT: "TXT", TYPE_AAAA: "AAAA", TYPE_SRV: "SRV", TYPE_HTTPS: "HTTPS", TYPE_ANY: "ANY"}
+
+UDP_PLAIN_LIMIT = 512
+# The DNS flag day 2020 size: no IP fragmentation on common paths.
+SERVER_UDP_PAYLOAD = 1232
+TCP_LIMIT = 65535
+
+# ID, flags, QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT.
+HEADER = struct.Struct("!6H")
+FLAG_QR, FLAG_AA, FLAG_TC, FLAG_RD, FLAG_RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 _TYPE_CLASS = struct.Struct("!HH")
+_RECORD_HEAD = struct.Struct("!HHIH")
+
+
+def qtype_name(qtype: int) -> str:
+    """``A``, ``AAAA``, ... or ``TYPE<n>`` (RFC 3597) for a type without a name here."""
+    return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
+
+
+def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0) -> bytes:
+    """An OPT pseudo-record (RFC 6891 6.1.2): root owner, our UDP payload size, the upper 8 bits
+    of an extended rcode and the EDNS version in the TTL field, no options."""
+    return b"\x00" + _RECORD_HEAD.pack(TYPE_OPT, payload, (extended_rcode << 24) | (version << 16), 0)
+
+
+def with_additional(message: bytes, record: bytes) -> bytes:
+    """``message`` with ``record`` appended to its additional section (ARCOUNT counted up); the
+    record must be the last one, as an OPT record is."""
+    arcount = struct.unpack_from("!H", message, 10)[0]
+    return message[:10] + struct.pack("!H", arcount + 1) + message[12:] + record
 
 
 class WireError(ValueError):
@@ -96,13 +136,27 @@ def parse_question(data: bytes) -> tuple[int, bytes, int, int]:
     return offset + 4, b".".join(labels).lower(), qtype, qclass
 
 
-TYPE_A, TYPE_PTR, TYPE_AAAA, TYPE_OPT = 1, 12, 28, 41
-CLASS_IN = 1
-UDP_PLAIN_LIMIT = 512
-SERVER_UDP_PAYLOAD = 1232
-TCP_LIMIT = 65535
 # Our OPT record: root owner, type OPT, our UDP payload size, version 0, no flags, no options.
-OPT_RECORD = b"\x00" + struct.pack("!HHIH", TYPE_OPT, SERVER_UDP_PAYLOAD, 0, 0)
+OPT_RECORD = opt_record()
+
+
+def question_section(message: bytes) -> bytes:
+    """The raw bytes of the question (name, type, class) of a query already read strictly,
+    lower-cased for comparing it with the question an answer echoes.  Only walks the label
+    lengths (the forwarder calls it for every relayed query); :class:`WireError` for a
+    compressed name or one that runs past the end."""
+    offset = 12
+    size = len(message)
+    while True:
+        if offset >= size:
+            raise WireError("question name runs past the end of the message")
+        length = message[offset]
+        if length & 0xC0:
+            raise WireError("compressed or extended label in the question name")
+        offset += 1 + length
+        if length == 0:
+            break
+    return message[12 : offset + 4].lower()
 
 
 def read_opt(data: bytes, offset: int) -> int | None:

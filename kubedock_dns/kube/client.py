@@ -11,6 +11,7 @@ thread.  A list page is a :class:`~kubedock_dns.kube.listing.ListBody` decoded w
 its connection released once its items are consumed.  An error status becomes :class:`ApiError`
 (status, reason and message from the ``Status`` body); a connection that stays silent for the
 read timeout ends the watch quietly and drops the pooled connections.
+:class:`WatcherConfig` says what the watcher asks for and how patiently.
 :func:`service_cluster_ip` reads one Service at start-up.  :func:`describe_failure` is the
 one-line account of any failure the kube side logs.
 
@@ -25,20 +26,66 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 import kubernetes.client
 import kubernetes.config
 import urllib3
 from twisted.logger import Logger
 
+from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL
 from kubedock_dns.kube.listing import ListBody
-
-if TYPE_CHECKING:
-    from kubedock_dns.kube.watcher import WatcherConfig
 
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    """What to watch and how patiently.
+
+    ``watch_timeout`` is the server-side ``timeoutSeconds`` of one watch request;
+    ``connect_timeout``/``read_timeout`` are the client's socket timeouts (the read timeout must
+    exceed ``watch_timeout``, the longest a healthy watch stays silent; see the module docstring);
+    ``list_page_size`` pages the list (0: one request); the backoff after a failure starts at
+    ``backoff_initial`` and doubles up to ``backoff_max``, with jitter; ``stop_timeout`` bounds
+    how long stopping the service waits for the thread.
+    """
+
+    namespace: str
+    opt_in_label: str = DEFAULT_OPT_IN_LABEL
+    watch_timeout: int = 10
+    connect_timeout: float = 5.0
+    read_timeout: float = 12.0
+    list_page_size: int = 500
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    stop_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.namespace:
+            raise ValueError("the watcher needs a namespace (give --namespace NS)")
+        if not self.opt_in_label or "=" in self.opt_in_label or "," in self.opt_in_label:
+            raise ValueError(
+                f"opt-in label {self.opt_in_label!r} is not a label key (expected e.g. 'kubedock')"
+            )
+        if self.watch_timeout < 1:
+            raise ValueError(f"watch_timeout must be at least 1 second (got {self.watch_timeout!r})")
+        for name in ("connect_timeout", "read_timeout", "backoff_initial", "stop_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)!r})")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max!r}) must not be below backoff_initial "
+                f"({self.backoff_initial!r})"
+            )
+        if self.list_page_size < 0:
+            raise ValueError(f"list_page_size must be 0 (no paging) or more (got {self.list_page_size!r})")
+
+    @property
+    def label_selector(self) -> str:
+        return f"{self.opt_in_label}=true"
 
 PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
 SERVICE_PATH = "/api/v1/namespaces/{namespace}/services/{name}"

@@ -57,7 +57,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from kubedock_dns.contract import (
-    DEFAULT_OPT_IN_LABEL,
     Change,
     Deleted,
     PodRecord,
@@ -65,58 +64,43 @@ from kubedock_dns.contract import (
     Upserted,
     pod_record_from_dict,
 )
-from kubedock_dns.kube.client import Aborted, ApiError, KubernetesPodApi, api_client_from, describe_failure
+from kubedock_dns.kube.client import (
+    Aborted,
+    ApiError,
+    KubernetesPodApi,
+    WatcherConfig,
+    api_client_from,
+    describe_failure,
+)
 from kubedock_dns.kube.listing import ListBody
+from kubedock_dns.ops.latency import LatencyHistogram
 
 # The kube side has always logged under this namespace; kept so log filters keep working.
 log = Logger(namespace="kubedock_dns.watcher")
 
 
-@dataclass(frozen=True)
-class WatcherConfig:
-    """What to watch and how patiently.
+class HandOver(Protocol):
+    """How the watcher thread reaches the reactor thread: ``reactor.callFromThread``."""
 
-    ``watch_timeout`` is the server-side ``timeoutSeconds`` of one watch request;
-    ``connect_timeout``/``read_timeout`` are the client's socket timeouts (the read timeout must
-    exceed ``watch_timeout``, the longest a healthy watch stays silent; see the module docstring);
-    ``list_page_size`` pages the list (0: one request); the backoff after a failure starts at
-    ``backoff_initial`` and doubles up to ``backoff_max``, with jitter; ``stop_timeout`` bounds
-    how long stopping the service waits for the thread.
-    """
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None: ...
 
-    namespace: str
-    opt_in_label: str = DEFAULT_OPT_IN_LABEL
-    watch_timeout: int = 10
-    connect_timeout: float = 5.0
-    read_timeout: float = 12.0
-    list_page_size: int = 500
-    backoff_initial: float = 0.2
-    backoff_max: float = 10.0
-    stop_timeout: float = 5.0
 
-    def __post_init__(self) -> None:
-        if not self.namespace:
-            raise ValueError("the watcher needs a namespace (give --namespace NS)")
-        if not self.opt_in_label or "=" in self.opt_in_label or "," in self.opt_in_label:
-            raise ValueError(
-                f"opt-in label {self.opt_in_label!r} is not a label key (expected e.g. 'kubedock')"
-            )
-        if self.watch_timeout < 1:
-            raise ValueError(f"watch_timeout must be at least 1 second (got {self.watch_timeout!r})")
-        for name in ("connect_timeout", "read_timeout", "backoff_initial", "stop_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive (got {getattr(self, name)!r})")
-        if self.backoff_max < self.backoff_initial:
-            raise ValueError(
-                f"backoff_max ({self.backoff_max!r}) must not be below backoff_initial "
-                f"({self.backoff_initial!r})"
-            )
-        if self.list_page_size < 0:
-            raise ValueError(f"list_page_size must be 0 (no paging) or more (got {self.list_page_size!r})")
+class StampedHandOver:
+    """The reactor's ``callFromThread`` as the watcher thread uses it, with every batch stamped
+    on the watcher thread, so that ``lag`` observes how long it waited for the reactor thread
+    to apply it (the watch lag metric)."""
 
-    @property
-    def label_selector(self) -> str:
-        return f"{self.opt_in_label}=true"
+    def __init__(self, reactor: HandOver, lag: LatencyHistogram, clock: Callable[[], float] = time.monotonic) -> None:
+        self._reactor = reactor
+        self._lag = lag
+        self._clock = clock
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self._reactor.callFromThread(self._timed, self._clock(), f, args)
+
+    def _timed(self, stamp: float, f: Callable[..., Any], args: tuple) -> None:
+        f(*args)
+        self._lag.observe(self._clock() - stamp)
 
 
 class PodApi(Protocol):
@@ -456,9 +440,12 @@ class WatcherService(Service):
         config: WatcherConfig,
         deliver: Deliver,
         api_factory: Callable[[], PodApi],
+        lag: LatencyHistogram | None = None,
     ) -> None:
         self.setName("watcher")
         self._reactor = reactor
+        # The watcher thread's way to the reactor thread; stamped to measure the watch lag.
+        self._hand_over: HandOver = StampedHandOver(reactor, lag) if lag is not None else reactor
         self.config = config
         self._deliver = deliver
         self._api_factory = api_factory
@@ -466,12 +453,14 @@ class WatcherService(Service):
 
     @classmethod
     def for_cluster(
-        cls, reactor: Any, config: WatcherConfig, deliver: Deliver, kubeconfig: str | None = None
+        cls, reactor: Any, config: WatcherConfig, deliver: Deliver, kubeconfig: str | None = None,
+        lag: LatencyHistogram | None = None,
     ) -> WatcherService:
         """The service on the real API server (kubeconfig file, or in-cluster if None).  The
-        client configuration is loaded now, so a bad kubeconfig fails before start-up."""
+        client configuration is loaded now, so a bad kubeconfig fails before start-up.  ``lag``,
+        when given, observes how long each batch waited for the reactor thread."""
         api_client = api_client_from(kubeconfig)
-        return cls(reactor, config, deliver, lambda: KubernetesPodApi(api_client, config))
+        return cls(reactor, config, deliver, lambda: KubernetesPodApi(api_client, config), lag)
 
     def metrics(self) -> WatcherMetrics:
         if self.watcher is None:
@@ -480,7 +469,7 @@ class WatcherService(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        self.watcher = PodWatcher(self._api_factory(), self.config, self._reactor, self._deliver)
+        self.watcher = PodWatcher(self._api_factory(), self.config, self._hand_over, self._deliver)
         self.watcher.start()
 
     def stopService(self) -> Deferred[None] | None:

@@ -9,18 +9,58 @@ the replica is not draining before a stop: 503 with the reason otherwise),
 networks``), ``/`` (the same as a small read-only HTML page) and ``/explain?from=&name=&type=``
 (:mod:`kubedock_dns.ops.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
 with ``{"error": ...}`` saying what to give instead.
+
+:class:`OpsService` listens for it on plain TCP and logs ``ops listening on HOST:PORT``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Any, Callable
 
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from kubedock_dns.ops import views
+
+
+log = Logger()
+
+
+class OpsService(Service):
+    """Serves ``resource`` over plain HTTP on ``interface:port`` while running; ``port`` is the
+    bound port (useful when asked for 0)."""
+
+    def __init__(self, reactor: Any, resource: Resource, port: int, interface: str) -> None:
+        self.setName("ops")
+        self._reactor = reactor
+        self._site = Site(resource)
+        self._requested = port
+        self._interface = interface
+        self._listening: Any = None
+
+    @property
+    def port(self) -> int:
+        if self._listening is None:
+            raise RuntimeError("the ops endpoint is not listening; start it first")
+        return int(self._listening.getHost().port)
+
+    def startService(self) -> None:
+        self._listening = self._reactor.listenTCP(self._requested, self._site, interface=self._interface)
+        super().startService()
+        host = self._listening.getHost()
+        log.info("{name} listening on {interface}:{port}", name=self.name, interface=host.host, port=host.port)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        return defer.maybeDeferred(listening.stopListening) if listening is not None else defer.succeed(None)
 
 
 class OpsApp:

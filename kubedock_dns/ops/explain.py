@@ -23,10 +23,10 @@ from twisted.names import dns
 
 from kubedock_dns.contract import canonical_ip, pod_search_list
 from kubedock_dns.dns.forwarder import Forwarder
-from kubedock_dns.resolver import TYPE_A, TYPE_AAAA, TYPE_PTR, Answer, Decision, Forward, Hold, NotFound, Resolver
+from kubedock_dns.dns.wire import RCODE_NAMES, TYPE_A, TYPE_AAAA, TYPE_PTR
+from kubedock_dns.resolver import Answer, Decision, Forward, Hold, NotFound, Resolver
 
 TYPES = {"A": TYPE_A, "AAAA": TYPE_AAAA, "PTR": TYPE_PTR}
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 
 
 class ExplainError(ValueError):
@@ -106,7 +106,7 @@ def _upstream_view(answer: bytes) -> dict[str, Any]:
             records.append(payload.name.name.decode("ascii", "replace"))  # the name they point to
         else:
             records.append(f"{dns.QUERY_TYPES.get(rr.type, rr.type)} {payload}")
-    return {"rcode": RCODES.get(message.rCode, str(message.rCode)), "records": records}
+    return {"rcode": RCODE_NAMES.get(message.rCode, str(message.rCode)), "records": records}
 
 
 def _outcome(entry: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 Contract
 --------
-- :class:`ConnectionCap` wraps a server factory: at most ``max_connections`` connections are
-  open at once; one more is closed as soon as it is accepted (before anything is read), so a
-  flood of idle or trickling clients costs a bounded number of sockets and buffers.
+- :class:`ConnectionCap` wraps a server factory (the webhook's, and DNS over TCP): at most
+  ``max_connections`` connections are open at once; one more is closed as soon as it is
+  accepted (before anything is read), so a flood of idle or trickling clients costs a bounded
+  number of sockets and buffers.
 - :class:`RateLimitedLog` writes a warning at most once per ``interval`` seconds per kind of
   event, saying how many were suppressed since the last line, so an attack cannot flood the log.
 
@@ -61,11 +62,15 @@ class ConnectionCap(WrappingFactory):
 
     protocol = _Counted
 
-    def __init__(self, wrapped_factory: Any, max_connections: int, what: str, limits_log: RateLimitedLog) -> None:
+    def __init__(self, wrapped_factory: Any, max_connections: int, what: str, limits_log: RateLimitedLog,
+                 under_tls: bool = True) -> None:
         super().__init__(wrapped_factory)
         self.max_connections = max_connections
         self.what = what
         self.limits_log = limits_log
+        # Under TLS a factory may not return None, so a refused connection gets a protocol that
+        # aborts it; a plain TCP listener closes it (a FIN, not a reset) when given None.
+        self.under_tls = under_tls
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.protocols) >= self.max_connections:
@@ -74,5 +79,5 @@ class ConnectionCap(WrappingFactory):
                 f"{self.what}: refused a connection from {getattr(addr, 'host', addr)}: "
                 f"{self.max_connections} connections are open already",
             )
-            return Refused()
+            return Refused() if self.under_tls else None
         return super().buildProtocol(addr)
