@@ -143,20 +143,9 @@ OPT_RECORD = opt_record()
 def question_section(message: bytes) -> bytes:
     """The raw bytes of the question (name, type, class) of a query already read strictly,
     lower-cased for comparing it with the question an answer echoes.  Only walks the label
-    lengths (the forwarder calls it for every relayed query); :class:`WireError` for a
-    compressed name or one that runs past the end."""
-    offset = 12
-    size = len(message)
-    while True:
-        if offset >= size:
-            raise WireError("question name runs past the end of the message")
-        length = message[offset]
-        if length & 0xC0:
-            raise WireError("compressed or extended label in the question name")
-        offset += 1 + length
-        if length == 0:
-            break
-    return message[12 : offset + 4].lower()
+    lengths (the forwarder calls it for every relayed query); :class:`WireError` when the name
+    runs past the end."""
+    return message[12 : skip_name(message, 12) + 4].lower()
 
 
 def read_opt(data: bytes, offset: int) -> int | None:
