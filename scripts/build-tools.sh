@@ -6,7 +6,7 @@
 # `prometheus-operator-crds` builds nothing: it takes the Prometheus Operator's CRDs
 # (ServiceMonitor, PodMonitor, PrometheusRule) from its Go module and prints their directory.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node] [kube-network-policies] [kube-router] [prometheus-operator-crds]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [prometheus] [kube-node] [kube-network-policies] [kube-router] [prometheus-operator-crds]
 #
 # `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
 # kube-apiserver, in one `go build` so they share every compiled package.
@@ -151,6 +151,18 @@ build_promtool() {
     echo "$out"
 }
 
+# The Prometheus server, from the same module and version as promtool (most packages are already
+# compiled): the node test's Prometheus finds the chart's pods through Kubernetes service discovery,
+# which Debian's prometheus package is built without.  No web UI assets (only the HTTP API is used).
+build_prometheus() {
+    local out=$CACHE/prometheus-$PROMTOOL_VERSION/prometheus
+    if [ ! -x "$out" ]; then
+        (build_in_scratch_module github.com/prometheus/prometheus "$PROMTOOL_VERSION" \
+            github.com/prometheus/prometheus/cmd/prometheus "$out" </dev/null)
+    fi
+    echo "$out"
+}
+
 # kube-network-policies: a NetworkPolicy engine (nftables + nfqueue) for the real node's
 # isolation tests (--network-policies).
 build_kube_network_policies() {
@@ -210,10 +222,11 @@ for tool in "$@"; do
         coredns) build_coredns ;;
         helm) build_helm ;;
         promtool) build_promtool ;;
+        prometheus) build_prometheus ;;
         kube-node) build_kube_node ;;
         kube-network-policies) build_kube_network_policies ;;
         kube-router) build_kube_router ;;
         prometheus-operator-crds) fetch_prometheus_operator_crds ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, kube-node, kube-network-policies, kube-router or prometheus-operator-crds)"; exit 2 ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, prometheus, kube-node, kube-network-policies, kube-router or prometheus-operator-crds)"; exit 2 ;;
     esac
 done

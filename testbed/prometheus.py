@@ -1,17 +1,23 @@
-"""A real Prometheus (Debian's ``prometheus``) that finds targets through Kubernetes service discovery.
+"""A real Prometheus server that finds targets through Kubernetes service discovery.
 
 Contract
 --------
-``with Prometheus(scrape_configs, rule_files, parent_dir) as prom:`` writes a configuration
+:func:`find_prometheus` is the Prometheus server built by ``scripts/build-tools.sh prometheus``
+(the Go module proxy's ``github.com/prometheus/prometheus``, the same version as promtool) or
+``$PROMETHEUS``.  Debian's ``prometheus`` package cannot serve here: Debian builds it without
+Kubernetes service discovery (``field kubernetes_sd_configs not found in type
+config.ScrapeConfig``, 2.42.0+ds-5+deb12u1).
+
+``with Prometheus(binary, scrape_configs, rule_files, parent_dir) as prom:`` writes a configuration
 (``scrape_configs`` as given, ``rule_files`` copied in, scrape and evaluation interval
-``interval``), starts ``/usr/bin/prometheus`` on ``127.0.0.1`` with its storage in a fresh
-directory, and returns once ``/-/ready`` answers 200.  Then ``prom.query(expr)`` is an instant
+``interval``), starts the server on ``127.0.0.1`` with its storage in a fresh directory, and
+returns once ``/-/ready`` answers 200.  Then ``prom.query(expr)`` is an instant
 query's result vector, ``prom.targets()`` the active targets, ``prom.rule_groups()`` the loaded
 rule groups, ``prom.alerts()`` the active (pending or firing) alerts, each as Prometheus' HTTP API
 returns them.  Prometheus cannot be told to bind port 0 and report the port, so a free port is
 picked and the start retried on another one when it loses the race.  Leaving the block stops the
-process (its whole group) and removes the directory.  :class:`PrometheusUnavailable`: the binary
-is missing (tests skip); :class:`PrometheusError`: it did not start, with its log's tail.
+process (its whole group) and removes the directory.  :class:`PrometheusUnavailable`: no binary
+and no Go to build one (tests skip); :class:`PrometheusError`: it did not start, with its log's tail.
 
 Kubernetes service discovery is configured by the caller: :func:`kubernetes_sd` gives the
 ``kubernetes_sd_configs`` entry for an API server URL, its CA and a bearer-token file (what a
@@ -39,6 +45,7 @@ example Kubernetes configuration (``prometheus.io/scrape``, ``/port``, ``/path``
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -56,11 +63,10 @@ import yaml
 
 from testbed.controlplane import ManagedProcess
 
-__all__ = ["MONITORING_KINDS", "PROMETHEUS", "CrdsUnavailable", "Prometheus", "PrometheusError",
-           "PrometheusUnavailable", "annotation_job", "install_crds", "kubernetes_sd", "operator_crds",
+__all__ = ["MONITORING_KINDS", "CrdsUnavailable", "Prometheus", "PrometheusError", "PrometheusUnavailable",
+           "annotation_job", "find_prometheus", "install_crds", "kubernetes_sd", "operator_crds",
            "pod_monitor_jobs", "service_monitor_jobs"]
 
-PROMETHEUS = "/usr/bin/prometheus"
 BUILD_TOOLS = Path(__file__).resolve().parent.parent / "scripts" / "build-tools.sh"
 MONITORING_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 # Loopback only: never through a proxy the environment may name.
@@ -68,11 +74,25 @@ _urlopen = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
 
 
 class PrometheusUnavailable(RuntimeError):
-    """No Prometheus binary on this machine (Debian package ``prometheus``)."""
+    """No Prometheus server here and no Go toolchain to build one."""
 
 
 class PrometheusError(RuntimeError):
     """Prometheus did not start or an API call failed; the message carries its log's tail."""
+
+
+def find_prometheus(timeout: float = 3600) -> str:
+    """``$PROMETHEUS``, else the server ``scripts/build-tools.sh prometheus`` builds (or has cached)."""
+    if os.environ.get("PROMETHEUS"):
+        return os.environ["PROMETHEUS"]
+    done = subprocess.run(["bash", str(BUILD_TOOLS), "prometheus"], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines and os.access(lines[-1], os.X_OK):
+        return lines[-1]
+    if shutil.which("go") is None:
+        raise PrometheusUnavailable("the Prometheus server is not cached and Go is not installed to build it")
+    raise RuntimeError(f"build-tools.sh prometheus failed:\n{done.stderr[-2000:]}")
 
 
 class CrdsUnavailable(RuntimeError):
@@ -257,13 +277,11 @@ def annotation_job(name: str, api_server: str, ca_file: str | Path, token_file: 
 
 
 class Prometheus:
-    """Debian's Prometheus on loopback; see the module docstring."""
+    """A Prometheus server on loopback; see the module docstring."""
 
-    def __init__(self, scrape_configs: Sequence[dict[str, Any]], rule_files: Sequence[Path] = (),
+    def __init__(self, binary: str, scrape_configs: Sequence[dict[str, Any]], rule_files: Sequence[Path] = (),
                  parent_dir: str | Path | None = None, *, interval: str = "2s", scrape_itself: bool = False,
-                 binary: str = PROMETHEUS, start_timeout: float = 60.0, attempts: int = 5) -> None:
-        if not Path(binary).exists():
-            raise PrometheusUnavailable(f"{binary} is missing (Debian package prometheus; scripts/setup installs it)")
+                 start_timeout: float = 60.0, attempts: int = 5) -> None:
         self.binary = binary
         self.scrape_configs = list(scrape_configs)
         self.rule_files = list(rule_files)
