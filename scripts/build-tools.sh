@@ -3,8 +3,10 @@
 # helm, and the node components kubelet, kube-proxy, kube-controller-manager, kube-scheduler) from
 # the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each
 # binary.  Nothing is built inside the repository and nothing built is ever committed.
+# `prometheus-operator-crds` builds nothing: it takes the Prometheus Operator's CRDs
+# (ServiceMonitor, PodMonitor, PrometheusRule) from its Go module and prints their directory.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [kube-node] [kube-network-policies] [kube-router]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [prometheus] [kube-node] [kube-network-policies] [kube-router] [prometheus-operator-crds]
 #
 # `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
 # kube-apiserver, in one `go build` so they share every compiled package.
@@ -23,6 +25,8 @@ KNP_VERSION=${KNP_VERSION:-v0.8.0}
 # The only v2 release the module proxy serves here; security flaws are reported against it, so it is
 # a TEST-BED engine only (loopback, throw-away node), never shipped or recommended.
 KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-v2.1.0}
+# The CRDs the chart's ServiceMonitor, PodMonitor and PrometheusRule are validated against.
+PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}
 CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -147,6 +151,18 @@ build_promtool() {
     echo "$out"
 }
 
+# The Prometheus server, from the same module and version as promtool (most packages are already
+# compiled): the node test's Prometheus finds the chart's pods through Kubernetes service discovery,
+# which Debian's prometheus package is built without.  No web UI assets (only the HTTP API is used).
+build_prometheus() {
+    local out=$CACHE/prometheus-$PROMTOOL_VERSION/prometheus
+    if [ ! -x "$out" ]; then
+        (build_in_scratch_module github.com/prometheus/prometheus "$PROMTOOL_VERSION" \
+            github.com/prometheus/prometheus/cmd/prometheus "$out" </dev/null)
+    fi
+    echo "$out"
+}
+
 # kube-network-policies: a NetworkPolicy engine (nftables + nfqueue) for the real node's
 # isolation tests (--network-policies).
 build_kube_network_policies() {
@@ -170,6 +186,30 @@ build_kube_router() {
     echo "$out"
 }
 
+# The Prometheus Operator's own CRD manifests (read from its module's example/ directory, as
+# published), copied into the cache; the repository never holds them.
+PROMETHEUS_OPERATOR_CRDS="servicemonitors podmonitors prometheusrules"
+fetch_prometheus_operator_crds() {
+    local dir=$CACHE/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION complete=1 crd
+    for crd in $PROMETHEUS_OPERATOR_CRDS; do
+        [ -s "$dir/monitoring.coreos.com_$crd.yaml" ] || complete=0
+    done
+    if [ "$complete" = 0 ]; then
+        local work module
+        work=$(mktemp -d "${TMPDIR:-/tmp}/kubedock-dns-crds.XXXXXX")
+        say "downloading github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION for its CRDs"
+        module=$(cd "$work" && go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+            sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+        rm -rf "$work" "$dir.tmp" && mkdir -p "$dir.tmp"
+        for crd in $PROMETHEUS_OPERATOR_CRDS; do
+            cp "$module/example/prometheus-operator-crd-full/monitoring.coreos.com_$crd.yaml" "$dir.tmp/"
+        done
+        chmod 0644 "$dir.tmp"/*.yaml
+        rm -rf "$dir" && mv "$dir.tmp" "$dir"
+    fi
+    echo "$dir"
+}
+
 [ $# -gt 0 ] || set -- kube-apiserver
 # One build at a time per cache: parallel test sessions would otherwise compile twice.
 mkdir -p "$CACHE"
@@ -182,9 +222,11 @@ for tool in "$@"; do
         coredns) build_coredns ;;
         helm) build_helm ;;
         promtool) build_promtool ;;
+        prometheus) build_prometheus ;;
         kube-node) build_kube_node ;;
         kube-network-policies) build_kube_network_policies ;;
         kube-router) build_kube_router ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, kube-node, kube-network-policies or kube-router)"; exit 2 ;;
+        prometheus-operator-crds) fetch_prometheus_operator_crds ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, prometheus, kube-node, kube-network-policies, kube-router or prometheus-operator-crds)"; exit 2 ;;
     esac
 done

@@ -25,6 +25,9 @@ CHART = REPO / "helm" / "kubedock-dns"
 RULES = CHART / "files" / "prometheus-rules.yaml"
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 RULE_TESTS = REPO / "tests" / "alerts" / "prometheus-rules.test.yaml"
+RUNBOOKS = REPO / "docs" / "runbooks.md"
+# Where the project's documentation is published (Chart.yaml's home); runbook links point there.
+RUNBOOK_BASE = "https://github.com/kubedock-dns/kubedock-dns/blob/main/docs/runbooks.md"
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +62,14 @@ def test_rules_pass_promtool_check(promtool: str) -> None:
     """``promtool check rules`` accepts the rule file (syntax, PromQL, templates)."""
     done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 5 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 6 rules found" in done.stdout + done.stderr
 
 
 def test_alerts_fire_for_what_they_name(promtool: str) -> None:
-    """Not synced for 5 minutes, more than 5% failed forwards for 10 minutes, a duplicate pod IP
-    that stays, the hold bound reached, forwards refused: each alert fires for its replica with
-    its text, and not for the replica beside it that is fine."""
+    """No ready replica in a namespace (gone, not synced or draining) for a minute, none ever
+    scraped, not synced for 5 minutes, more than 5% failed forwards for 10 minutes, a duplicate pod
+    IP that stays, the hold bound reached, forwards refused: each alert fires for its replica or
+    namespace with its text and runbook link, and not for the one beside it that is fine."""
     done = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -112,3 +116,76 @@ def test_chart_renders_rule_and_dashboard_only_when_asked(helm: str) -> None:  #
     config_map = next(o for o in objects if o["kind"] == "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["kubedock-dns.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, spaces to dashes, punctuation gone."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_a_runbook_section_that_says_what_to_do() -> None:
+    """Each alert's ``runbook_url`` points at docs/runbooks.md, at a section that exists, is named
+    after the alert and says what it means and what to do; every section belongs to an alert."""
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    text = RUNBOOKS.read_text()
+    sections = {_github_anchor(m.group(1)): m.end() for m in re.finditer(r"^## (.+)$", text, re.M)}
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOK_BASE, f"{rule['alert']}: runbook_url {url!r}"
+        assert anchor == _github_anchor(rule["alert"]) and anchor in sections, f"{rule['alert']}: no section #{anchor}"
+        body = text[sections[anchor]:].split("\n## ", 1)[0]
+        assert "**What it means.**" in body and "**What to do.**" in body, rule["alert"]
+    assert set(sections) == {_github_anchor(r["alert"]) for r in rules}
+
+
+def test_nothing_serving_alert_covers_every_way_to_be_unready() -> None:
+    """KubedockDNSDown is critical and counts a replica as serving only when it is scraped,
+    synced and not draining, exactly /readyz's condition."""
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    down = rules["KubedockDNSDown"]
+    assert down["labels"]["severity"] == "critical"
+    assert "kubedock_dns_synced == 1" in down["expr"] and "kubedock_dns_draining == 1" in down["expr"]
+
+
+def test_dashboard_process_panels_show_only_kubedock_dns(promtool: str, tmp_path: Path) -> None:
+    """The memory and CPU panels, with "All" namespaces and replicas selected, show the
+    kubedock-dns replicas and not the other processes the same Prometheus scrapes (here: itself
+    and a CoreDNS pod), evaluated by promtool on series shaped like real scrapes."""
+    panels = {t["expr"]: p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]
+              if re.search(r"\b(process|python)_", t["expr"])}
+    assert len(panels) >= 2, panels
+    series = []
+    for job, instance, labels, memory, cpu_per_minute in [
+        ("kd", "10.0.0.1:8080", 'namespace="ci", pod="dns-a"', 100, 6),
+        ("kd", "10.0.0.2:8080", 'namespace="ci", pod="dns-b"', 200, 12),
+        ("prometheus", "localhost:9090", "", 999, 60),
+        ("coredns", "10.0.0.9:9153", 'namespace="kube-system", pod="coredns-1"', 888, 30),
+    ]:
+        common = f'job="{job}", instance="{instance}"' + (f", {labels}" if labels else "")
+        series.append({"series": f"process_resident_memory_bytes{{{common}}}", "values": f"{memory}x10"})
+        series.append({"series": f"process_cpu_seconds_total{{{common}}}", "values": f"0+{cpu_per_minute}x10"})
+        if job == "kd":
+            series.append({"series": f"kubedock_dns_synced{{{common}}}", "values": "1x10"})
+    tests = []
+    for expr in panels:
+        concrete = expr.replace("$__rate_interval", "2m").replace("$namespace", ".*").replace("$pod", ".*")
+        tests.append({"expr": concrete, "eval_time": "5m", "exp_samples": [
+            {"labels": _expected_labels(concrete, "dns-a"), "value": 100 if "memory" in concrete else 0.1},
+            {"labels": _expected_labels(concrete, "dns-b"), "value": 200 if "memory" in concrete else 0.2},
+        ]})
+    path = tmp_path / "dashboard.test.yaml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": [
+        {"interval": "1m", "input_series": series, "promql_expr_test": tests}]}))
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _expected_labels(expr: str, pod: str) -> str:
+    """The label set promtool prints for a panel's sample of replica ``pod`` (rate() drops the
+    metric name, a plain selector keeps it)."""
+    instance = {"dns-a": "10.0.0.1:8080", "dns-b": "10.0.0.2:8080"}[pod]
+    labels = f'instance="{instance}", job="kd", namespace="ci", pod="{pod}"'
+    if expr.startswith("rate("):
+        return "{" + labels + "}"
+    return "process_resident_memory_bytes{" + labels + "}"

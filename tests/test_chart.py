@@ -42,6 +42,7 @@ PLUGIN_OPTIONS = {
     "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
     "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
     "--network-policies", "--isolation-policy", "--kubedock-pod-selector", "--drain-seconds",
+    "--log-format",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -64,9 +65,28 @@ OPTIONS: dict[str, list[str]] = {
     "network-policies": ["--set", "networkPolicies.enabled=true",
                          "--set", "networkPolicies.kubedockPodSelector.app\\.kubernetes\\.io/name=kubedock",
                          "--set", "networkPolicies.kubedockPodSelector.tier=ci"],
+    "service-monitor": ["--set", "metrics.serviceMonitor.enabled=true",
+                        "--set", "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+                        "--set", "metrics.serviceMonitor.interval=30s", "--set", "metrics.serviceMonitor.scrapeTimeout=10s",
+                        "--set-json", 'metrics.serviceMonitor.metricRelabelings=[{"action": "drop", '
+                                      '"sourceLabels": ["__name__"], "regex": "python_gc_.*"}]',
+                        "--set", "metrics.prometheusRule.enabled=true",
+                        "--set", "metrics.scrapeAnnotations.enabled=false"],
+    "pod-monitor": ["--set", "metrics.podMonitor.enabled=true", "--set", "metrics.podMonitor.interval=1m",
+                    "--set-json", 'metrics.podMonitor.relabelings=[{"targetLabel": "cluster", "replacement": "ci"}]',
+                    "--set", "metrics.service.enabled=false", "--set", "metrics.scrapeAnnotations.enabled=false"],
+    "pinned-digest": ["--set", f"image.digest=sha256:{'ab' * 32}"],
+    "zone-spread": ["--set-json", 'topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": '
+                                  '"topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]'],
+    "platform-assigned-ids": ["--set", "podSecurityContext.runAsUser=null", "--set", "podSecurityContext.runAsGroup=null",
+                              "--set", "podSecurityContext.fsGroup=null", "--set", "securityContext.runAsUser=null",
+                              "--set", "securityContext.runAsGroup=null"],
+    "common-labels": ["--set-string", "commonLabels.team=ci", "--set-string", "commonLabels.cost-center=42"],
+    "json-logs": ["--set", "logFormat=json"],
 }
 
 CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # testbed.prometheus.MONITORING_KINDS
 
 
 # --- helm --------------------------------------------------------------------------------------
@@ -118,6 +138,21 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def dns_service(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Service kubedock's pods use as nameserver (not the metrics Service)."""
+    found = [o for o in objects if o["kind"] == "Service"
+             and o["metadata"]["labels"].get("app.kubernetes.io/component") != "metrics"]
+    assert len(found) == 1, [o["metadata"]["name"] for o in found]
+    return found[0]
+
+
+def metrics_service(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == "Service"
+             and o["metadata"]["labels"].get("app.kubernetes.io/component") == "metrics"]
+    assert len(found) == 1, [o["metadata"]["name"] for o in found]
+    return found[0]
+
+
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
@@ -157,7 +192,7 @@ def test_default_objects_are_namespaced_except_the_webhook(default: list[dict[st
     webhook configuration (no ClusterRole, no CRD)."""
     assert sorted(o["kind"] for o in default) == sorted([
         "Deployment", "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding",
-        "Secret", "Service", "ServiceAccount",
+        "Secret", "Service", "Service", "ServiceAccount",
     ])
 
 
@@ -217,7 +252,7 @@ def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -
     assert args["--dns-port"] == ["5353"] and args["--webhook-port"] == ["8443"] and args["--ops-port"] == ["8080"]
     assert args["--namespace"] == ["kubedock"]
     assert args["--opt-in-label"] == ["kubedock"]
-    assert args["--dns-service-name"] == [one(default, "Service")["metadata"]["name"]]
+    assert args["--dns-service-name"] == [dns_service(default)["metadata"]["name"]]
     assert "--dns-service-ip" not in args
     assert "--upstream" not in args  # the pod's resolv.conf (ClusterFirst: the cluster DNS) is used
     pod = one(default, "Deployment")["spec"]["template"]["spec"]
@@ -232,13 +267,181 @@ def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -
 def test_service_maps_dns_and_webhook_ports(default: list[dict[str, Any]]) -> None:
     """Port 53 over UDP and TCP reaches the DNS server's port 5353, port 443 the webhook's 8443,
     and the Service selects exactly the Deployment's pods."""
-    service = one(default, "Service")
+    service = dns_service(default)
     deployment = one(default, "Deployment")
     named = {p["name"]: p["containerPort"] for p in container(default)["ports"]}
     ports = {(p["port"], p["protocol"]): named[p["targetPort"]] for p in service["spec"]["ports"]}
     assert ports == {(53, "UDP"): 5353, (53, "TCP"): 5353, (443, "TCP"): 8443}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert "clusterIP" not in service["spec"]
+
+
+# --- monitoring -------------------------------------------------------------------------------
+
+
+def test_metrics_service_exposes_only_the_ops_port(default: list[dict[str, Any]]) -> None:
+    """By default a second Service carries the ops port (port ``metrics``, 8080, to the container's
+    ``ops`` port, where /metrics is served) for the Deployment's pods; only it has the label
+    ``app.kubernetes.io/component: metrics`` a ServiceMonitor selects, and the DNS Service does not
+    expose the ops port."""
+    service = metrics_service(default)
+    named = {p["name"]: p["containerPort"] for p in container(default)["ports"]}
+    assert [(p["name"], p["port"], named[p["targetPort"]]) for p in service["spec"]["ports"]] == [("metrics", 8080, 8080)]
+    assert service["spec"]["selector"] == one(default, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert service["metadata"]["name"] == dns_service(default)["metadata"]["name"] + "-metrics"
+    assert "app.kubernetes.io/component" not in dns_service(default)["metadata"]["labels"]
+    assert 8080 not in [p["port"] for p in dns_service(default)["spec"]["ports"]]
+
+
+def test_metrics_service_name_stays_a_dns_label(helm: str) -> None:
+    """A 63-character full name still gives a metrics Service name of at most 63 characters."""
+    long_name = "k" * 63
+    objects = render(helm, "--set", f"fullnameOverride={long_name}")
+    name = metrics_service(objects)["metadata"]["name"]
+    assert len(name) <= 63 and name.endswith("-metrics")
+
+
+def test_pods_carry_scrape_annotations_unless_turned_off(helm: str, default: list[dict[str, Any]]) -> None:
+    """The pods announce their metrics the way annotation-driven Prometheus configurations read
+    them (scrape, port of /metrics, path); podAnnotations can override one; turned off, none."""
+    annotations = one(default, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+    assert 8080 in [p["containerPort"] for p in container(default)["ports"]]
+    overridden = render(helm, "--set-string", "podAnnotations.prometheus\\.io/scrape=false",
+                        "--set-string", "podAnnotations.team=ci")
+    annotations = one(overridden, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false" and annotations["team"] == "ci"
+    off = render(helm, "--set", "metrics.scrapeAnnotations.enabled=false")
+    assert "annotations" not in one(off, "Deployment")["spec"]["template"]["metadata"]
+
+
+def test_service_monitor_selects_exactly_the_metrics_service(helm: str, default: list[dict[str, Any]]) -> None:
+    """Off by default.  Enabled, the ServiceMonitor (with the labels the Prometheus looks for)
+    selects the metrics Service and not the DNS Service, in the release namespace only, scrapes
+    its ``metrics`` port at /metrics with the interval, timeout and relabelings given."""
+    assert not [o for o in default if o["kind"] in MONITORING_KINDS]
+    objects = render(helm, *OPTIONS["service-monitor"])
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s["metadata"]["name"] for s in objects if s["kind"] == "Service"
+                and selector.items() <= s["metadata"]["labels"].items()]
+    assert selected == [metrics_service(objects)["metadata"]["name"]]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["kubedock"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in metrics_service(objects)["spec"]["ports"]]
+    assert (endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("/metrics", "30s", "10s")
+    assert endpoint["metricRelabelings"] == [{"action": "drop", "sourceLabels": ["__name__"], "regex": "python_gc_.*"}]
+    assert "relabelings" not in endpoint
+
+
+def test_pod_monitor_scrapes_the_pods_ops_port(helm: str) -> None:
+    """The PodMonitor selects the Deployment's pods by their selector labels and scrapes the
+    container port named in it (the ops port, /metrics); it needs no Service."""
+    objects = render(helm, *OPTIONS["pod-monitor"])
+    monitor = one(objects, "PodMonitor")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert monitor["spec"]["selector"]["matchLabels"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["kubedock"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert ports[endpoint["port"]] == 8080 and endpoint["path"] == "/metrics" and endpoint["interval"] == "1m"
+    assert endpoint["relabelings"] == [{"targetLabel": "cluster", "replacement": "ci"}]
+    assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-metrics")]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"],
+     "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true"),
+    (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false"],
+     "metrics.serviceMonitor.enabled needs metrics.service.enabled"),
+])
+def test_monitor_settings_that_cannot_work_are_refused(helm: str, options: list[str], message: str) -> None:
+    """Both Prometheus Operator monitors at once (every series scraped twice), or a ServiceMonitor
+    without the Service it selects (no target at all): rendering fails saying so."""
+    result = run_helm(helm, "template", "kd", str(CHART), *options, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# --- the usual knobs ------------------------------------------------------------------------------
+
+
+def test_image_digest_pins_the_image(helm: str, default: list[dict[str, Any]]) -> None:
+    """By default the image is <repository>:<appVersion>; with ``image.digest`` it is pulled by
+    digest and the tag no longer counts."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert container(default)["image"] == f"localhost:5000/kubedock-dns:{chart['appVersion']}"
+    digest = f"sha256:{'ab' * 32}"
+    pinned = render(helm, *OPTIONS["pinned-digest"], "--set", "image.tag=moved")
+    assert container(pinned)["image"] == f"localhost:5000/kubedock-dns@{digest}"
+
+
+def test_topology_spread_constraints_get_the_pod_selector(helm: str, default: list[dict[str, Any]]) -> None:
+    """None by default; a constraint without labelSelector gets the Deployment's pod selector (a
+    constraint counting no pod would spread nothing), one with its own keeps it."""
+    assert "topologySpreadConstraints" not in one(default, "Deployment")["spec"]["template"]["spec"]
+    deployment = one(render(helm, *OPTIONS["zone-spread"]), "Deployment")
+    (constraint,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint == {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                          "whenUnsatisfiable": "ScheduleAnyway",
+                          "labelSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}}
+    own = {"matchLabels": {"tier": "dns"}}
+    deployment = one(render(helm, "--set-json", 'topologySpreadConstraints=[{"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", '
+                                                '"whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"tier": "dns"}}}]'),
+                     "Deployment")
+    assert deployment["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["labelSelector"] == own
+
+
+def test_security_contexts_can_leave_the_ids_to_the_platform(helm: str, default: list[dict[str, Any]]) -> None:
+    """The fixed uid/gid 10001 can be changed (a platform's uid range) or dropped (a platform that
+    assigns them, like OpenShift's restricted SCC); every other hardening setting stays."""
+    pod = one(default, "Deployment")["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (10001, 10001)
+    ranged = render(helm, "--set", "podSecurityContext.runAsUser=1000700000", "--set", "securityContext.runAsUser=1000700000")
+    pod = one(ranged, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 1000700000 == container(ranged)["securityContext"]["runAsUser"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assigned = render(helm, *OPTIONS["platform-assigned-ids"])
+    pod_sc = one(assigned, "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    sc = container(assigned)["securityContext"]
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & (set(pod_sc) | set(sc))
+    assert pod_sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+
+
+def test_common_labels_reach_every_object_but_no_selector(helm: str, default: list[dict[str, Any]]) -> None:
+    """``commonLabels`` label every object the chart creates and the pods; selectors stay as they
+    are, so changing them never orphans a running pod."""
+    objects = render(helm, *OPTIONS["common-labels"])
+    for obj in objects:
+        assert {"team": "ci", "cost-center": "42"}.items() <= obj["metadata"]["labels"].items(), obj["kind"]
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["template"]["metadata"]["labels"]["team"] == "ci"
+    assert deployment["spec"]["selector"] == one(default, "Deployment")["spec"]["selector"]
+    assert dns_service(objects)["spec"]["selector"] == dns_service(default)["spec"]["selector"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--set-string", "commonLabels.app\\.kubernetes\\.io/name=other"],
+     "commonLabels.app.kubernetes.io/name: the chart sets this label itself"),
+    (["--set-string", "commonLabels.helm\\.sh/chart=x"], "commonLabels.helm.sh/chart: the chart sets this label itself"),
+    (["--set-string", "podLabels.app\\.kubernetes\\.io/instance=x"],
+     "podLabels/commonLabels.app.kubernetes.io/instance: the Deployment selects its pods by this label"),
+    (["--set-string", "commonLabels.kubedock=true"], "commonLabels.kubedock=true would opt kubedock-dns' own pods in"),
+])
+def test_labels_that_would_break_the_release_are_refused(helm: str, options: list[str], message: str) -> None:
+    """A common or pod label replacing one the chart sets (a selector label would orphan the
+    pods), or opting the server's own pods in: rendering fails naming the label."""
+    result = run_helm(helm, "template", "kd", str(CHART), *options, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_log_format_reaches_the_server(helm: str, default: list[dict[str, Any]]) -> None:
+    """``logFormat`` becomes the server's ``--log-format`` (text by default)."""
+    assert args_of(default)["--log-format"] == ["text"]
+    assert args_of(render(helm, *OPTIONS["json-logs"]))["--log-format"] == ["json"]
 
 
 # --- RBAC --------------------------------------------------------------------------------------
@@ -248,7 +451,7 @@ def test_rbac_is_least_privilege(default: list[dict[str, Any]]) -> None:
     """The Role allows exactly get/list/watch on pods and get on its own Service by name, bound to
     its own ServiceAccount in its namespace; nothing cluster-scoped."""
     role = one(default, "Role")
-    service_name = one(default, "Service")["metadata"]["name"]
+    service_name = dns_service(default)["metadata"]["name"]
     rules = sorted(
         (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])), tuple(r.get("resourceNames", ())))
         for r in role["rules"]
@@ -269,7 +472,7 @@ def test_fixed_cluster_ip_needs_no_access_to_services(helm: str) -> None:
     """With ``service.clusterIP`` the Service gets that address, the server is told it directly,
     and the Role loses its one rule on Services."""
     objects = render(helm, *OPTIONS["fixed-cluster-ip"])
-    assert one(objects, "Service")["spec"]["clusterIP"] == "10.96.0.53"
+    assert dns_service(objects)["spec"]["clusterIP"] == "10.96.0.53"
     args = args_of(objects)
     assert args["--dns-service-ip"] == ["10.96.0.53"] and "--dns-service-name" not in args
     assert [r["resources"] for r in one(objects, "Role")["rules"]] == [["pods"]]
@@ -295,7 +498,7 @@ def test_webhook_sees_only_kubedock_pods_of_its_namespace(default: list[dict[str
     assert 1 <= webhook["timeoutSeconds"] <= 10
     assert webhook["failurePolicy"] == "Fail"
     assert webhook["clientConfig"]["service"] == {
-        "namespace": "kubedock", "name": one(default, "Service")["metadata"]["name"], "path": "/mutate", "port": 443,
+        "namespace": "kubedock", "name": dns_service(default)["metadata"]["name"], "path": "/mutate", "port": 443,
     }
 
 
@@ -418,7 +621,7 @@ def test_generated_certificate_is_trusted_for_the_service(default: list[dict[str
     cert = x509.load_pem_x509_certificate(_decode(secret["data"]["tls.crt"]))
     cert.verify_directly_issued_by(ca)
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    service = one(default, "Service")["metadata"]["name"]
+    service = dns_service(default)["metadata"]["name"]
     assert f"{service}.kubedock.svc" in sans
     now = datetime.datetime.now(datetime.timezone.utc)
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
@@ -492,7 +695,7 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     serving = certificates[name]
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert serving["spec"]["secretName"] == next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
-    service = one(objects, "Service")["metadata"]["name"]
+    service = dns_service(objects)["metadata"]["name"]
     assert f"{service}.kubedock.svc" in serving["spec"]["dnsNames"]
     issuers = {o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"}
     assert serving["spec"]["issuerRef"]["name"] in issuers
@@ -517,6 +720,23 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "dns.upstreams={[fd00::10]53}",
     "drainSeconds=-1",
     "terminationGracePeriodSeconds=0",
+    "image.digest=latest",
+    "image.digest=sha256:abc",
+    "topologySpreadConstraints=zone",
+    "podSecurityContext.runAsUser=root",
+    "podSecurityContext.runAsUser=-1",
+    "podSecurityContext.seccompProfile.type=Lenient",
+    "securityContext.privileged=yes",
+    "securityContext.readOnlyRootFilesytem=true",
+    "commonLabels={team}",
+    "commonLabels.cost-center=42",
+    "logFormat=xml",
+    "metrics.serviceMonitor.enabled=maybe",
+    "metrics.serviceMonitor.interval=soon",
+    "metrics.podMonitor.scrapeTimeout=10",
+    "metrics.podMonitor.labels={release}",
+    "metrics.service.enabled=1",
+    "metrics.scrapeAnnotations=true",
 ])
 def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
     """values.schema.json catches misspelt or out-of-range values before anything is applied."""
@@ -524,16 +744,47 @@ def test_schema_refuses_bad_values(helm: str, bad: str) -> None:
     assert result.returncode != 0 and "schema" in result.stderr.lower(), result.stderr
 
 
+@pytest.mark.parametrize("bad", [
+    'topologySpreadConstraints=[{"maxSkew": "one", "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}]',
+    'topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "zone"}]',
+    'securityContext={"capabilities": {"drop": "ALL"}}',
+    'metrics.serviceMonitor.relabelings={"action": "drop"}',
+])
+def test_schema_refuses_bad_structures(helm: str, bad: str) -> None:
+    """Wrong types inside the structured knobs (a string skew, a constraint missing a required
+    field, a string where a list belongs) fail before anything is applied."""
+    result = run_helm(helm, "template", "kd", str(CHART), "--set-json", bad, check=False)
+    assert result.returncode != 0 and "schema" in result.stderr.lower(), result.stderr
+
+
 # --- against the real API server ------------------------------------------------------------------
 
 
 def _apply_dry_run(dynamic: Any, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """Server-side dry-run apply; an unknown field is an error (fieldValidation=Strict), not a
+    warning."""
     resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
     kwargs = {"namespace": namespace} if resource.namespaced else {}
     return resource.server_side_apply(
         body=obj, name=obj["metadata"]["name"], field_manager="kubedock-dns-chart-test",
-        dry_run="All", **kwargs,
+        dry_run="All", query_params=[("fieldValidation", "Strict")], **kwargs,
     ).to_dict()
+
+
+@pytest.fixture(scope="session")
+def monitoring_crds(control_plane: Any) -> None:
+    """The Prometheus Operator's CRDs installed on the test control plane (once per session)."""
+    from testbed.prometheus import CrdsUnavailable, install_crds, operator_crds
+
+    try:
+        crds = operator_crds()
+    except CrdsUnavailable as e:
+        pytest.skip(str(e))
+    api_client = control_plane.api_client()
+    try:
+        install_crds(api_client, crds)
+    finally:
+        api_client.close()
 
 
 @pytest.fixture
@@ -550,12 +801,16 @@ def dynamic(control_plane: Any) -> Iterator[Any]:
 @pytest.mark.controlplane
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_every_rendered_object_is_accepted_by_the_api_server(
-    helm: str, control_plane: Any, dynamic: Any, namespace: str, option: str
+    helm: str, control_plane: Any, dynamic: Any, namespace: str, option: str, request: pytest.FixtureRequest
 ) -> None:
     """Every object the chart renders, for every documented option, passes the real API server's
-    validation and admission (server-side dry-run apply).  cert-manager's Certificate and Issuer
-    are skipped: their CRDs are not installed on the test control plane."""
+    validation and admission (server-side dry-run apply, unknown fields refused), the
+    ServiceMonitor, PodMonitor and PrometheusRule against the Prometheus Operator's own CRD
+    schemas.  cert-manager's Certificate and Issuer are skipped: their CRDs are not installed on
+    the test control plane."""
     set_args = list(OPTIONS[option])
+    if any("Monitor.enabled=true" in a or "prometheusRule.enabled=true" in a for a in set_args):
+        request.getfixturevalue("monitoring_crds")
     if option == "fixed-cluster-ip":  # an address inside this control plane's service range
         net = ipaddress.ip_network(control_plane.service_cidr)
         set_args = ["--set", f"service.clusterIP={net.network_address + 53}"]
@@ -569,6 +824,35 @@ def test_every_rendered_object_is_accepted_by_the_api_server(
         assert result["metadata"]["name"] == obj["metadata"]["name"]
         applied.append(obj["kind"])
     assert "Deployment" in applied and "MutatingWebhookConfiguration" in applied
+
+
+@pytest.mark.controlplane
+@pytest.mark.parametrize("path, value, complaint", [
+    (("endpoints", 0, "interval"), "soon", "interval"),
+    (("endpoints", 0, "scheme"), "gopher", "scheme"),
+    (("endpoints", 0, "portName"), "metrics", "portName"),
+    (("selector", "matchLabels"), ["not", "a", "map"], "matchLabels"),
+])
+def test_the_crd_schemas_refuse_a_broken_service_monitor(
+    helm: str, monitoring_crds: None, dynamic: Any, namespace: str,
+    path: tuple[Any, ...], value: Any, complaint: str,
+) -> None:
+    """The validation above bites: the chart's ServiceMonitor with one field broken (a bad
+    duration, an unknown scheme, a misspelt field, a list for a map) is refused by the API
+    server, naming the field."""
+    from kubernetes.client.exceptions import ApiException
+
+    monitor = one(render(helm, *OPTIONS["service-monitor"], namespace=namespace), "ServiceMonitor")
+    _apply_dry_run(dynamic, monitor, namespace)  # positive control: as rendered, it is accepted
+    target = monitor["spec"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ApiException) as refused:
+        _apply_dry_run(dynamic, monitor, namespace)
+    # 422 for a schema violation; server-side apply reports a field its schema lacks, or the wrong
+    # shape, as 500 "failed to create typed patch object" (the API server's way, not ours).
+    assert refused.value.status in (422, 500) and complaint in refused.value.body, refused.value.body
 
 
 def _without_tls_material(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -782,3 +1066,54 @@ def test_rendered_webhook_mutates_pods_for_real(
             server.kill()
             server.wait()
         log.close()
+
+
+# --- the chart's README ---------------------------------------------------------------------------
+
+
+def _chart_readme(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "chart_readme.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_chart_readme_is_generated_from_the_current_values() -> None:
+    """helm/kubedock-dns/README.md is exactly what scripts/chart_readme.py writes from
+    values.yaml, Chart.yaml and the template: every value, its type, default and description."""
+    done = _chart_readme("--check")
+    assert done.returncode == 0, done.stderr
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    assert "| `metrics.serviceMonitor.enabled` | bool | `false` |" in readme
+    assert f"| `replicaCount` | int | `{values['replicaCount']}` |" in readme
+    assert "{{" not in readme.split("## Values")[0]
+
+
+def test_chart_readme_check_catches_drift_and_undocumented_values(tmp_path: Path) -> None:
+    """A description changed without regenerating fails ``--check``; a value without a ``# --``
+    description cannot be written at all (the generator names it)."""
+    import shutil
+
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    values = chart / "values.yaml"
+    values.write_text(values.read_text().replace("# -- Number of DNS/webhook replicas.", "# -- How many replicas."))
+    stale = _chart_readme("--check", "--chart", str(chart))
+    assert stale.returncode == 1 and "is not current" in stale.stderr
+    assert _chart_readme("--chart", str(chart)).returncode == 0
+    assert "How many replicas." in (chart / "README.md").read_text()
+    values.write_text(values.read_text() + "\nsurprise:\n  knob: 1\n")
+    undocumented = _chart_readme("--chart", str(chart))
+    assert undocumented.returncode == 2 and "surprise.knob has no '# --' description" in undocumented.stderr
+
+
+def test_chart_package_holds_the_readme_but_not_its_template(helm: str, tmp_path: Path) -> None:
+    """``helm package`` ships the generated README (``helm show readme`` prints it) and leaves the
+    template out (.helmignore)."""
+    import tarfile
+
+    run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("kubedock-dns-*.tgz")
+    names = tarfile.open(archive).getnames()
+    assert "kubedock-dns/README.md" in names and "kubedock-dns/README.md.tmpl" not in names
+    shown = run_helm(helm, "show", "readme", str(archive)).stdout
+    assert shown.rstrip("\n") == (CHART / "README.md").read_text().rstrip("\n")

@@ -351,12 +351,55 @@ def test_image_size_is_reported_in_the_docs(built: Built) -> None:
     assert abs(layer - documented) <= 0.1 * documented, f"layer is {layer / 1e6:.0f} MB, docs say {found.group(1)} MB"
 
 
-def test_default_base_stays_the_stock_python_image() -> None:
-    """What users build: without a build argument both stages start from python:3.11-slim (the
-    tests only swap the base through PYTHON_IMAGE, never edit the Dockerfile)."""
+def test_default_base_is_the_pinned_stock_python_image() -> None:
+    """What users build: without a build argument both stages start from python:3.11-slim-bookworm
+    pinned by digest (the tests only swap the base through PYTHON_IMAGE, never edit the Dockerfile)."""
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M)
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+
+
+def test_image_carries_the_oci_labels_of_this_release(built: Built) -> None:
+    """The image says what it is: org.opencontainers.image.* labels with this release's version
+    (kubedock_dns.__version__), the licence, the project's source and the base it was built on
+    (here the Debian stand-in passed as PYTHON_IMAGE)."""
+    from kubedock_dns import __version__
+
+    labels = json.loads(built.podman("image", "inspect", "--format", "{{json .Labels}}", built.ref))
+    oci = {k.removeprefix("org.opencontainers.image."): v for k, v in labels.items()
+           if k.startswith("org.opencontainers.image.")}
+    assert oci["version"] == __version__ and oci["title"] == "kubedock-dns"
+    assert oci["licenses"] == "Apache-2.0"
+    assert oci["source"] == "https://github.com/kubedock-dns/kubedock-dns"
+    assert oci["base.name"] == debian_base(built.podman)
+
+
+def test_image_holds_exactly_the_locked_dependencies(built: Built) -> None:
+    """The virtual environment holds the distributions of image-requirements.txt at their pinned
+    versions and kubedock-dns itself, nothing more (pip and setuptools were removed after use)."""
+    from packaging.utils import canonicalize_name
+
+    from kubedock_dns import __version__
+    from tests.test_release import LOCK, parse_lock
+
+    probe = ("import importlib.metadata as m, json;"
+             "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    out = built.podman("run", "--rm", "--network", "none", "--entrypoint", "python", built.ref, "-c", probe)
+    installed = {canonicalize_name(name): version for name, version in json.loads(out).items()}
+    locked = {name: entry[0] for name, entry in parse_lock(LOCK.read_text()).items()}
+    assert installed == {**locked, "kubedock-dns": __version__}
+
+
+def test_runs_under_a_platform_assigned_uid(built: Built) -> None:
+    """With the chart's uid dropped (podSecurityContext.runAsUser=null on a platform that assigns
+    one, e.g. OpenShift's uid 1000700000 with group 0), the image still starts twistd with its
+    plugin on a read-only root: nothing in it belongs to uid 10001 alone."""
+    out = built.podman("run", "--rm", "--network", "none", "--user", "1000700000:0", "--read-only",
+                       built.ref, "--help")
+    assert "--dns-port=" in out and "--webhook-port=" in out
+    probe = "import os, kubedock_dns.tap; print(os.getuid())"
+    assert built.podman("run", "--rm", "--network", "none", "--user", "1000700000:0", "--read-only",
+                        "--entrypoint", "python", built.ref, "-c", probe).split() == ["1000700000"]
 
 
 

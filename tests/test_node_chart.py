@@ -1,30 +1,49 @@
-"""The chart installed for real, on the real node, with the image built here (issue 9, item 3).
+"""The chart installed for real, on the real node, from an OCI registry, with the image built here.
 
 A user's path, step by step: the Dockerfile built and pushed to a registry (``testbed.image``:
-podman and Debian's docker-registry on loopback), ``helm upgrade --install`` with the defaults and
-``image.repository=<registry>/kubedock-dns`` into a namespace labelled
-``pod-security.kubernetes.io/enforce: restricted``; containerd pulls the image over plain HTTP; both
-replicas run under the restricted profile and become Ready; kubedock's pods (a small image pulled
-from the same registry, run as non-root as the profile demands) are mutated by the webhook reached
-through its Service, started by the kubelet, and resolve their peers through the chart's Service
-via kube-proxy; ``helm upgrade`` rolls both replicas while a pod keeps looking names up, without a
-single failed lookup; ``helm uninstall`` (after deleting the webhook configuration, as
-docs/install.md says) leaves nothing behind.
+podman and Debian's docker-registry on loopback); then the README's own ``helm`` lines, run as
+written by bash (``REGISTRY`` the loopback registry; a ``helm`` shim adds ``--plain-http`` because
+it speaks plain HTTP, and the node's kubeconfig): ``helm package`` and ``helm push`` to
+``oci://$REGISTRY/charts``, and ``helm upgrade --install`` from ``oci://`` with
+``image.repository=$REGISTRY/kubedock-dns``, into a namespace labelled
+``pod-security.kubernetes.io/enforce: restricted``, with the ServiceMonitor and the PrometheusRule on
+(the Prometheus Operator's CRDs installed first, as kube-prometheus-stack does).  containerd pulls
+the image over plain HTTP; both replicas run under the restricted profile and become Ready;
+kubedock's pods (a small image pulled from the same registry, run as non-root as the profile
+demands) are mutated by the webhook reached through its Service, started by the kubelet, and
+resolve their peers through the chart's Service via kube-proxy.
+
+Monitoring: a real Prometheus server (built from the Go module proxy: Debian's package lacks
+Kubernetes service discovery) on this machine finds the replicas through Kubernetes
+service discovery (a ServiceAccount token with a namespaced Role, as a Prometheus outside the
+cluster is given): through the installed ServiceMonitor, a PodMonitor rendered from the same chart
+(both turned into scrape jobs by :mod:`testbed.prometheus`, a stand-in for the operator, which
+cannot run here) and the pods' scrape annotations; it loads the installed PrometheusRule.  Scaled to
+zero, the replicas' absence makes KubedockDNSDown pending, then firing (and the webhook refuses
+kubedock's pods meanwhile); scaled back, the alert clears.
+
+Last, ``helm upgrade`` rolls both replicas while a pod keeps looking names up, without a single
+failed lookup, and ``helm uninstall`` (after deleting the webhook configuration, as docs/install.md
+says) leaves nothing behind.
 
 The tests in this module run in order and share one release.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from testbed.bed import network_id, wait_webhook_in_force
 from testbed.controlplane import BUILD_TOOLS
@@ -32,7 +51,12 @@ from testbed.node.cluster import Node
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "kubedock-dns"
+README = REPO / "README.md"
 RELEASE = "kubedock-dns"
+KUBEDOCK_NAMESPACE = "<kubedock-namespace>"  # the README's placeholder
+# What the test adds to the README's install line: the monitoring a kube-prometheus-stack user
+# turns on, and a bound on --wait.
+MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true")
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
 # What the restricted profile demands of kubedock's pods in that namespace too.
@@ -69,26 +93,102 @@ def helm() -> str:
     return done.stdout.split()[-1]
 
 
+def _helm_env(node: Node) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if "proxy" not in k.lower()},
+            "KUBECONFIG": str(node.control_plane.kubeconfig_path), "HELM_CACHE_HOME": "/tmp/kubedock-dns-helm/cache",
+            "HELM_CONFIG_HOME": "/tmp/kubedock-dns-helm/config", "HELM_DATA_HOME": "/tmp/kubedock-dns-helm/data"}
+
+
 def run_helm(helm: str, node: Node, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if "proxy" not in k.lower()},
-           "KUBECONFIG": str(node.control_plane.kubeconfig_path), "HELM_CACHE_HOME": "/tmp/kubedock-dns-helm/cache",
-           "HELM_CONFIG_HOME": "/tmp/kubedock-dns-helm/config", "HELM_DATA_HOME": "/tmp/kubedock-dns-helm/data"}
-    done = subprocess.run([helm, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    done = subprocess.run([helm, *args], capture_output=True, text=True, timeout=timeout, env=_helm_env(node),
+                          check=False)
     assert done.returncode == 0, f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done
 
 
+def readme_commands() -> dict[str, str]:
+    """The README's install block ("Using it with kubedock"), continuation lines joined: its
+    ``export REGISTRY=... TAG=...`` line, the ``helm package ... && helm push ...`` line and the
+    ``helm upgrade --install ...`` line."""
+    section = README.read_text().split("## Using it with kubedock", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", "").splitlines()
+    found = {"export": [l for l in lines if l.startswith("export REGISTRY=")],
+             "publish": [l for l in lines if l.startswith("helm package ")],
+             "install": [l for l in lines if l.startswith("helm upgrade --install ")]}
+    assert all(len(v) == 1 for v in found.values()), f"README's install block should have one of each: {found}"
+    return {k: v[0] for k, v in found.items()}
+
+
+def helm_shim(directory: Path, helm: str) -> Path:
+    """``<directory>/helm``: the real helm, with ``--plain-http`` for the commands that talk to a
+    registry (the loopback registry speaks plain HTTP; a registry with TLS needs nothing)."""
+    shim = directory / "helm"
+    shim.write_text("#!/bin/sh\n"
+                    "# The test bed's helm (tests/test_node_chart.py): the loopback registry is plain HTTP.\n"
+                    f'case "$1" in push|pull|install|upgrade|show|template) exec {helm} "$@" --plain-http ;; esac\n'
+                    f'exec {helm} "$@"\n')
+    shim.chmod(0o755)
+    return shim
+
+
+def run_readme(line: str, node: Node, work: Path, registry: str, namespace: str = "", extra: tuple[str, ...] = (),
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run one README line with bash in ``work`` (where ``helm/`` links to the checkout's, so
+    ``helm package helm/kubedock-dns`` works as written and writes its archive there), after the
+    README's own export line with ``REGISTRY`` pointed at ``registry``."""
+    export = readme_commands()["export"]
+    export = re.sub(r"REGISTRY=\S+", f"REGISTRY={registry}", export)
+    command = line.replace(KUBEDOCK_NAMESPACE, namespace) + "".join(f" '{a}'" for a in extra)
+    env = {**_helm_env(node), "PATH": f"{work / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{export}\n{command}"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"README line failed ({done.returncode}): {command}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
 @pytest.fixture(scope="module")
-def release(node: Node, images: dict[str, str], helm: str) -> Iterator[dict[str, Any]]:
-    """``helm upgrade --install`` as docs/install.md says, into a restricted namespace."""
-    namespace = node.create_namespace("kubedock", labels=RESTRICTED)
-    install = ["upgrade", "--install", RELEASE, str(CHART), "--namespace", namespace,
-               "--set", f"image.repository={images['registry']}/kubedock-dns", "--wait", "--timeout", "5m"]
+def readme_work(helm: str) -> Iterator[Path]:
+    """A scratch directory to run the README's lines in: ``helm/`` links to the checkout's charts,
+    ``bin/helm`` is the shim."""
+    with tempfile.TemporaryDirectory(prefix="kubedock-dns-readme-") as work:
+        (Path(work) / "helm").symlink_to(REPO / "helm")
+        (Path(work) / "bin").mkdir()
+        helm_shim(Path(work) / "bin", helm)
+        yield Path(work)
+
+
+@pytest.fixture(scope="module")
+def chart_ref(node: Node, images: dict[str, str], readme_work: Path) -> dict[str, str]:
+    """The chart packaged and pushed to the registry by the README's line, as an OCI artifact."""
+    tag = re.search(r"TAG=(\S+)", readme_commands()["export"]).group(1)  # type: ignore[union-attr]
+    run_readme(readme_commands()["publish"], node, readme_work, images["registry"])
+    assert (readme_work / f"kubedock-dns-{tag}.tgz").exists()
+    return {"ref": f"oci://{images['registry']}/charts/kubedock-dns", "version": tag}
+
+
+@pytest.fixture(scope="module")
+def release(node: Node, images: dict[str, str], helm: str, chart_ref: dict[str, str],
+            readme_work: Path) -> Iterator[dict[str, Any]]:
+    """The README's ``helm upgrade --install`` from ``oci://``, into a restricted namespace, with
+    the ServiceMonitor and PrometheusRule on (their CRDs installed first)."""
+    from testbed.prometheus import CrdsUnavailable, install_crds, operator_crds
+
     try:
+        install_crds(node.api_client, operator_crds())
+    except CrdsUnavailable as e:
+        pytest.skip(str(e))
+    namespace = node.create_namespace("kubedock", labels=RESTRICTED)
+
+    def install(*extra: str) -> subprocess.CompletedProcess[str]:
         try:
-            run_helm(helm, node, *install)
+            return run_readme(readme_commands()["install"], node, readme_work, images["registry"], namespace,
+                              (*MONITORING, "--timeout", "5m", *extra))
         except AssertionError as e:
             raise AssertionError(f"{e}\n{node.pod_logs(namespace, 'app.kubernetes.io/name=kubedock-dns')}") from None
+
+    try:
+        install()
         yield {"namespace": namespace, "install": install}
     finally:
         node.delete_namespace(namespace)
@@ -99,19 +199,42 @@ def _server_pods(node: Node, namespace: str) -> list[Any]:
         namespace, label_selector="app.kubernetes.io/name=kubedock-dns").items)
 
 
+def _opted_in_probe(image: str) -> dict[str, Any]:
+    """A kubedock pod to create as a dry run (stored nowhere): what the webhook does to it shows."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "webhook-probe-", "labels": {"kubedock": "true"},
+                         "annotations": {"kubedock.network/0": network_id("webhook-probe")}},
+            "spec": {"securityContext": NON_ROOT,
+                     "containers": [{"name": "main", "image": image, "securityContext": LOCKED_DOWN}]}}
+
+
 def _kubedock_pod(node: Node, namespace: str, name: str, networks: list[str], image: str) -> dict[str, Any]:
     # `helm --wait` says the replicas are Ready; the API server reaches the webhook through its
     # Service, which may lag behind them (endpoints, kube-proxy rules): prove the webhook answers
     # there with a dry-run pod (stored nowhere) before creating one.
-    probe = {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"generateName": "webhook-probe-", "labels": {"kubedock": "true"},
-                          "annotations": {"kubedock.network/0": network_id("webhook-probe")}},
-             "spec": {"securityContext": NON_ROOT,
-                      "containers": [{"name": "main", "image": image, "securityContext": LOCKED_DOWN}]}}
-    wait_webhook_in_force(node.core, namespace, probe, None, lambda message: None, timeout=60)
+    wait_webhook_in_force(node.core, namespace, _opted_in_probe(image), None, lambda message: None, timeout=60)
     pod = node.create_kubedock_pod(namespace, name, networks, image=image, command=None,
                                    pod_security_context=NON_ROOT, container_security_context=LOCKED_DOWN)
     return pod
+
+
+def test_the_chart_came_from_the_oci_registry(
+        node: Node, release: dict[str, Any], chart_ref: dict[str, str], images: dict[str, str], helm: str) -> None:
+    """The README's ``helm push`` stored the chart in the registry as an OCI artifact (Helm's
+    chart media types), and the release runs that chart version: Helm recorded the chart it
+    installed from ``oci://``, the same one ``helm show chart`` reads from the registry."""
+    port = images["registry"].rsplit(":", 1)[1]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/charts/kubedock-dns/manifests/{chart_ref['version']}",
+                                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+        manifest = json.load(response)
+    assert manifest["config"]["mediaType"] == "application/vnd.cncf.helm.config.v1+json"
+    assert [layer["mediaType"] for layer in manifest["layers"]] == ["application/vnd.cncf.helm.chart.content.v1.tar+gzip"]
+    shown = yaml.safe_load(run_helm(helm, node, "show", "chart", chart_ref["ref"], "--version", chart_ref["version"],
+                                    "--plain-http").stdout)
+    listed = json.loads(run_helm(helm, node, "list", "--namespace", release["namespace"], "--output", "json").stdout)
+    assert [(r["name"], r["chart"]) for r in listed] == [(RELEASE, f"kubedock-dns-{chart_ref['version']}")]
+    assert shown["version"] == chart_ref["version"] == yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 
 
 def test_both_replicas_run_the_pulled_image_under_the_restricted_profile(
@@ -159,6 +282,182 @@ def test_kubedock_pods_resolve_peers_through_the_charts_service(
     assert cluster.stdout.split()[0] == node.control_plane.service_ip
 
 
+# --- monitoring: a real Prometheus through Kubernetes service discovery ----------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(node: Node, release: dict[str, Any], helm: str, chart_ref: dict[str, str]) -> Iterator[Any]:
+    """A Prometheus server on this machine, given what a Prometheus outside the cluster gets: the
+    API server's URL and CA, and a ServiceAccount token whose Role lets it list and watch pods,
+    Services, Endpoints and EndpointSlices in the release namespace.  Jobs: the installed
+    ServiceMonitor, a PodMonitor rendered from the same chart (release and namespace), the pods'
+    scrape annotations, and Prometheus itself; rules: the installed PrometheusRule."""
+    from kubernetes import client
+
+    from testbed.prometheus import (Prometheus, PrometheusUnavailable, annotation_job, find_prometheus,
+                                    pod_monitor_jobs, service_monitor_jobs)
+
+    try:
+        binary = find_prometheus()
+    except PrometheusUnavailable as e:
+        pytest.skip(str(e))
+    namespace = release["namespace"]
+    monitoring = node.create_namespace("monitoring")
+    try:
+        node.core.create_namespaced_service_account(monitoring, {"metadata": {"name": "prometheus"}})
+        rbac: Any = client.RbacAuthorizationV1Api(node.api_client)
+        rbac.create_namespaced_role(namespace, {
+            "metadata": {"name": "prometheus-discovery"},
+            "rules": [{"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list", "watch"]},
+                      {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": "prometheus-discovery"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "prometheus-discovery"},
+            "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": monitoring}]})
+        token = node.core.create_namespaced_service_account_token(
+            "prometheus", monitoring, {"spec": {"expirationSeconds": 3600}}).status.token
+        custom: Any = client.CustomObjectsApi(node.api_client)
+        service_monitor = custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace,
+                                                              "servicemonitors", RELEASE)
+        rule = custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "prometheusrules", RELEASE)
+        rendered = run_helm(helm, node, "template", RELEASE, chart_ref["ref"], "--version", chart_ref["version"],
+                            "--plain-http", "--namespace", namespace, "--set", "metrics.podMonitor.enabled=true").stdout
+        (pod_monitor,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "PodMonitor"]
+        with tempfile.TemporaryDirectory(prefix="kubedock-dns-prometheus-") as work:
+            token_file, rules_file = Path(work) / "token", Path(work) / "kubedock-dns.rules.yaml"
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+            rules_file.write_text(yaml.safe_dump(rule["spec"]))
+            sd = (node.control_plane.url, node.control_plane.ca_path, token_file)
+            jobs = [*service_monitor_jobs(service_monitor, *sd), *pod_monitor_jobs(pod_monitor, *sd),
+                    annotation_job("kubernetes-pods", *sd, namespaces=[namespace])]
+            with Prometheus(binary, jobs, [rules_file], work, scrape_itself=True) as prom:
+                yield prom
+    finally:
+        node.delete_namespace(monitoring)
+
+
+def _jobs_and_pods(results: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(r["metric"].get("job", ""), r["metric"].get("pod", "")) for r in results}
+
+
+def _up_targets(prom: Any) -> set[tuple[str, str]]:
+    return {(t["labels"]["job"], t["labels"].get("pod", "")) for t in prom.targets() if t["health"] == "up"}
+
+
+def test_prometheus_scrapes_every_replica_found_through_kubernetes(
+        node: Node, release: dict[str, Any], prometheus: Any) -> None:
+    """Each way of finding the replicas (the ServiceMonitor's endpoints of the metrics Service, the
+    PodMonitor's pod port, the scrape annotations) gives exactly the two replicas as targets that
+    are up, labelled with namespace and pod, and each reports its index synced."""
+    namespace = release["namespace"]
+    pods = {p.metadata.name for p in _server_pods(node, namespace)}
+    jobs = {f"{RELEASE}-metrics", f"{namespace}/{RELEASE}", "kubernetes-pods"}
+    want = {(job, pod) for job in jobs for pod in pods}
+    up = prometheus.wait_for("every replica up in every job", lambda: _up_targets(prometheus) >= want and want,
+                             timeout=120)
+    assert {t for t in up if t[0] in jobs} == want, (up, prometheus.targets())
+    synced = prometheus.wait_for(
+        "kubedock_dns_synced from every target",
+        lambda: [r for r in prometheus.query(f'kubedock_dns_synced{{namespace="{namespace}"}} == 1')
+                 if (r["metric"]["job"], r["metric"]["pod"]) in want], timeout=60)
+    assert _jobs_and_pods(synced) == want
+    assert {r["metric"]["service"] for r in synced if r["metric"]["job"] == f"{RELEASE}-metrics"} == {f"{RELEASE}-metrics"}
+
+
+def test_every_rule_loads_and_nothing_fires_while_replicas_serve(
+        release: dict[str, Any], prometheus: Any) -> None:
+    """The installed PrometheusRule loads into Prometheus: every rule is evaluated without error,
+    every alert carries its runbook link, and none is active while both replicas serve."""
+    shipped = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    names = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
+
+    def evaluated() -> list[dict[str, Any]]:
+        rules = [r for g in prometheus.rule_groups() for r in g["rules"]]
+        done = [r for r in rules if r["health"] == "ok" and not r["lastEvaluation"].startswith("0001")]
+        return rules if len(done) == len(rules) == len(names) else []
+
+    rules = prometheus.wait_for("every rule evaluated", evaluated, timeout=60)
+    assert {r["name"] for r in rules} == names
+    for rule in rules:
+        assert rule["health"] == "ok" and not rule.get("lastError"), rule
+        assert rule["annotations"]["runbook_url"].startswith("https://"), rule["name"]
+    time.sleep(4)  # two more evaluations with both replicas serving
+    assert [a for a in prometheus.alerts() if a["labels"]["alertname"] in names] == []
+
+
+def test_dashboard_memory_and_cpu_show_only_kubedock_dns(release: dict[str, Any], prometheus: Any) -> None:
+    """The dashboard's memory and CPU queries with "All" selected return the replicas' processes
+    and not Prometheus' own, which the same Prometheus scrapes (positive control: the unscoped
+    metric has it)."""
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"] if "process_" in t["expr"]]
+    assert len(exprs) == 2
+    unscoped = prometheus.wait_for("Prometheus' own process metrics",
+                                   lambda: prometheus.query('process_resident_memory_bytes{job="prometheus"}'), 60)
+    assert unscoped
+    for expr in exprs:
+        concrete = expr.replace("$__rate_interval", "1m").replace("$namespace", ".*").replace("$pod", ".*")
+        results = prometheus.wait_for(f"samples for {concrete}", lambda: prometheus.query(concrete), timeout=60)
+        assert {r["metric"]["job"] for r in results} <= {f"{RELEASE}-metrics", f"{release['namespace']}/{RELEASE}",
+                                                         "kubernetes-pods"}, results
+        assert {r["metric"]["namespace"] for r in results} == {release["namespace"]}
+
+
+def _down_alert(prometheus: Any, namespace: str) -> dict[str, Any] | None:
+    for alert in prometheus.alerts():
+        if alert["labels"]["alertname"] == "KubedockDNSDown" and alert["labels"].get("namespace") == namespace:
+            return dict(alert)
+    return None
+
+
+def _scale(node: Node, namespace: str, replicas: int) -> None:
+    from kubernetes import client
+
+    apps: Any = client.AppsV1Api(node.api_client)
+    apps.patch_namespaced_deployment_scale(RELEASE, namespace, {"spec": {"replicas": replicas}})
+
+
+def test_nothing_serving_alert_fires_when_scaled_to_zero_and_clears(
+        node: Node, release: dict[str, Any], prometheus: Any, images: dict[str, str]) -> None:
+    """The Deployment scaled to zero: KubedockDNSDown for the namespace goes pending while the
+    replicas drain and vanish, then firing after its minute (meanwhile the webhook refuses a
+    kubedock pod: the outage the alert is about); scaled back to two, the alert clears once a
+    replica is ready again."""
+    from kubernetes.client.exceptions import ApiException
+
+    namespace = release["namespace"]
+    assert _down_alert(prometheus, namespace) is None  # positive control: serving, no alert
+    began = time.monotonic()
+    _scale(node, namespace, 0)
+    try:
+        pending = prometheus.wait_for("KubedockDNSDown pending", lambda: _down_alert(prometheus, namespace), 60)
+        assert pending["state"] == "pending" and pending["labels"]["severity"] == "critical", pending
+        pending_after = time.monotonic() - began
+        # Once the replicas are gone the API server cannot reach the webhook: a kubedock pod is
+        # refused (asked as a dry run, so that no pod is left behind).
+        deadline = time.monotonic() + 90
+        while _server_pods(node, namespace) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _server_pods(node, namespace) == []
+        with pytest.raises(ApiException) as refused:
+            node.core.create_namespaced_pod(namespace, body=_opted_in_probe(images["pod"]), dry_run="All")
+        assert "failed calling webhook" in str(refused.value.body), refused.value.body
+        firing = prometheus.wait_for(
+            "KubedockDNSDown firing",
+            lambda: (a := _down_alert(prometheus, namespace)) is not None and a["state"] == "firing" and a, 150)
+        firing_after = time.monotonic() - began
+        assert firing["annotations"]["summary"] == f"no kubedock-dns replica is ready in namespace {namespace}"
+        assert firing_after >= 60, "the alert must hold for its minute before firing"
+    finally:
+        _scale(node, namespace, 2)
+    node.wait_deployment_ready(namespace, RELEASE, timeout=180)
+    prometheus.wait_for("KubedockDNSDown cleared", lambda: _down_alert(prometheus, namespace) is None or None, 60)
+    cleared_after = time.monotonic() - began
+    print(f"KubedockDNSDown: pending after {pending_after:.0f} s, firing after {firing_after:.0f} s, "
+          f"cleared {cleared_after:.0f} s after scaling to zero")
+
+
 def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
         node: Node, release: dict[str, Any], images: dict[str, str], helm: str) -> None:
     """While ``helm upgrade`` replaces both replicas (a changed pod template), a pod looks its peer
@@ -182,7 +481,7 @@ def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
     asking.start()
     try:
         time.sleep(2)
-        run_helm(helm, node, *release["install"], "--set", "podAnnotations.rolled=yes")
+        release["install"]("--set", "podAnnotations.rolled=yes")
         # `--wait` returns once the new replicas are ready; the last old one may still be
         # draining: keep asking until every old replica is gone, and a little longer.
         deadline = time.monotonic() + 120

@@ -84,8 +84,11 @@ def push(podman: Podman, ref: str, timeout: float = 600) -> str:
     return ref
 
 
-def kubedock_dns_image(podman: Podman, registry: str, tag: str = "0.1.0", context: str | Path = REPO) -> str:
-    """Build the Dockerfile of ``context`` as ``<registry>/kubedock-dns:<tag>``, push it, return the ref."""
+def kubedock_dns_image(podman: Podman, registry: str, tag: str | None = None, context: str | Path = REPO) -> str:
+    """Build the Dockerfile of ``context`` as ``<registry>/kubedock-dns:<tag>`` (default: the
+    release, ``kubedock_dns.__version__``, the chart's appVersion), push it, return the ref."""
+    if tag is None:
+        from kubedock_dns import __version__ as tag
     ref = f"{registry}/kubedock-dns:{tag}"
     build_image(podman, context, ref, build_args={"PYTHON_IMAGE": debian_base(podman)})
     return push(podman, ref)

@@ -44,15 +44,80 @@ app.kubernetes.io/name: {{ include "kubedock-dns.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "kubedock-dns.labels" -}}
+{{/*
+The labels the chart itself sets on every object, without commonLabels.
+*/}}
+{{- define "kubedock-dns.ownLabels" -}}
 helm.sh/chart: {{ include "kubedock-dns.chart" . }}
 {{ include "kubedock-dns.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{- define "kubedock-dns.labels" -}}
+{{ include "kubedock-dns.ownLabels" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+commonLabels may add labels, never replace one the chart sets (a changed selector label would
+orphan the running pods; a duplicate key would make the YAML invalid).
+*/}}
+{{- define "kubedock-dns.checkCommonLabels" -}}
+{{- $own := include "kubedock-dns.ownLabels" . | fromYaml }}
+{{- range $key, $value := .Values.commonLabels }}
+{{- if hasKey $own $key }}
+{{- fail (printf "commonLabels.%s: the chart sets this label itself (to %q); choose another label name." $key (toString (index $own $key))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pods' labels: the selector labels, then commonLabels, then podLabels (podLabels win over
+commonLabels; neither may replace a selector label).
+*/}}
+{{- define "kubedock-dns.podLabels" -}}
+{{- $selector := include "kubedock-dns.selectorLabels" . | fromYaml }}
+{{- $labels := merge (deepCopy (.Values.podLabels | default dict)) (.Values.commonLabels | default dict) }}
+{{- range $key, $value := $labels }}
+{{- if hasKey $selector $key }}
+{{- fail (printf "podLabels/commonLabels.%s: the Deployment selects its pods by this label; choose another label name." $key) }}
+{{- end }}
+{{- end }}
+{{- toYaml (merge $labels $selector) }}
+{{- end }}
+
+{{/*
+The image reference: <repository>@<digest> when a digest is given (the tag is then ignored),
+else <repository>:<tag, default appVersion>.
+*/}}
 {{- define "kubedock-dns.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Service exposing the ops port for Prometheus (a DNS label: 63 characters). */}}
+{{- define "kubedock-dns.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "kubedock-dns.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Only one Prometheus Operator object may scrape the replicas (two would count every series
+twice), and the ServiceMonitor needs the metrics Service it selects.
+*/}}
+{{- define "kubedock-dns.checkMonitors" -}}
+{{- $m := .Values.metrics }}
+{{- if and $m.serviceMonitor.enabled $m.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: Prometheus would scrape every replica twice. Enable one of them." }}
+{{- end }}
+{{- if and $m.serviceMonitor.enabled (not $m.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes the metrics Service's endpoints. Enable the Service, or use metrics.podMonitor instead." }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -78,8 +143,11 @@ Refuse pod labels that would opt kubedock-dns' own pods in: the webhook would po
 their own Service, and the server would forward every unknown name to itself.
 */}}
 {{- define "kubedock-dns.checkPodLabels" -}}
-{{- if eq (toString (index .Values.podLabels .Values.optInLabel | default "")) "true" }}
-{{- fail (printf "podLabels.%s=true would opt kubedock-dns' own pods in: the webhook would make them their own upstream. Remove it." .Values.optInLabel) }}
+{{- range $source := list "podLabels" "commonLabels" }}
+{{- $labels := index $.Values $source | default dict }}
+{{- if eq (toString (index $labels $.Values.optInLabel | default "")) "true" }}
+{{- fail (printf "%s.%s=true would opt kubedock-dns' own pods in: the webhook would make them their own upstream. Remove it." $source $.Values.optInLabel) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
