@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from kubedock_dns.contract import Relisted, pod_record_from_dict
+from kubedock_dns.contract import ImagePattern, Relisted, pod_record_from_dict
 from kubedock_dns.drain import DrainingService
 from kubedock_dns.forwarder import Forwarder
 from kubedock_dns.upstreams import upstreams_from_resolv_conf
@@ -191,7 +191,8 @@ def build_service(config: Config, reactor, pod_source=None) -> DrainingService:
     """The whole server.  ``pod_source(index)`` may supply the service feeding the index
     (tests); by default it is the pods file or the API watcher, as configured."""
     top = DrainingService(reactor, config.drain_seconds)
-    index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
+    index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks,
+                         sshd_images=tuple(ImagePattern.parse(image) for image in config.sshd_images))
     top.index = index  # type: ignore[attr-defined]
     apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
     watch_lag = LatencyHistogram(LAG_BUCKETS)
