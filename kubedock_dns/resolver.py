@@ -208,9 +208,9 @@ class Resolver:
         base = self.strip_search_suffix(name, asker.namespace)
         if trace is not None and base != name:
             trace.append(f"cluster search suffix stripped: {name} -> {base}")
-        if base == HOST_ACCESS_NAME:
-            return self._host_access(asker, source_ip, qtype, held, now, trace)
         if not asker.networks:
+            if base == HOST_ACCESS_NAME:
+                return self._host_access(asker, source_ip, qtype, held, now, trace)
             # On no (resolved) network: nothing can ever be local to it, so nothing is held.
             return self._not_local(base, "the asker is on no resolved network")
         try:
@@ -235,6 +235,10 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
+        if base == HOST_ACCESS_NAME:
+            # No network of the asker has it as an alias (testcontainers-go gives its sshd that
+            # alias in the container's network): the asker's session's sshd.
+            return self._host_access(asker, source_ip, qtype, held, now, trace)
         if "." in base and not index.holds_name(base):
             # Multi-label names are almost always outside names (example.com, a Service): holding
             # them would delay every outside lookup of every test container.
@@ -278,9 +282,9 @@ class Resolver:
 
     def _host_access(self, asker: Asker, source_ip: str, qtype: int, held: bool, now: float,
                      trace: list[str] | None) -> Decision:
-        """``host.testcontainers.internal``: Testcontainers' sshd container of the asker's own
-        session (its ``withAccessToHost``/``exposeHostPorts`` tunnel), an A record only; never
-        another session's.  A session without one is held like a name not known yet, then
+        """``host.testcontainers.internal`` that no network of the asker holds: Testcontainers'
+        sshd container of the asker's own session (its ``withAccessToHost``/``exposeHostPorts``
+        tunnel), an A record only; never another session's.  A session without one is held like a name not known yet, then
         NXDOMAIN; an asker of no session gets NXDOMAIN at once."""
         if not asker.session:
             if trace is not None:

@@ -374,3 +374,24 @@ class HostAccessServerTests(ExplainTestCase):
         self.assertEqual((gone.rcode(), gone.answer), (dns.rcode.NXDOMAIN, []))
         other = yield self.ask(B_APP, f"{HOST_ACCESS_NAME}.")
         self.assertEqual(records_of(other), [B_SSHD])
+
+
+def test_an_alias_in_the_askers_network_comes_first():
+    """testcontainers-go starts one sshd per container that asks for host ports and gives it the
+    alias host.testcontainers.internal in that container's network: that alias answers (as any
+    alias, A and AAAA by family), not the session's other sshd pods."""
+    go_session = "go-session"
+    pods = [
+        record("sshd-1", [NET_1], aliases=[HOST_ACCESS_NAME], ip="10.0.5.9", uid="g-sshd-1", session=go_session,
+               image=SSHD),
+        record("app-1", [NET_1], ip="10.0.5.2", uid="g-app-1", session=go_session),
+        record("sshd-2", [NET_2], aliases=[HOST_ACCESS_NAME], ip="10.0.6.9", uid="g-sshd-2", session=go_session,
+               image=SSHD),
+        record("app-2", [NET_2], ip="10.0.6.2", uid="g-app-2", session=go_session),
+        record("app-3", [BRIDGE], ip="10.0.7.2", uid="g-app-3", session=go_session),
+    ]
+    r = resolver_with(pods)
+    assert r.decide("10.0.5.2", HOST_ACCESS_NAME, TYPE_A) == Answer(TYPE_A, ("10.0.5.9",), NET_1)
+    assert r.decide("10.0.6.2", HOST_ACCESS_NAME, TYPE_A) == Answer(TYPE_A, ("10.0.6.9",), NET_2)
+    # Without the alias in its network: every sshd of its session (documented limit).
+    assert sorted(r.decide("10.0.7.2", HOST_ACCESS_NAME, TYPE_A).values) == ["10.0.5.9", "10.0.6.9"]
