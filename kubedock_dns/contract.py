@@ -52,9 +52,11 @@ MAX_INDEX_DIGITS = 9
 
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
-# Testcontainers (Java, Go, Node) labels every container of a session with the session's ID;
-# kubedock copies labels into annotations.
+# Testcontainers labels every container of a session with the session's ID (Java and Go as
+# org.testcontainers.sessionId, Node, .NET and Rust as org.testcontainers.session-id); kubedock copies
+# labels into annotations.
 SESSION_ANNOTATION = "org.testcontainers.sessionId"
+SESSION_ANNOTATIONS = (SESSION_ANNOTATION, "org.testcontainers.session-id")
 # The name Testcontainers gives its containers for the host (an ExtraHosts entry, which kubedock
 # drops), and the image of the sshd container that tunnels the host's ports to them.
 HOST_ACCESS_NAME = "host.testcontainers.internal"
@@ -480,10 +482,11 @@ def pod_record_from_dict(raw: Mapping[str, Any]) -> PodRecord:
 
 def session_of(annotations: Mapping[str, Any]) -> str:
     """The pod's Testcontainers session ID ('' when it has none, or an unusable one)."""
-    value = annotations.get(SESSION_ANNOTATION)
-    if not isinstance(value, str) or len(value) > _MAX_SESSION:
-        return ""
-    return value.strip()
+    for key in SESSION_ANNOTATIONS:
+        value = annotations.get(key)
+        if isinstance(value, str) and value.strip() and len(value) <= _MAX_SESSION:
+            return value.strip()
+    return ""
 
 
 def _main_image(spec: Mapping[str, Any]) -> str:

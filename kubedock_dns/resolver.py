@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Union
 
-from kubedock_dns.contract import HOST_ACCESS_NAME, SESSION_ANNOTATION
+from kubedock_dns.contract import HOST_ACCESS_NAME, SESSION_ANNOTATIONS
 from kubedock_dns.index import (
     FAMILY_V4,
     FAMILY_V6,
@@ -288,7 +288,7 @@ class Resolver:
         NXDOMAIN; an asker of no session gets NXDOMAIN at once."""
         if not asker.session:
             if trace is not None:
-                trace.append(f"{HOST_ACCESS_NAME}: the asker has no annotation {SESSION_ANNOTATION} "
+                trace.append(f"{HOST_ACCESS_NAME}: the asker has no annotation {' or '.join(SESSION_ANNOTATIONS)} "
                              "(not started by a Testcontainers session that sets it)")
             return NotFound(f"{HOST_ACCESS_NAME}: the asker belongs to no Testcontainers session")
         try:

@@ -80,6 +80,10 @@ def test_the_session_and_the_image_are_read_from_the_pod():
     assert (plain.session, plain.image) == ("", "busybox")
     pod["metadata"]["annotations"]["org.testcontainers.sessionId"] = ["not", "a", "string"]
     assert pod_record_from_dict(pod).session == ""
+    # Testcontainers for Node, .NET and Rust spell the label org.testcontainers.session-id.
+    del pod["metadata"]["annotations"]["org.testcontainers.sessionId"]
+    pod["metadata"]["annotations"]["org.testcontainers.session-id"] = "node-session"
+    assert pod_record_from_dict(pod).session == "node-session"
 
 
 @pytest.mark.parametrize("image, matches", [
