@@ -177,7 +177,7 @@ class PodRecord:
     terminating: bool = False
     host_network: bool = False
     ready: bool = False
-    session: str = ""  # the Testcontainers session (annotation org.testcontainers.sessionId)
+    session: str = ""  # the Testcontainers session (annotation org.testcontainers.sessionId/session-id)
     image: str = ""    # the image of the pod's (kubedock's one) container
 
     def __post_init__(self) -> None:

@@ -149,6 +149,7 @@ def bed(node: Node, kubedock_binary: str, images: dict[str, str]) -> Iterator[Be
     namespace = node.create_namespace("clients")
     try:
         with Kubedock(node, namespace, init_image=TOOLBOX, binary=kubedock_binary) as kubedock:
+            assert kubedock.bridge_network, f"kubedock lists no bridge network: {kubedock.get('/networks')}"
             args = ("--unresolved-network", kubedock.bridge_network,
                     "--testcontainers-sshd-image", images["sshd"].rpartition(":")[0],
                     "--testcontainers-sshd-image", "testcontainers/sshd")
