@@ -267,8 +267,9 @@ def container_name(pod: dict[str, Any]) -> str | None:
 def test_testcontainers_java_sessions_reach_their_own_host_port_in_parallel(bed: Bed, images: dict[str, str],
                                                                              tmp_path: Path) -> None:
     """Two Testcontainers-Java sessions at once, both exposing their host's HTTP server as the
-    same container port 8080 with the same network aliases: each app container fetches its own
-    session's token from http://host.testcontainers.internal:8080 (never the other's), and inside
+    same container port 8080 with the same network aliases: each app container, and each
+    session's container on no network of its own (kubedock's bridge, unresolved here), fetches its
+    own session's token from http://host.testcontainers.internal:8080 (never the other's); inside
     each app host.testcontainers.internal is its own session's sshd pod and db its own db, while
     the other session's containers are not found by name."""
     java = build_tool("testcontainers-java")
@@ -290,6 +291,7 @@ def test_testcontainers_java_sessions_reach_their_own_host_port_in_parallel(bed:
             other = reports["two" if tag == "one" else "one"]
             assert report["fetch_exit"] == 0, f"{tag}: {report}\n{client.tail()}\n{bed.context()}"
             assert report["fetched"].strip() == token, f"{tag} fetched {report['fetched']!r}, not {token!r}"
+            assert report["loner_fetched"].strip() == token, f"{tag}'s loner: {report}\n{bed.context()}"
             own_sshd = sshd_pod(bed, report["session"], images["sshd"])
             app, db = bed.pod_of(report["app_id"]), bed.pod_of(report["db_id"])
             other_db = bed.pod_of(other["db_id"])
@@ -298,6 +300,7 @@ def test_testcontainers_java_sessions_reach_their_own_host_port_in_parallel(bed:
             assert report["db"].split()[:1] == [ip(db)], report
             # ... and what glibc sees inside the app's pod.
             bed.expect(app, HOST_NAME, ip(own_sshd), problems)
+            bed.expect(bed.pod_of(report["loner_id"]), HOST_NAME, ip(own_sshd), problems)
             bed.expect(app, "db", ip(db), problems)
             bed.expect(app, db["metadata"]["labels"]["kubedock.containerid"], ip(db), problems)
             bed.expect(app, other_db["metadata"]["labels"]["kubedock.containerid"], None, problems)

@@ -26,9 +26,10 @@ import org.testcontainers.utility.DockerImageName;
  * machine, exposes that port to its containers as CONTAINER_PORT ({@code
  * Testcontainers.exposeHostPorts}: the sshd container and its tunnel), starts {@code db} and {@code
  * app} (IMAGE, idling) in a network of its own, {@code app} with {@code withAccessToHost(true)}, and
- * from inside {@code app} ({@code execInContainer}, which kubedock runs through the API server's
- * pods/exec) fetches {@code http://host.testcontainers.internal:CONTAINER_PORT/} and looks up
- * {@code host.testcontainers.internal} and {@code db} with glibc. It prints one JSON line with what
+ * {@code loner} with host access on no network of its own (kubedock's default {@code bridge}), and
+ * from inside {@code app} and {@code loner} ({@code execInContainer}, which kubedock runs through
+ * the API server's pods/exec) fetches {@code http://host.testcontainers.internal:CONTAINER_PORT/};
+ * in {@code app} it also looks up {@code host.testcontainers.internal} and {@code db} with glibc. It prints one JSON line with what
  * it saw, then keeps everything running until a line (or end of input) arrives on its standard
  * input, so the test can look from inside the pods too; then it stops its containers and exits 0.
  * Any failure ends it with a stack trace and a non-zero status.
@@ -61,12 +62,14 @@ public final class HostAccessSession {
             try (Network network = Network.newNetwork();
                  GenericContainer<?> db = idling(image).withNetwork(network).withNetworkAliases("db");
                  GenericContainer<?> app = idling(image).withNetwork(network).withNetworkAliases("app")
-                     .withAccessToHost(true)) {
+                     .withAccessToHost(true);
+                 GenericContainer<?> loner = idling(image).withAccessToHost(true)) {
                 db.start();
                 app.start();
+                loner.start();
                 String url = "http://host.testcontainers.internal:" + containerPort + "/";
-                ExecResult fetched = app.execInContainer("python3", "-c", "import sys, urllib.request; "
-                    + "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url);
+                ExecResult fetched = app.execInContainer(fetch(url));
+                ExecResult lonerFetched = loner.execInContainer(fetch(url));
                 ExecResult host = app.execInContainer("getent", "hosts", "host.testcontainers.internal");
                 ExecResult dbHost = app.execInContainer("getent", "hosts", "db");
                 List<String> fields = new ArrayList<>();
@@ -75,10 +78,13 @@ public final class HostAccessSession {
                 fields.add(field("fetched", fetched.getStdout()));
                 fields.add("\"fetch_exit\":" + fetched.getExitCode());
                 fields.add(field("fetch_stderr", fetched.getStderr()));
+                fields.add(field("loner_fetched", lonerFetched.getStdout()));
+                fields.add(field("loner_stderr", lonerFetched.getStderr()));
                 fields.add(field("host", host.getStdout()));
                 fields.add(field("db", dbHost.getStdout()));
                 fields.add(field("app_id", app.getContainerId()));
                 fields.add(field("db_id", db.getContainerId()));
+                fields.add(field("loner_id", loner.getContainerId()));
                 System.out.println("{" + String.join(",", fields) + "}");
                 System.out.flush();
                 new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8)).readLine();
@@ -87,6 +93,12 @@ public final class HostAccessSession {
             server.stop(0);
         }
         System.exit(0);  // Testcontainers' non-daemon threads (the SSH tunnel) would keep the JVM up
+    }
+
+    /** An HTTP GET by name with glibc's resolver, as an application in the container does it. */
+    private static String[] fetch(String url) {
+        return new String[] {"python3", "-c", "import sys, urllib.request; "
+            + "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url};
     }
 
     private static GenericContainer<?> idling(String image) {
