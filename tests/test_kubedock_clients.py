@@ -55,6 +55,7 @@ HOST_NAME = "host.testcontainers.internal"
 TOOLBOX = node_images.TOOLBOX_IMAGE  # busybox sh, glibc getent; imported into the node (kubedock's init image)
 IDLE = "trap 'exit 0' TERM; while :; do sleep 1; done"
 TC_GO_SSHD = "docker.io/testcontainers/sshd:1.4.0"  # testcontainers-go's own, not configurable
+CLIENT = "localhost/kubedock-dns-testbed/client:1"
 
 
 def _kubedock_missing() -> str:
@@ -85,9 +86,10 @@ def build_tool(tool: str) -> str:
 @pytest.fixture(scope="module")
 def images(node: Node) -> dict[str, str]:
     """Imported into the node's containerd (no registry): ``sshd``, the Debian-built sshd image,
-    also under testcontainers-go's own name; ``client``, the Debian base (glibc's getent, python3:
-    a container that connects by name as applications do; busybox's static wget cannot resolve)."""
-    from testbed.image import Podman, PodmanUnavailable, debian_base
+    also under testcontainers-go's own name; ``client``, the same Debian image under a name no
+    sshd pattern matches, for the test containers (glibc's getent and python3: they connect by
+    name as applications do; the toolbox's static busybox wget cannot resolve names)."""
+    from testbed.image import Podman, PodmanUnavailable
     from testbed.image.sshd import docker_archive, sshd_image
 
     try:
@@ -95,12 +97,12 @@ def images(node: Node) -> dict[str, str]:
     except PodmanUnavailable as e:
         pytest.skip(f"no image builder here: {e}")
     assert node.containerd is not None
-    found = {"sshd": sshd_image(podman), "client": debian_base(podman)}
+    sshd = sshd_image(podman)
     with tempfile.TemporaryDirectory(prefix="kubedock-dns-images-") as work:
-        for key, ref in found.items():
-            node.containerd.import_image(docker_archive(podman, ref, Path(work) / f"{key}.tar"))
-    node.containerd.ctr("images", "tag", "--force", found["sshd"], TC_GO_SSHD)
-    return found
+        node.containerd.import_image(docker_archive(podman, sshd, Path(work) / "sshd.tar"))
+    for alias in (TC_GO_SSHD, CLIENT):
+        node.containerd.ctr("images", "tag", "--force", sshd, alias)
+    return {"sshd": sshd, "client": CLIENT}
 
 
 def fetch_command(url: str) -> list[str]:
