@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -194,9 +195,11 @@ def test_cluster_names_are_answered_by_coredns(
     assert _addresses(result) == [node.control_plane.service_ip]
 
 
-# A server in a pod for `kubectl port-forward`: busybox's httpd serving a token, after a log line.
-HTTPD = ("/bin/sh", "-c", "mkdir -p /tmp/www && echo \"$0\" > /tmp/www/index.html && echo serving && "
-         "exec busybox httpd -f -p 8000 -h /tmp/www")
+# A server in a pod for `kubectl port-forward`: busybox's httpd serving a token, after a log line;
+# the shell stays PID 1 and ends at once on SIGTERM (an httpd as PID 1 would ignore it, and the
+# pod's deletion would wait out its grace period).
+HTTPD = ("/bin/sh", "-c", "mkdir -p /tmp/www && echo \"$0\" > /tmp/www/index.html && echo serving; "
+         "trap 'exit 0' TERM; busybox httpd -f -p 8000 -h /tmp/www & wait")
 
 
 def test_kubectl_exec_logs_and_port_forward_reach_the_pod_through_its_kubelet(
@@ -230,8 +233,14 @@ def test_kubectl_exec_logs_and_port_forward_reach_the_pod_through_its_kubelet(
         assert first.startswith("Forwarding from 127.0.0.1:"), first + (forward.stderr.read() if forward.poll() else "")
         port = int(first.split("127.0.0.1:", 1)[1].split()[0])
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{port}/", timeout=20) as response:
-            assert response.read().decode().strip() == token
+        deadline, body = time.monotonic() + 20, ""
+        while not body and time.monotonic() < deadline:  # httpd starts just after its log line
+            try:
+                with opener.open(f"http://127.0.0.1:{port}/", timeout=20) as response:
+                    body = response.read().decode().strip()
+            except OSError:
+                time.sleep(0.2)
+        assert body == token
     finally:
         forward.terminate()
         forward.wait(10)
