@@ -7,6 +7,12 @@ kubedock creates every Docker container as a pod labelled ``kubedock: "true"`` a
 a small frozen :class:`PodRecord` holding only what the index needs, and checks annotations for the
 admission webhook.  It is pure: no Twisted, no kubernetes client.
 
+Testcontainers' host access (``host.testcontainers.internal``) is part of the contract too: every
+container of one Testcontainers session carries the label ``org.testcontainers.sessionId``, which
+kubedock copies into the pod's annotations, and the session's sshd container runs the image
+Testcontainers uses for it (``testcontainers/sshd`` unless configured).  :class:`PodRecord` keeps
+the session and the container's image; :class:`ImagePattern` says which images are sshd images.
+
 Docker accepts names that cannot be DNS names (longer than 63 characters, ``db:5432``): such a
 container runs but cannot be found by that name.  So a name that is not a DNS name never makes a pod
 invalid: it is left out of ``PodRecord.names`` and kept, with the reason, in
@@ -46,6 +52,17 @@ MAX_INDEX_DIGITS = 9
 
 PHASES_ASKING = frozenset({"Pending", "Running"})
 
+# Testcontainers labels every container of a session with the session's ID (Java and Go as
+# org.testcontainers.sessionId, Node, .NET and Rust as org.testcontainers.session-id); kubedock copies
+# labels into annotations.
+SESSION_ANNOTATION = "org.testcontainers.sessionId"
+SESSION_ANNOTATIONS = (SESSION_ANNOTATION, "org.testcontainers.session-id")
+# The name Testcontainers gives its containers for the host (an ExtraHosts entry, which kubedock
+# drops), and the image of the sshd container that tunnels the host's ports to them.
+HOST_ACCESS_NAME = "host.testcontainers.internal"
+DEFAULT_SSHD_IMAGE = "testcontainers/sshd"
+_MAX_SESSION = 253
+
 
 def pod_search_list(namespace: str, cluster_domain: str) -> list[str]:
     """The DNS search list the webhook gives an opted-in pod of ``namespace``, the same as the
@@ -53,6 +70,84 @@ def pod_search_list(namespace: str, cluster_domain: str) -> list[str]:
     cluster-wide suffixes."""
     domain = cluster_domain.strip(".")
     return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain] if namespace else [f"svc.{domain}", domain]
+
+
+_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
+_DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReference:
+    """An image reference split as Docker reads it: registry ('' for Docker Hub), repository
+    path (Docker Hub's ``library/`` dropped), tag and digest ('' when absent)."""
+
+    registry: str
+    path: str
+    tag: str = ""
+    digest: str = ""
+
+
+def parse_image(text: str) -> ImageReference:
+    """Split ``[registry/]path[:tag][@digest]``; ValueError naming the part that is not valid."""
+    if not isinstance(text, str) or not text or len(text) > 1024:
+        raise ValueError(f"{text!r} is not an image reference (such as testcontainers/sshd:1.4.0)")
+    rest, _, digest = text.partition("@")
+    if digest and not _DIGEST.match(digest):
+        raise ValueError(f"image {text!r}: {digest!r} is not a digest such as sha256:<64 hex>")
+    head, _, last = rest.rpartition("/")
+    name, colon, tag = last.partition(":")
+    if colon and not _TAG.match(tag):
+        raise ValueError(f"image {text!r}: tag {tag!r} is not valid (letters, digits, '_', '.', '-')")
+    components = (head.split("/") if head else []) + [name]
+    registry = ""
+    if len(components) > 1 and ("." in components[0] or ":" in components[0] or components[0] == "localhost"):
+        registry = components.pop(0).lower()
+    if registry in _DOCKER_HUB:
+        registry = ""
+    for component in components:
+        if not _PATH_COMPONENT.match(component):
+            raise ValueError(f"image {text!r}: {component!r} is not a valid repository name part "
+                             "(lower-case letters and digits, separated by '.', '_', '__' or '-')")
+    if not registry and len(components) == 2 and components[0] == "library":
+        components.pop(0)
+    return ImageReference(registry, "/".join(components), tag, digest.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePattern:
+    """Which images are Testcontainers' sshd: a reference whose unset parts match anything.
+
+    ``testcontainers/sshd`` matches every tag, on Docker Hub and on any registry or under any
+    prefix that mirrors it (``registry.example.com/mirror/testcontainers/sshd:1.4.0``, as
+    Testcontainers' ``hub.image.name.prefix`` writes it); a registry, tag or digest in the pattern
+    must be the image's own.
+    """
+
+    text: str
+    reference: ImageReference
+
+    @classmethod
+    def parse(cls, text: str) -> "ImagePattern":
+        """The pattern ``text`` spells; ValueError saying what is wrong with it."""
+        stripped = text.strip() if isinstance(text, str) else text
+        return cls(stripped, parse_image(stripped))
+
+    def matches(self, image: str) -> bool:
+        try:
+            found = parse_image(image)
+        except ValueError:
+            return False
+        want = self.reference
+        if want.registry:
+            if found.registry != want.registry or found.path != want.path:
+                return False
+        elif found.path != want.path and not found.path.endswith("/" + want.path):
+            return False
+        if want.tag and (found.tag or "latest") != want.tag:
+            return False
+        return not want.digest or found.digest == want.digest
 
 
 class AnnotationError(ValueError):
@@ -82,6 +177,8 @@ class PodRecord:
     terminating: bool = False
     host_network: bool = False
     ready: bool = False
+    session: str = ""  # the Testcontainers session (annotation org.testcontainers.sessionId/session-id)
+    image: str = ""    # the image of the pod's (kubedock's one) container
 
     def __post_init__(self) -> None:
         if not self.uid:
@@ -93,6 +190,8 @@ class PodRecord:
         object.__setattr__(self, "networks", tuple(dict.fromkeys(sys.intern(n) for n in self.networks)))
         object.__setattr__(self, "namespace", sys.intern(self.namespace))
         object.__setattr__(self, "phase", sys.intern(self.phase))
+        object.__setattr__(self, "session", sys.intern(self.session))
+        object.__setattr__(self, "image", sys.intern(self.image))
         if self.reverse_name is not None:
             # Interned too: it is one of the names, and so becomes the same string object.
             object.__setattr__(self, "reverse_name", sys.intern(self.reverse_name.lower()))
@@ -376,4 +475,22 @@ def pod_record_from_dict(raw: Mapping[str, Any]) -> PodRecord:
         terminating=bool(metadata.get("deletionTimestamp")),
         host_network=bool(spec.get("hostNetwork")),
         ready=ready,
+        session=session_of(annotations),
+        image=_main_image(spec),
     )
+
+
+def session_of(annotations: Mapping[str, Any]) -> str:
+    """The pod's Testcontainers session ID ('' when it has none, or an unusable one)."""
+    for key in SESSION_ANNOTATIONS:
+        value = annotations.get(key)
+        if isinstance(value, str) and value.strip() and len(value) <= _MAX_SESSION:
+            return value.strip()
+    return ""
+
+
+def _main_image(spec: Mapping[str, Any]) -> str:
+    """The image of the pod's first container: kubedock runs each Docker container as one."""
+    containers = spec.get("containers") or ()
+    image = containers[0].get("image") if containers and isinstance(containers[0], dict) else None
+    return image if isinstance(image, str) and len(image) <= 1024 else ""

@@ -6,7 +6,10 @@ that changed, whatever the number of pods:
 
 - asker address -> the pods claiming it (Pending or Running, with an IP, not hostNetwork);
 - (network, name) -> the answering pods (Running, with an IP);
-- (network, address) -> the answering pods.
+- (network, address) -> the answering pods;
+- Testcontainers session -> its answering sshd pods (the session annotation, and an image that
+  one of ``sshd_images`` matches), whose addresses ``host.testcontainers.internal`` has for the
+  session's containers, whatever networks they are on.
 
 Membership rules (DESIGN section 3): pods in phase Succeeded, Failed or Unknown are dropped at once,
 because the network plugin hands their IP to new pods; a pod being deleted still asks but no longer
@@ -28,7 +31,17 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted, ascii_decimal
+from kubedock_dns.contract import (
+    DEFAULT_SSHD_IMAGE,
+    HOST_ACCESS_NAME,
+    Change,
+    Deleted,
+    ImagePattern,
+    PodRecord,
+    Relisted,
+    Upserted,
+    ascii_decimal,
+)
 
 FAMILY_V4 = 4
 _EMPTY: dict = {}  # read-only stand-in for a network with no names
@@ -45,7 +58,8 @@ class Conflict(Exception):
 
 
 class Asker(NamedTuple):
-    """The pod a query came from: its namespace and its networks in annotation order.
+    """The pod a query came from: its namespace, its networks in annotation order, and its
+    Testcontainers session ('' for none).
 
     Immutable and made on every full-path question: a named tuple is built in half the time of a
     frozen dataclass (which sets each field through ``object.__setattr__``)."""
@@ -53,6 +67,7 @@ class Asker(NamedTuple):
     uid: str
     namespace: str
     networks: tuple[str, ...]
+    session: str = ""
 
 
 class ForwardAnswer(NamedTuple):
@@ -71,7 +86,8 @@ class Touched:
     - ``networks``: networks whose names, reverse names or members changed, including every network
       of a pod whose address became (or stopped being) shared with another pod, since a conflict
       changes that pod's answers;
-    - ``names``: names that some network started or stopped holding;
+    - ``names``: names that some network started or stopped holding, and
+      ``host.testcontainers.internal`` when a session's sshd pods changed;
     - ``awaiting``: the namespaces of the pods awaiting their address changed;
     - ``everything``: the index became synced (every earlier decision was "not synced").
 
@@ -107,9 +123,11 @@ def network_labels(network: str) -> tuple[str, ...]:
 class NetworkIndex:
     """Pods by address, names by network; see the module docstring for the rules."""
 
-    def __init__(self, require_ready: bool = False, unresolved_networks: Iterable[str] = ()) -> None:
+    def __init__(self, require_ready: bool = False, unresolved_networks: Iterable[str] = (),
+                 sshd_images: Iterable[ImagePattern] = (ImagePattern.parse(DEFAULT_SSHD_IMAGE),)) -> None:
         self.require_ready = require_ready
         self.unresolved_networks = tuple(n.lower() for n in unresolved_networks)
+        self.sshd_images = tuple(sshd_images)
         self.synced = False
         self._pods: dict[str, PodRecord] = {}
         # Members are tuples, not sets: nearly every one holds a single uid, and a one-element
@@ -124,6 +142,8 @@ class NetworkIndex:
         self._labels: dict[str, tuple[str, ...]] = {}
         self._label_refs: dict[str, int] = {}
         self._awaiting_ip: set[str] = set()
+        # Testcontainers session -> its answering sshd pods (host.testcontainers.internal).
+        self._gateways: dict[str, tuple[str, ...]] = {}
         # name -> how many (network, pod) entries carry it; address -> likewise: "some network
         # holds it", which decides whether an unknown asker's question may become local.
         self._name_refs: dict[str, int] = {}
@@ -133,6 +153,7 @@ class NetworkIndex:
         self._touched_addresses: set[str] = set()
         self._touched_networks: set[str] = set()
         self._held_before: dict[str, bool] = {}  # name -> held before this apply, if it flipped
+        self._touched_names: set[str] = set()  # names touched otherwise (host access)
         self._touched_awaiting = False
         self.conflicts_seen = 0
 
@@ -157,12 +178,14 @@ class NetworkIndex:
         else:
             touched = Touched(
                 frozenset(self._touched_addresses), frozenset(self._touched_networks),
-                frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held),
+                frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held)
+                | self._touched_names,
                 self._touched_awaiting,
             )
         self._touched_addresses.clear()
         self._touched_networks.clear()
         self._held_before.clear()
+        self._touched_names.clear()
         self._touched_awaiting = False
         for subscriber in self._subscribers:
             subscriber(touched)
@@ -213,7 +236,14 @@ class NetworkIndex:
     def _footprint(self, record: PodRecord) -> tuple:
         """Everything of a record that the maps or a lookup read."""
         return (record.is_asker, record.is_answer(self.require_ready), record.awaits_ip, record.ips,
-                record.networks, record.names, record.reverse_name, record.namespace)
+                record.networks, record.names, record.reverse_name, record.namespace, record.session,
+                self._is_gateway(record))
+
+    def _is_gateway(self, record: PodRecord) -> bool:
+        """An answering sshd pod of a Testcontainers session: ``host.testcontainers.internal``
+        for that session's containers."""
+        return (bool(record.session) and record.is_answer(self.require_ready)
+                and any(pattern.matches(record.image) for pattern in self.sshd_images))
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)
@@ -235,6 +265,9 @@ class NetworkIndex:
                 if len(self._askers[ip]) > 1:
                     self.conflicts_seen += 1
                 self._touch_claimants(ip)
+        if self._is_gateway(record):
+            _add(self._gateways, record.session, record.uid, alone)
+            self._touched_names.add(HOST_ACCESS_NAME)
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
@@ -260,6 +293,9 @@ class NetworkIndex:
             for ip in record.ips:
                 self._touch_claimants(ip)
                 _discard(self._askers, ip, record.uid)
+        if self._is_gateway(record):
+            _discard(self._gateways, record.session, record.uid)
+            self._touched_names.add(HOST_ACCESS_NAME)
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
@@ -282,11 +318,14 @@ class NetworkIndex:
 
     def _touch_claimants(self, ip: str) -> None:
         """A claim on ``ip`` is about to change: the answers of every pod claiming it may turn
-        into (or out of) a conflict, in all of their networks."""
+        into (or out of) a conflict, in all of their networks (and for host access, if it is a
+        session's sshd)."""
         for uid in self._askers.get(ip, ()):
             pod = self._pods.get(uid)  # a pod being removed is touched by its caller
             if pod is not None:
                 self._touched_networks.update(pod.networks)
+                if self._is_gateway(pod):
+                    self._touched_names.add(HOST_ACCESS_NAME)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -298,7 +337,7 @@ class NetworkIndex:
         if len(uids) > 1:
             raise Conflict(ip, uids)
         pod = self._pods[uids[0]]
-        return Asker(pod.uid, pod.namespace, pod.networks)
+        return Asker(pod.uid, pod.namespace, pod.networks, pod.session)
 
     @property
     def pods_awaiting_ip(self) -> int:
@@ -312,6 +351,18 @@ class NetworkIndex:
     def holds_name(self, name: str) -> bool:
         """Whether some network has a pod answering to ``name`` (lower case)."""
         return name in self._name_refs
+
+    @property
+    def has_host_gateways(self) -> bool:
+        """Whether some Testcontainers session has an answering sshd pod."""
+        return bool(self._gateways)
+
+    def host_gateway(self, session: str) -> tuple[str, ...] | None:
+        """The addresses of the answering sshd pods of Testcontainers session ``session``, or None
+        when it has none.  Raises :class:`Conflict` when one shares its address with another live
+        pod."""
+        uids = self._gateways.get(session) if session else None
+        return self._addresses(uids) if uids else None
 
     def holds_address(self, ip: str) -> bool:
         """Whether some network has a pod answering at ``ip``."""
@@ -390,12 +441,19 @@ class NetworkIndex:
                         "refused_names": [{"name": n, "reason": r} for n, r in pod.refused_names],
                     }
                 )
+        # host.testcontainers.internal, per Testcontainers session: its sshd pods.
+        host_access: dict[str, list[dict]] = {
+            session: [{"pod": pod.name, "ips": list(pod.ips), "image": pod.image}
+                      for pod in sorted((self._pods[uid] for uid in uids), key=lambda p: p.name)]
+            for session, uids in sorted(self._gateways.items())
+        }
         return {
             "synced": self.synced,
             "pods": len(self._pods),
             "pods_awaiting_ip": len(self._awaiting_ip),
             "conflicted_addresses": self.conflicted_addresses(),
             "unresolved_networks": list(self.unresolved_networks),
+            "host_access": host_access,
             "networks": {k: sorted(v, key=lambda m: m["pod"]) for k, v in sorted(networks.items())},
         }
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from twisted.python import usage
 
-from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
+from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, DEFAULT_SSHD_IMAGE, ImagePattern, ascii_decimal
 from kubedock_dns.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from kubedock_dns.kube.policies import parse_selector
 from kubedock_dns.ops.latency import sampling_mask
@@ -46,6 +46,7 @@ class Config:
     require_ready: bool = False
     forward_single_label: bool = False
     unresolved_networks: tuple[str, ...] = ()
+    sshd_images: tuple[str, ...] = (DEFAULT_SSHD_IMAGE,)
     pods_file: str | None = None
     webhook_port: int = 8443
     webhook_interface: str = ""
@@ -167,6 +168,7 @@ class Options(usage.Options):
         super().__init__()
         self["upstream"] = []
         self["unresolved-network"] = []
+        self["testcontainers-sshd-image"] = []
 
     def opt_unresolved_network(self, value: str) -> None:
         """Docker network ID (64 hex, or a prefix of 12 or more, as `docker network ls` shows)
@@ -178,6 +180,17 @@ class Options(usage.Options):
                 f"characters or the first 12 or more of them (docker network inspect bridge -f '{{{{.Id}}}}')"
             )
         self["unresolved-network"].append(lowered)
+
+    def opt_testcontainers_sshd_image(self, value: str) -> None:
+        """Image of Testcontainers' sshd container (Testcontainers' sshd.container.image), whose
+        pod answers host.testcontainers.internal for its session: a repository matches every tag
+        and any registry prefix, a tag or registry must match too; repeat for several (default:
+        testcontainers/sshd)."""
+        try:
+            ImagePattern.parse(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--testcontainers-sshd-image {value!r}: {e}") from None
+        self["testcontainers-sshd-image"].append(value.strip())
 
     def opt_upstream(self, value: str) -> None:
         """Upstream nameserver HOST[:PORT]; repeat for several (default: from --resolv-conf)."""
@@ -255,6 +268,7 @@ class Options(usage.Options):
             require_ready=bool(self["require-ready"]),
             forward_single_label=bool(self["forward-single-label"]),
             unresolved_networks=tuple(self["unresolved-network"]),
+            sshd_images=tuple(self["testcontainers-sshd-image"]) or (DEFAULT_SSHD_IMAGE,),
             pods_file=self["pods-file"],
             webhook_port=self["webhook-port"],
             webhook_interface=self["webhook-interface"],

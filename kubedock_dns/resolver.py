@@ -14,10 +14,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Union
 
+from kubedock_dns.contract import HOST_ACCESS_NAME, SESSION_ANNOTATIONS
 from kubedock_dns.dns.wire import TYPE_A, TYPE_AAAA, TYPE_PTR
 from kubedock_dns.index import (
     FAMILY_V4,
     FAMILY_V6,
+    Asker,
     Conflict,
     NetworkIndex,
     family_of,
@@ -39,11 +41,21 @@ class ResolverConfig:
 
 @dataclass(frozen=True)
 class Answer:
-    """NOERROR with these record values (addresses for A/AAAA, a name for PTR); none is NODATA."""
+    """NOERROR with these record values (addresses for A/AAAA, a name for PTR); none is NODATA.
+    ``network`` is the network that answered; ``session`` the Testcontainers session whose sshd
+    answered ``host.testcontainers.internal`` instead."""
 
     qtype: int
     values: tuple[str, ...]
     network: str = ""
+    session: str = ""
+
+    @property
+    def source(self) -> str:
+        """Where the answer comes from, for logs and explain."""
+        if self.session:
+            return f"the sshd container of Testcontainers session {self.session}"
+        return f"network {self.network[:12]}" if self.network else "the asker's networks"
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,8 @@ class Resolver:
         if trace is not None and base != name:
             trace.append(f"cluster search suffix stripped: {name} -> {base}")
         if not asker.networks:
+            if base == HOST_ACCESS_NAME:
+                return self._host_access(asker, source_ip, qtype, held, now, trace)
             # On no (resolved) network: nothing can ever be local to it, so nothing is held.
             return self._not_local(base, "the asker is on no resolved network")
         try:
@@ -218,6 +232,10 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
+        if base == HOST_ACCESS_NAME:
+            # No network of the asker has it as an alias (testcontainers-go gives its sshd that
+            # alias in the container's network): the asker's session's sshd.
+            return self._host_access(asker, source_ip, qtype, held, now, trace)
         if "." in base and not index.holds_name(base):
             # Multi-label names are almost always outside names (example.com, a Service): holding
             # them would delay every outside lookup of every test container.
@@ -259,6 +277,39 @@ class Resolver:
             facts.append(("name", self.strip_search_suffix(name, asker.namespace)))
         return facts
 
+    def _host_access(self, asker: Asker, source_ip: str, qtype: int, held: bool, now: float,
+                     trace: list[str] | None) -> Decision:
+        """``host.testcontainers.internal`` that no network of the asker holds: Testcontainers'
+        sshd container of the asker's own session (its ``withAccessToHost``/``exposeHostPorts``
+        tunnel), an A record only; never another session's.  A session without one is held like a name not known yet, then
+        NXDOMAIN; an asker of no session gets NXDOMAIN at once."""
+        if not asker.session:
+            if trace is not None:
+                trace.append(f"{HOST_ACCESS_NAME}: the asker has no annotation {' or '.join(SESSION_ANNOTATIONS)} "
+                             "(not started by a Testcontainers session that sets it)")
+            return NotFound(f"{HOST_ACCESS_NAME}: the asker belongs to no Testcontainers session")
+        try:
+            addresses = self.index.host_gateway(asker.session)
+        except Conflict as conflict:
+            return ServFail(str(conflict))
+        if trace is not None:
+            trace.append(f"{HOST_ACCESS_NAME}: the sshd container of Testcontainers session {asker.session}: "
+                         + (", ".join(addresses) if addresses else "none is running")
+                         + f" (sshd images: {', '.join(p.text for p in self.index.sshd_images) or 'none'})")
+        if addresses is not None:
+            if qtype != TYPE_A:
+                # Testcontainers' sshd tunnels over IPv4 only: no AAAA, so clients take the A.
+                return Answer(qtype, (), session=asker.session)
+            values = [ip for ip in addresses if family_of(ip) == FAMILY_V4]
+            if len(values) > 1:
+                self._shuffle(values)
+            return Answer(qtype, tuple(values), session=asker.session)
+        miss_key = (source_ip, HOST_ACCESS_NAME)
+        if held or self.misses.recently_missed(miss_key, now):
+            return NotFound(f"{HOST_ACCESS_NAME}: Testcontainers session {asker.session} has no sshd "
+                            "container running (withAccessToHost/exposeHostPorts starts one)")
+        return Hold("the session's sshd container is not known yet", miss_key)
+
     def _not_local(self, base: str, why: str, cacheable: bool = True) -> Decision:
         """A name that is not in the asker's networks: NXDOMAIN for a single label (no Service
         may stand in for a missing container), forwarded otherwise."""
@@ -283,7 +334,8 @@ class Resolver:
             base = name
         else:
             candidates = {self.strip_search_suffix(name, ns) for ns in index.namespaces_awaiting_ip()}
-            local = sorted(b for b in candidates if "." not in b or index.holds_name(b))
+            local = sorted(b for b in candidates if "." not in b or index.holds_name(b)
+                           or (b == HOST_ACCESS_NAME and index.has_host_gateways))
             if not local:
                 return Forward("asker is not a known pod; the name is no network's")
             base = local[0]

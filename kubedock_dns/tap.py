@@ -22,7 +22,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kubedock_dns.contract import Relisted, pod_record_from_dict
+from kubedock_dns.contract import ImagePattern, Relisted, pod_record_from_dict
 from kubedock_dns.dns.fastpath import FastPath
 from kubedock_dns.dns.forwarder import Forwarder
 from kubedock_dns.dns.listeners import DNSListeners
@@ -129,7 +129,8 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
     """The whole server.  ``pod_source(index)`` may supply the service feeding the index
     (tests); by default it is the pods file or the API watcher, as configured."""
     top = DrainingService(reactor, config.drain_seconds)
-    index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks)
+    index = NetworkIndex(require_ready=config.require_ready, unresolved_networks=config.unresolved_networks,
+                         sshd_images=tuple(ImagePattern.parse(image) for image in config.sshd_images))
     apply_changes = apply_and_warn(index, WarningLimiter(log, reactor.seconds))
     watch_lag = LatencyHistogram(LAG_BUCKETS)
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Builds the Go tools the tests and benchmarks need (kube-apiserver, and on request etcd, coredns,
-# helm, and the node components kubelet, kube-proxy, kube-controller-manager, kube-scheduler) from
-# the Go module proxy into ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each
-# binary.  Nothing is built inside the repository and nothing built is ever committed.
-# `prometheus-operator-crds` builds nothing: it takes the Prometheus Operator's CRDs
-# (ServiceMonitor, PodMonitor, PrometheusRule) from its Go module and prints their directory.
+# helm, kubectl, Docker Compose, the Prometheus server and promtool, and the node components
+# kubelet, kube-proxy, kube-controller-manager, kube-scheduler) from the Go module proxy into
+# ~/.cache/kubedock-dns/<tool>-<version>/, and prints the path of each binary.  Nothing is built
+# inside the repository and nothing built is ever committed.  `prometheus-operator-crds` builds
+# nothing: it takes the Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule)
+# from its Go module and prints their directory.  The two Testcontainers clients of the
+# real-kubedock tests are built the same way: testcontainers-go (our program in
+# testbed/clients/tcgo, its module from the proxy) and testcontainers-java (testbed/clients/java
+# with Maven; its local repository is ~/.cache/kubedock-dns/m2); each prints one executable.
 #
-#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [prometheus] [kube-node] [kube-network-policies] [kube-router] [prometheus-operator-crds]
+#   scripts/build-tools.sh kube-apiserver [etcd] [coredns] [helm] [promtool] [prometheus] [kube-node] [kube-network-policies]
+#                          [kube-router] [prometheus-operator-crds] [kubectl] [compose] [testcontainers-go] [testcontainers-java]
 #
 # `kube-node` builds the four node components from the same k8s.io/kubernetes module and version as
 # kube-apiserver, in one `go build` so they share every compiled package.
@@ -27,7 +32,11 @@ KNP_VERSION=${KNP_VERSION:-v0.8.0}
 KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-v2.1.0}
 # The CRDs the chart's ServiceMonitor, PodMonitor and PrometheusRule are validated against.
 PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}
+# Compose v2.40.x: the last line that talks to kubedock 0.22.0 (which announces Docker API 1.25;
+# Compose v5 refuses it).
+COMPOSE_VERSION=${COMPOSE_VERSION:-v2.40.3}
 CACHE=${KUBEDOCK_DNS_CACHE:-$HOME/.cache/kubedock-dns}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
@@ -163,6 +172,69 @@ build_prometheus() {
     echo "$out"
 }
 
+# kubectl from the same k8s.io/kubernetes module and version as the API server (its packages are
+# mostly compiled already): the node bed's `kubectl exec`/`port-forward` and the docs' commands.
+build_kubectl() {
+    local out=$CACHE/kubectl-$KUBE_VERSION/kubectl
+    if [ ! -x "$out" ]; then
+        staging_replacements "$KUBE_VERSION" |
+            (build_in_scratch_module k8s.io/kubernetes "$KUBE_VERSION" k8s.io/kubernetes/cmd/kubectl "$out" "$(kube_version_flags)")
+    fi
+    echo "$out"
+}
+
+# Docker Compose (standalone `docker-compose`, which needs no docker CLI), talking to kubedock.
+build_compose() {
+    local out=$CACHE/compose-$COMPOSE_VERSION/docker-compose
+    if [ ! -x "$out" ]; then
+        (build_in_scratch_module github.com/docker/compose/v2 "$COMPOSE_VERSION" github.com/docker/compose/v2/cmd "$out" \
+            "-X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" </dev/null)
+    fi
+    echo "$out"
+}
+
+# testbed/clients/tcgo: a testcontainers-go suite of ours, built in a scratch copy (go.sum made
+# there), keyed by its source, so an edit rebuilds it and a rerun takes no time.
+build_testcontainers_go() {
+    local src=$REPO/testbed/clients/tcgo version key
+    version=$(sed -n 's#^require github.com/testcontainers/testcontainers-go \(v[^ ]*\)#\1#p' "$src/go.mod")
+    key=$(cat "$src/go.mod" "$src/main.go" | sha256sum | cut -c1-12)
+    local out=$CACHE/testcontainers-go-$version-$key/tcgo
+    if [ ! -x "$out" ]; then
+        (
+            work=$(mktemp -d "${TMPDIR:-/tmp}/kubedock-dns-build.XXXXXX")
+            trap 'rm -rf "$work"' EXIT
+            cp "$src/go.mod" "$src/main.go" "$work/"
+            say "building testcontainers-go $version client (first run downloads modules: a few minutes)"
+            cd "$work" && go mod tidy >&2 && mkdir -p "$(dirname "$out")" &&
+                go build -trimpath -ldflags "-s -w" -o "$out.tmp" . >&2 && mv "$out.tmp" "$out"
+        )
+    fi
+    echo "$out"
+}
+
+# testbed/clients/java: the Testcontainers-Java client, compiled by Maven into the cache (keyed by
+# its source) with its dependencies' class path; prints a launcher that runs it with `java`.
+build_testcontainers_java() {
+    local src=$REPO/testbed/clients/java version key
+    command -v mvn >/dev/null && command -v java >/dev/null ||
+        { say "testcontainers-java needs java (17 or newer) and mvn (Debian: openjdk-17-jdk-headless maven)"; return 1; }
+    version=$(sed -n 's#.*<testcontainers.version>\(.*\)</testcontainers.version>.*#\1#p' "$src/pom.xml")
+    key=$(find "$src" -type f \( -name pom.xml -o -name '*.java' \) | sort | xargs cat | sha256sum | cut -c1-12)
+    local dir=$CACHE/testcontainers-java-$version-$key
+    if [ ! -x "$dir/run" ]; then
+        rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+        say "building the Testcontainers-Java $version client with Maven (first run downloads its dependencies)"
+        mvn -B -q -f "$src/pom.xml" -Dmaven.repo.local="$CACHE/m2" -Dkdn.build="$dir.tmp" \
+            compile dependency:build-classpath -Dmdep.outputFile="$dir.tmp/classpath" >&2
+        printf '#!/bin/sh\n# Testcontainers-Java %s client (testbed/clients/java), built by scripts/build-tools.sh\nexec java ${JAVA_OPTIONS:-} -cp "%s/classes:$(cat "%s/classpath")" kubedockdns.HostAccessSession "$@"\n' \
+            "$version" "$dir" "$dir" > "$dir.tmp/run"
+        chmod 755 "$dir.tmp/run"
+        rm -rf "$dir" && mv "$dir.tmp" "$dir"
+    fi
+    echo "$dir/run"
+}
+
 # kube-network-policies: a NetworkPolicy engine (nftables + nfqueue) for the real node's
 # isolation tests (--network-policies).
 build_kube_network_policies() {
@@ -226,7 +298,5 @@ for tool in "$@"; do
         kube-node) build_kube_node ;;
         kube-network-policies) build_kube_network_policies ;;
         kube-router) build_kube_router ;;
-        prometheus-operator-crds) fetch_prometheus_operator_crds ;;
-        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, prometheus, kube-node, kube-network-policies, kube-router or prometheus-operator-crds)"; exit 2 ;;
     esac
 done

@@ -4,10 +4,11 @@ answer paths, and AdmissionReview bodies through the webhook's decision.
 Targets (each a function of the input bytes that raises only when a contract is broken):
 
 - ``dns``: the first byte picks the asker (known pods of a fixed topology in several networks,
-  dual stack, an address two pods claim, an unknown address), the second whether it came over
-  TCP; the rest is the message.  The full path (twisted.names, no fast path) must never raise,
-  must answer with a message dnspython reads, carrying the query's ID, and must never answer
-  with an address of a pod outside the asker's networks; wherever the fast path answers, its
+  dual stack, an address two pods claim, an unknown address, two Testcontainers sessions with an
+  sshd each), the second whether it came over TCP; the rest is the message.  The full path
+  (twisted.names, no fast path) must never raise, must answer with a message dnspython reads,
+  carrying the query's ID, and must never answer with an address of a pod outside the asker's
+  networks, except its own session's sshd (``host.testcontainers.internal``); wherever the fast path answers, its
   bytes must equal the full path's; where it forwards, so must the full path.
 - ``review``: :func:`kubedock_dns.admission.review.render_review` must never raise and never answer 500;
   a 200 carries an AdmissionReview whose patch (if any) is a JSON patch; log lines stay bounded.
@@ -93,11 +94,16 @@ class DNSHarness:
 
     def __init__(self) -> None:
         _imports()
-        a, b = network_id("fuzz-a"), network_id("fuzz-b")
+        a, b, bridge = network_id("fuzz-a"), network_id("fuzz-b"), network_id("fuzz-bridge")
         pods = [
             record("db", [a], ips=["10.1.0.1", "fd00::1"], uid="db-a", namespace="ns", aliases=["postgres"]),
-            record("app", [a], ip="10.1.0.2", uid="app-a", namespace="ns"),
-            record("db", [b], ip="10.1.0.3", uid="db-b", namespace="ns", container_name="/db_b"),
+            record("app", [a], ip="10.1.0.2", uid="app-a", namespace="ns", session="s1"),
+            record("db", [b], ip="10.1.0.3", uid="db-b", namespace="ns", container_name="/db_b", session="s2"),
+            # Each session's sshd, on a network of its own: host.testcontainers.internal.
+            record("sshd", [bridge], ip="10.1.0.5", uid="sshd-1", namespace="ns", session="s1",
+                   image="testcontainers/sshd:1.4.0"),
+            record("sshd", [bridge], ip="10.1.0.6", uid="sshd-2", namespace="ns", session="s2",
+                   image="testcontainers/sshd:1.4.0"),
             record("x", [b], ip="10.1.0.9", uid="x1", namespace="ns"),
             record("y", [a], ip="10.1.0.9", uid="x2", namespace="ns"),  # two pods, one IP
             record("lonely", [], ip="10.1.0.4", uid="lonely", namespace="ns"),
@@ -106,9 +112,9 @@ class DNSHarness:
         self.index.apply([Relisted(tuple(pods))])
         self.visible = {  # asker -> every address it may ever be told
             "10.1.0.1": {"10.1.0.1", "fd00::1", "10.1.0.2", "10.1.0.9"},
-            "10.1.0.2": {"10.1.0.1", "fd00::1", "10.1.0.2", "10.1.0.9"},
+            "10.1.0.2": {"10.1.0.1", "fd00::1", "10.1.0.2", "10.1.0.9", "10.1.0.5"},  # + its sshd
             "fd00::1": {"10.1.0.1", "fd00::1", "10.1.0.2", "10.1.0.9"},
-            "10.1.0.3": {"10.1.0.3", "10.1.0.9"},
+            "10.1.0.3": {"10.1.0.3", "10.1.0.9", "10.1.0.6"},
         }
 
     def run(self, data: bytes) -> None:

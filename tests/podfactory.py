@@ -17,8 +17,10 @@ def network_id(name: str) -> str:
 
 def kubedock_pod(name: str, networks=(), aliases=(), hostname=None, ip=None, ips=None,
                  phase="Running", namespace="tests", uid=None, labels=None, container_name=None,
-                 container_id=None, host_network=False, deleting=False, ready=True) -> dict:
-    """The JSON of a pod the way kubedock's deploy.go writes it, with a kubelet-style status."""
+                 container_id=None, host_network=False, deleting=False, ready=True, session=None,
+                 image="busybox") -> dict:
+    """The JSON of a pod the way kubedock's deploy.go writes it, with a kubelet-style status;
+    ``session``: the Testcontainers session label kubedock copies into the annotations."""
     serial = next(_serial)
     annotations = {"kubedock.hostalias/0": hostname or name}
     for i, alias in enumerate(aliases, start=1):
@@ -27,6 +29,8 @@ def kubedock_pod(name: str, networks=(), aliases=(), hostname=None, ip=None, ips
         annotations[f"kubedock.network/{i}"] = net
     if container_name:
         annotations["kubedock.containername"] = container_name
+    if session:
+        annotations["org.testcontainers.sessionId"] = session
     pod_labels = {"kubedock": "true"}
     if container_id:
         pod_labels["kubedock.containerid"] = container_id
@@ -49,7 +53,7 @@ def kubedock_pod(name: str, networks=(), aliases=(), hostname=None, ip=None, ips
     return {
         "metadata": metadata,
         "spec": {"hostNetwork": host_network, "restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": "busybox"}]},
+                 "containers": [{"name": "main", "image": image}]},
         "status": status,
     }
 

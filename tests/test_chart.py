@@ -43,6 +43,7 @@ PLUGIN_OPTIONS = {
     "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
     "--network-policies", "--isolation-policy", "--kubedock-pod-selector", "--drain-seconds",
     "--log-format",
+    "--testcontainers-sshd-image",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -61,7 +62,8 @@ OPTIONS: dict[str, list[str]] = {
     "upstreams": ["--set", "dns.upstreams={10.96.0.10,9.9.9.9:53}", "--set", "dns.requireReady=true"],
     "custom-opt-in-label": ["--set", "optInLabel=example.com/kubedock"],
     "docker-fidelity": ["--set", "dns.forwardSingleLabel=true",
-                        "--set", "dns.unresolvedNetworks={" + "ab" * 32 + ",0123456789ab}"],
+                        "--set", "dns.unresolvedNetworks={" + "ab" * 32 + ",0123456789ab}",
+                        "--set", "dns.testcontainersSshdImages={registry.example.com/team/sshd,testcontainers/sshd:1.4.0}"],
     "network-policies": ["--set", "networkPolicies.enabled=true",
                          "--set", "networkPolicies.kubedockPodSelector.app\\.kubernetes\\.io/name=kubedock",
                          "--set", "networkPolicies.kubedockPodSelector.tier=ci"],
@@ -570,13 +572,16 @@ def test_upstreams_and_require_ready(helm: str) -> None:
 
 
 def test_single_label_and_unresolved_network_options(helm: str, default: list[dict[str, Any]]) -> None:
-    """By default missing single-label names are NXDOMAIN and every network resolves;
-    ``dns.forwardSingleLabel`` and ``dns.unresolvedNetworks`` become the server's options."""
+    """By default missing single-label names are NXDOMAIN, every network resolves and the sshd
+    image is Testcontainers' own; ``dns.forwardSingleLabel``, ``dns.unresolvedNetworks`` and
+    ``dns.testcontainersSshdImages`` become the server's options."""
     assert "--forward-single-label" not in args_of(default)
     assert "--unresolved-network" not in args_of(default)
+    assert "--testcontainers-sshd-image" not in args_of(default)
     args = args_of(render(helm, *OPTIONS["docker-fidelity"]))
     assert args["--forward-single-label"] == [""]
     assert args["--unresolved-network"] == ["ab" * 32, "0123456789ab"]
+    assert args["--testcontainers-sshd-image"] == ["registry.example.com/team/sshd", "testcontainers/sshd:1.4.0"]
 
 
 def test_network_policies_are_off_by_default_and_complete_when_on(helm: str, default: list[dict[str, Any]]) -> None:
@@ -713,6 +718,7 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "service.clusterIP=not-an-ip",
     "no.such.value=1",
     "dns.unresolvedNetworks={bridge}",
+    "dns.testcontainersSshdImages={Team/Sshd}",
     "dns.upstreams={not-an-ip}",
     "dns.upstreams={10.96.0.10:99999}",
     "dns.upstreams={dns.example:53}",

@@ -182,6 +182,9 @@ def churn_pods(draw, uid):
                namespace=draw(st.sampled_from(["ns", "other"])), phase=phase),
         terminating=draw(st.booleans()) and phase == "Running",
         ready=draw(st.booleans()),
+        # Testcontainers sessions: a session's sshd answers host.testcontainers.internal.
+        session=draw(st.sampled_from(["", "s1", "s2"])),
+        image=draw(st.sampled_from(["busybox", "testcontainers/sshd:1.4.0"])),
     )
 
 
@@ -191,7 +194,8 @@ def churn_queries(draw):
     if qtype == "PTR":
         name = dns.reversename.from_address(draw(st.sampled_from(CHURN_IPS + ["10.9.9.9"]))).to_text()
     else:
-        base = draw(st.sampled_from(CHURN_NAMES + ["example.com", "db." + NETS[1][:12]]))
+        base = draw(st.sampled_from(CHURN_NAMES + ["example.com", "db." + NETS[1][:12],
+                                                   "host.testcontainers.internal"]))
         name = base + draw(st.sampled_from(["", ".ns.svc.cluster.local", ".svc.cluster.local"]))
     wire = dns.message.make_query(name, qtype, use_edns=draw(st.sampled_from([False, 0]))).to_wire()
     return wire, draw(st.sampled_from(CHURN_IPS + ["10.9.9.9"])), draw(st.booleans())
@@ -211,7 +215,7 @@ def uncached(fast, wire, host, tcp):
 @given(st.data())
 def test_cached_answers_follow_every_index_change(data):
     """Under random churn (phases, addresses shared by two pods, networks, names, deletions, pods
-    awaiting their address, relists), every answer the fast path gives from its cache equals
+    awaiting their address, relists, Testcontainers sessions and their sshd pods), every answer the fast path gives from its cache equals
     the answer it would prepare afresh: a change drops every entry it can affect."""
     uids = [f"p{i}" for i in range(6)]
     pods = {uid: data.draw(churn_pods(uid)) for uid in uids[:3]}

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -192,3 +193,54 @@ def test_cluster_names_are_answered_by_coredns(
     result = node.exec(namespace, pods["web"]["metadata"]["name"], ["getent", "hosts", "kubernetes.default"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert _addresses(result) == [node.control_plane.service_ip]
+
+
+# A server in a pod for `kubectl port-forward`: busybox's httpd serving a token, after a log line;
+# the shell stays PID 1 and ends at once on SIGTERM (an httpd as PID 1 would ignore it, and the
+# pod's deletion would wait out its grace period).
+HTTPD = ("/bin/sh", "-c", "mkdir -p /tmp/www && echo \"$0\" > /tmp/www/index.html && echo serving; "
+         "trap 'exit 0' TERM; busybox httpd -f -p 8000 -h /tmp/www & wait")
+
+
+def test_kubectl_exec_logs_and_port_forward_reach_the_pod_through_its_kubelet(
+        served: tuple[Node, str, HostKubedockDns], pods: dict[str, dict[str, Any]]) -> None:
+    """The API server reaches the node's kubelet (at its InternalIP: the node's name resolves
+    nowhere here), so the real ``kubectl exec`` (with standard input), ``kubectl logs`` and
+    ``kubectl port-forward`` work as on any cluster.  kubedock's ``docker exec``/``docker cp``,
+    Testcontainers' ``execInContainer`` and kubedock's ``--port-forward`` go the same way."""
+    import secrets
+    import urllib.request
+
+    node, namespace, _ = served
+    web, db = pods["web"]["metadata"]["name"], pods["db"]
+    looked_up = node.kubectl("-n", namespace, "exec", web, "--", "getent", "hosts", "database")
+    assert looked_up.returncode == 0, looked_up.stdout + looked_up.stderr
+    assert _addresses(looked_up) == [db["status"]["podIP"]]
+    echoed = node.kubectl("-n", namespace, "exec", "-i", web, "--", "cat", input="through stdin\n")
+    assert (echoed.returncode, echoed.stdout) == (0, "through stdin\n"), echoed.stderr
+
+    token = secrets.token_hex(8)
+    httpd = node.create_kubedock_pod(namespace, "httpd", [network_id(f"{namespace}-a")],
+                                     command=(*HTTPD, token))["metadata"]["name"]
+    logs = node.kubectl("-n", namespace, "logs", httpd)
+    assert (logs.returncode, logs.stdout) == (0, "serving\n"), logs.stderr
+    argv, env = node.kubectl_command("-n", namespace, "port-forward", f"pod/{httpd}", "--address", "127.0.0.1",
+                                     "0:8000")
+    forward = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert forward.stdout is not None
+        first = forward.stdout.readline()  # "Forwarding from 127.0.0.1:NNNNN -> 8000"
+        assert first.startswith("Forwarding from 127.0.0.1:"), first + (forward.stderr.read() if forward.poll() else "")
+        port = int(first.split("127.0.0.1:", 1)[1].split()[0])
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline, body = time.monotonic() + 20, ""
+        while not body and time.monotonic() < deadline:  # httpd starts just after its log line
+            try:
+                with opener.open(f"http://127.0.0.1:{port}/", timeout=20) as response:
+                    body = response.read().decode().strip()
+            except OSError:
+                time.sleep(0.2)
+        assert body == token
+    finally:
+        forward.terminate()
+        forward.wait(10)

@@ -34,7 +34,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -456,6 +458,94 @@ def test_nothing_serving_alert_fires_when_scaled_to_zero_and_clears(
     cleared_after = time.monotonic() - began
     print(f"KubedockDNSDown: pending after {pending_after:.0f} s, firing after {firing_after:.0f} s, "
           f"cleared {cleared_after:.0f} s after scaling to zero")
+INSTALL_GUIDE = REPO / "docs" / "install.md"
+
+
+def troubleshooting_commands() -> list[str]:
+    """Every ``kubectl`` command of docs/install.md's troubleshooting section, as written
+    (continuation lines joined, comments dropped)."""
+    section = INSTALL_GUIDE.read_text().split("## 7. Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line.startswith("kubectl "):
+                commands.append(re.sub(r"\s+", " ", line))
+    return commands
+
+
+def test_the_install_guides_troubleshooting_commands_work_through_kubectl(
+        node: Node, release: dict[str, Any], images: dict[str, str], tmp_path: Path) -> None:
+    """docs/install.md's troubleshooting, command by command through the real kubectl against the
+    chart's release (the namespace, pod, address and network put in for the guide's examples):
+    ``kubectl exec deploy/kubedock-dns -- kubedock-dns explain|networks`` reach a replica and tell
+    the story of the pod's real answer, ``kubectl exec <pod>`` shows its resolv.conf and lookups,
+    ``kubectl port-forward deployment/kubedock-dns`` serves the networks page and JSON, and the
+    rest (rollout status, logs, custom columns, the server-side dry run) succeeds."""
+    namespace = release["namespace"]
+    net = network_id(f"{namespace}-guide")
+    web = _kubedock_pod(node, namespace, "guide-web", [net], images["pod"])
+    db = _kubedock_pod(node, namespace, "db", [net], images["pod"])  # the guide asks for db
+    web_name, db_ip = web["metadata"]["name"], db["status"]["podIP"]
+    service_ip = node.core.read_namespaced_service(RELEASE, namespace).spec.cluster_ip
+    (tmp_path / "pod.yaml").write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "guide-dry-run-", "labels": {"kubedock": "true"},
+                     "annotations": {"kubedock.network/0": net}},
+        "spec": {"securityContext": NON_ROOT,
+                 "containers": [{"name": "main", "image": images["pod"], "securityContext": LOCKED_DOWN}]}}))
+    # What each command must show besides succeeding (checked where the guide promises it).
+    expected = {
+        "explain --from <pod> db": [f"answered from network {net[:12]}", db_ip],
+        "explain --from <pod> db --type AAAA": ["NODATA"],
+        "explain --from <pod> 10.42.0.17 --type PTR": [db["metadata"]["annotations"]["kubedock.containername"]],
+        "kubedock-dns networks": [net[:12]],
+        "kubedock-dns networks 66b1": [db_ip, web_name],
+        "exec <pod> -- getent hosts db": [db_ip],
+        "exec <pod> -- cat /etc/resolv.conf": [f"nameserver {service_ip}"],
+        "NAMESERVER:.spec.dnsConfig.nameservers'": [web_name],
+        "create --dry-run=server -o yaml -f pod.yaml": ["dnsPolicy: None", service_ip],
+    }
+    commands = troubleshooting_commands()
+    assert len(commands) >= 15 and any("port-forward" in c for c in commands), commands
+    unchecked = set(expected)
+    for command in commands:
+        if "port-forward" in command:
+            continue  # below: it keeps running
+        run = (command.replace("-n kubedock ", f"-n {namespace} ").replace("<pod>", web_name)
+               .replace("10.42.0.17", db_ip).replace("networks 66b1", f"networks {net[:4]}")
+               .replace("kubedock-dns-kubedock", f"{RELEASE}-{namespace}"))
+        run = run.split(" | ")[0].removesuffix(" -f")  # the guide's grep and follow are for people
+        argv, env = node.kubectl_command(*shlex.split(run)[1:])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        for key, wanted in expected.items():
+            if command.endswith(key):
+                unchecked.discard(key)
+                for text in wanted:
+                    assert text in done.stdout, f"{command}: no {text!r} in\n{done.stdout}"
+    assert unchecked == set(), f"the guide no longer has these commands: {unchecked}"
+
+    forward_line = next(c for c in commands if "port-forward" in c)
+    assert forward_line.endswith("deployment/kubedock-dns 8080:8080 &"), forward_line
+    argv, env = node.kubectl_command("-n", namespace, "port-forward", "deployment/kubedock-dns", "0:8080")
+    forward = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert forward.stdout is not None
+        first = forward.stdout.readline()  # "Forwarding from 127.0.0.1:NNNNN -> 8080"
+        assert first.startswith("Forwarding from 127.0.0.1:"), first
+        port = int(first.split("127.0.0.1:", 1)[1].split()[0])
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/debug/networks", timeout=20) as response:
+            assert web_name in {m["pod"] for m in json.load(response)["networks"][net]}
+        with opener.open(f"http://127.0.0.1:{port}/", timeout=20) as response:
+            assert net[:12] in response.read().decode()
+        listed = subprocess.run([sys.executable, "-m", "kubedock_dns", "--ops", f"http://127.0.0.1:{port}",
+                                 "networks"], capture_output=True, text=True, timeout=60, check=False)
+        assert listed.returncode == 0 and net[:12] in listed.stdout, listed.stdout + listed.stderr
+    finally:
+        forward.terminate()
+        forward.wait(10)
 
 
 def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(

@@ -319,7 +319,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             network=getattr(decision, "network", "") or None,
             records=list(decision.values) if isinstance(decision, Answer) else None,
             reason=getattr(decision, "reason", None),
-            detail=(f"from network {decision.network[:12]}: {', '.join(decision.values) or 'no record of that type'}"
+            detail=(f"from {decision.source}: {', '.join(decision.values) or 'no record of that type'}"
                     if isinstance(decision, Answer) else f"({decision.reason})"),
         )
 

@@ -72,8 +72,13 @@ def decision_view(decision: Decision, ttl: int) -> dict[str, Any]:
     view: dict[str, Any] = {"rule": type(decision).__name__}
     if isinstance(decision, Answer):
         view.update(rcode="NOERROR", network=decision.network, records=list(decision.values), ttl=ttl,
-                    why=("answered from network " + decision.network[:12]) if decision.values
-                    else "NODATA: the name is in network " + decision.network[:12] + " but has no record of this type")
+                    why=("answered from " + decision.source) if decision.values
+                    else "NODATA: the name is in " + decision.source + " but has no record of this type")
+        if decision.session:
+            view["session"] = decision.session
+            if not decision.values:
+                view["why"] = ("NODATA: host.testcontainers.internal has only the IPv4 address of "
+                               + decision.source)
         if decision.qtype == TYPE_PTR:
             view["why"] = "answered from the asker's networks"
     elif isinstance(decision, NotFound):

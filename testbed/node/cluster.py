@@ -6,7 +6,9 @@ Contract
 
 1. etcd + kube-apiserver (:class:`testbed.controlplane.ControlPlane`), listening on all addresses
    and advertising this machine's address (:func:`testbed.node.host.node_ip`) as the endpoint of
-   the ``kubernetes`` Service, with service accounts on;
+   the ``kubernetes`` Service, with service accounts on, reaching the kubelet at the node's
+   InternalIP (its name resolves nowhere): ``pods/exec``, ``pods/portforward`` and ``pods/log``
+   work, so ``kubectl exec``/``port-forward``/``logs`` and kubedock's exec and port-forwards do;
 2. the images no node here can pull (a pause image compiled here, CoreDNS, a toolbox with glibc's
    ``getent``; :mod:`testbed.node.images`), imported into
 3. containerd (:mod:`testbed.node.containerd`) with runc and the bridge CNI: a bridge ``kdn<id>``,
@@ -19,6 +21,7 @@ Contract
    through that Service IP from this machine.
 
 ``registry_hosts`` (``host:port``) are registries containerd pulls from over plain HTTP.
+:meth:`Node.kubectl` runs the real ``kubectl`` (``build-tools.sh kubectl``) against the node.
 Every file lives under one run directory ``/var/lib/kubedock-dns-testbed/node-<id>``; leaving the
 ``with`` block, also on an exception, deletes the pods (the kubelet stops them and tears down their
 networks), stops every process, removes what containerd and the kubelet left (tasks, sandboxes'
@@ -52,7 +55,7 @@ from testbed.node.clusterdns import cluster_dns_objects
 from testbed.node.containerd import Containerd
 from testbed.node.errors import NodeComponentError, NodeError, NodeUnavailable
 
-__all__ = ["Node", "NodeBinaries", "find_node_binaries", "SERVICE_CIDR", "CLUSTER_DNS_IP"]
+__all__ = ["Node", "NodeBinaries", "find_kubectl", "find_node_binaries", "SERVICE_CIDR", "CLUSTER_DNS_IP"]
 
 # Apart from the stand-in beds' 10.96.0.0/16, whose DNAT rules live on their own bridges: kube-proxy's
 # rules are global, and must not capture those beds' Service IPs.
@@ -102,6 +105,11 @@ def find_node_binaries(progress: Callable[[str], None] = _stderr, timeout: float
     if missing:
         raise NodeError(f"build-tools.sh kube-node did not print {', '.join(missing)}")
     return NodeBinaries(paths)
+
+
+def find_kubectl(progress: Callable[[str], None] = _stderr, timeout: float = 3600.0) -> str:
+    """kubectl of the node's Kubernetes version (``build-tools.sh kubectl``)."""
+    return _build("kubectl", progress, timeout)[-1]
 
 
 def sweep_stale_runs(self_binaries: NodeBinaries | None = None) -> list[str]:
@@ -196,6 +204,7 @@ class Node:
         self.processes: dict[str, ManagedProcess] = {}
         self._netns_seen: set[str] = set()
         self._made_log_dir = False
+        self._kubectl: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -249,6 +258,9 @@ class Node:
         # 1. control plane
         self.control_plane = ControlPlane(plane_binaries, service_cidr=SERVICE_CIDR,
                                           advertise_address=s.node_ip, service_accounts=True,
+                                          # The node's name resolves nowhere: reach the kubelet
+                                          # (exec, port-forward, logs) at the address it reports.
+                                          apiserver_args=["--kubelet-preferred-address-types=InternalIP,Hostname"],
                                           temp_tag=host.control_plane_tag(self.run),
                                           progress=lambda m: self._progress(f"controlplane: {m}"))
         self._stack.callback(self.control_plane.stop)
@@ -621,6 +633,22 @@ class Node:
         if not wait:
             return dict(created)
         return self.wait_pod_running(namespace, pod.name)
+
+    def kubectl_command(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment of ``kubectl <args>`` against this node (its kubeconfig), for
+        a command that keeps running (``port-forward``)."""
+        if self._kubectl is None:
+            self._kubectl = find_kubectl(self._progress)
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env["KUBECONFIG"] = str(self.control_plane.kubeconfig_path)
+        return [self._kubectl, *args], env
+
+    def kubectl(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``kubectl <args>`` against this node, as a user runs it; never raises for a non-zero
+        exit (the caller asserts on it)."""
+        argv, env = self.kubectl_command(*args)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, env=env,
+                              check=False)
 
     def exec(self, namespace: str, pod: str, argv: Sequence[str], container: str | None = None,
              timeout: float = 30) -> subprocess.CompletedProcess[str]:
