@@ -298,5 +298,11 @@ for tool in "$@"; do
         kube-node) build_kube_node ;;
         kube-network-policies) build_kube_network_policies ;;
         kube-router) build_kube_router ;;
+        prometheus-operator-crds) fetch_prometheus_operator_crds ;;
+        kubectl) build_kubectl ;;
+        compose) build_compose ;;
+        testcontainers-go) build_testcontainers_go ;;
+        testcontainers-java) build_testcontainers_java ;;
+        *) say "unknown tool '$tool' (expected kube-apiserver, etcd, coredns, helm, promtool, prometheus, kube-node, kube-network-policies, kube-router, prometheus-operator-crds, kubectl, compose, testcontainers-go or testcontainers-java)"; exit 2 ;;
     esac
 done
