@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 
 from twisted.python import usage
@@ -11,6 +12,7 @@ from twisted.python import usage
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, ascii_decimal
 from kubedock_dns.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from kubedock_dns.kube.policies import parse_selector
+from kubedock_dns.ops.build import version_line
 from kubedock_dns.ops.latency import sampling_mask
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -167,6 +169,11 @@ class Options(usage.Options):
         super().__init__()
         self["upstream"] = []
         self["unresolved-network"] = []
+
+    def opt_version(self) -> None:
+        """Print the version (and Python's and Twisted's) and exit."""
+        print(version_line())
+        sys.exit(0)
 
     def opt_unresolved_network(self, value: str) -> None:
         """Docker network ID (64 hex, or a prefix of 12 or more, as `docker network ls` shows)
