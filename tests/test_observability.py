@@ -10,13 +10,17 @@ tests pin down the pieces the end-to-end run cannot show deterministically.
 from __future__ import annotations
 
 import json
+import platform
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
 import pytest
@@ -26,7 +30,8 @@ from twisted.logger import Logger, LogLevel
 
 from kubedock_dns.ops.latency import LatencyHistogram
 from kubedock_dns.ops.logs import WarningLimiter
-from kubedock_dns.ops.metrics import HISTOGRAMS, METRICS, PREFIX
+import kubedock_dns
+from kubedock_dns.ops.metrics import DEPRECATED, HISTOGRAMS, LABELS, METRICS, PREFIX, REMOVED_IN
 from kubedock_dns.kube.watcher import StampedHandOver
 from testbed.upstream import free_port
 from tests.podfactory import kubedock_pod, network_id
@@ -102,6 +107,8 @@ def test_metrics_keep_their_names_and_every_one_has_help(served):
         assert name in values, f"{name} is no longer published"
     assert values["kubedock_dns_answered_local_total"] == 2
     assert values["kubedock_dns_forwards_failed_total"] == 1
+    assert values['kubedock_dns_responses_total{"outcome": "upstream_failed", "rcode": "SERVFAIL"}'] == 1
+    assert values['kubedock_dns_responses_total{"outcome": "answered", "rcode": "NOERROR"}'] == 2
     assert values["kubedock_dns_answer_duration_seconds_count"] == 2
     assert values["kubedock_dns_forward_duration_seconds_count"] == 1
     assert values['kubedock_dns_answer_duration_seconds_bucket{"le": "+Inf"}'] == 2
@@ -240,12 +247,120 @@ def test_observer_filters_by_level_and_writes_where_twistd_would(fmt, tmp_path, 
 
 
 def test_every_metric_is_documented():
-    """docs/metrics.md names every metric the collector can publish."""
+    """docs/metrics.md names every metric the collector can publish and every label of the
+    labelled ones, and lists each deprecated name in its own section beside its replacement."""
     doc = (REPO / "docs" / "metrics.md").read_text()
     names = [PREFIX + n + ("_total" if METRICS[n][0] == "counter" else "") for n in METRICS]
     names += [PREFIX + n for n in HISTOGRAMS]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, f"docs/metrics.md does not list {missing}"
+    for name, labels in LABELS.items():
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{PREFIX}{name}"))
+        assert all(f"`{label}`" in row for label in labels), (name, labels, row)
+    deprecated = doc.split("## Deprecated names", 1)[1].split("\n## ", 1)[0]
+    for name, replacement in DEPRECATED.items():
+        assert f"| `{PREFIX}{name}_total` | `{replacement.replace('|', chr(92) + '|')}`" in deprecated, name
+    assert f"(removed in {REMOVED_IN})" in doc
+
+
+@pytest.fixture
+def fast_served(tmp_path):
+    """twistd kubedock-dns as deployed (fast path and UDP read loop on, decisions not logged),
+    two pods of one network, an upstream that answers NXDOMAIN to everything."""
+    net = network_id("labels")
+    pods = [kubedock_pod("db", [net], ip="127.21.0.1", uid="db"),
+            kubedock_pod("app", [net], ip="127.21.0.2", uid="app")]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    upstream = ScriptedUpstream(rcode=3)
+    dns_port, ops_port = free_port(), free_port()
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+            "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
+            "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+            "--ops-interface", "127.0.0.1", "--hold-timeout", "0.2", "--drain-seconds", "0"]
+    proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=str(tmp_path))
+    ops = f"http://127.0.0.1:{ops_port}"
+    try:
+        wait_for(lambda: urlopen(ops + "/readyz", timeout=1).status == 200, what="/readyz")
+        yield dns_port, ops
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        upstream.close()
+
+
+def labelled(text: str, family: str) -> dict[tuple[str, ...], float]:
+    """The samples of ``family`` as label values (in label order) -> value."""
+    for metric in text_string_to_metric_families(text):
+        if metric.name == PREFIX + family:
+            return {tuple(s.labels[label] for label in LABELS[family]): s.value for s in metric.samples
+                    if s.name in (metric.name, metric.name + "_total")}
+    raise AssertionError(f"{PREFIX}{family} is not published")
+
+
+def test_labelled_metrics_count_each_query_once_on_every_path(fast_served):
+    """Questions answered by the UDP read loop, the fast path, the full path (after a hold, too),
+    relayed, malformed, dropped, and over TCP: requests_total counts each once under its
+    transport and type, responses_total each reply once under its rcode and outcome, the two add
+    up (with the dropped datagram), and the deprecated names keep their meaning."""
+    dns_port, ops = fast_served
+
+    def udp(name, rdtype="A", **kw):
+        return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=dns_port,
+                             source="127.21.0.2", timeout=5, **kw)
+
+    def raw(datagram: bytes, answered: bool) -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.21.0.2", 0))
+            sock.settimeout(5)
+            sock.sendto(datagram, ("127.0.0.1", dns_port))
+            return sock.recv(512) if answered else None
+
+    raw(b"\x12\x34\x01", answered=False)  # shorter than a header: dropped
+    assert dns.rcode.from_flags(*struct.unpack("!H", raw(struct.pack("!6H", 0x1234, 0x0100, 0, 0, 0, 0),
+                                                              answered=True)[2:4]), 0) == dns.rcode.FORMERR
+    status = dns.message.make_query("db", "A")
+    status.set_opcode(dns.opcode.STATUS)
+    assert dns.query.udp(status, "127.0.0.1", port=dns_port, source="127.21.0.2", timeout=5).rcode() == dns.rcode.NOTIMP
+    for _ in range(3):  # prepared by the fast path, then answered by the read loop
+        assert [r.address for r in udp("db").answer[0]] == ["127.21.0.1"]
+    for _ in range(2):
+        assert udp("db", "AAAA").answer == []  # NODATA, prepared too
+    assert udp("1.0.21.127.in-addr.arpa", "PTR").answer[0][0].target.to_text().startswith("db")
+    assert udp("db", "MX").rcode() == dns.rcode.NOERROR  # the full path: NODATA
+    assert udp("missing").rcode() == dns.rcode.NXDOMAIN  # held, then not found
+    for _ in range(2):
+        assert udp("outside.example").rcode() == dns.rcode.NXDOMAIN  # the upstream's answer
+    assert udp("outside.example", "TXT").rcode() == dns.rcode.NXDOMAIN
+    for _ in range(2):
+        tcp = dns.query.tcp(dns.message.make_query("db", "A"), "127.0.0.1", port=dns_port,
+                            source="127.21.0.2", timeout=5)
+        assert [r.address for r in tcp.answer[0]] == ["127.21.0.1"]
+
+    text = urlopen(ops + "/metrics", timeout=5).read().decode()
+    requests = {k: v for k, v in labelled(text, "requests").items() if v}
+    assert requests == {("udp", "A"): 6, ("udp", "AAAA"): 2, ("udp", "PTR"): 1, ("udp", "MX"): 1,
+                        ("udp", "TXT"): 1, ("udp", "other"): 3, ("tcp", "A"): 2}
+    responses = labelled(text, "responses")
+    assert {k: v for k, v in responses.items() if v} == {
+        ("NOERROR", "answered"): 6, ("NOERROR", "nodata"): 3, ("NXDOMAIN", "nxdomain"): 1,
+        ("NXDOMAIN", "forwarded"): 3, ("FORMERR", "malformed"): 1, ("NOTIMP", "malformed"): 1}
+    for always in [("SERVFAIL", "servfail"), ("SERVFAIL", "upstream_failed"), ("REFUSED", "overloaded"),
+                   ("NOERROR", "forwarded"), ("BADVERS", "malformed")]:
+        assert responses[always] == 0, always  # published at 0, so rate() sees the first one
+    values = samples(text)
+    assert sum(requests.values()) == sum(responses.values()) + values["kubedock_dns_dropped_total"]
+    assert {name: values[PREFIX + name + "_total"] for name in DEPRECATED} == {
+        "queries_udp": 14, "queries_tcp": 2, "answered_local": 6, "answered_nodata": 3, "nxdomain": 1,
+        "forwarded": 3, "servfail": 0, "refused": 0, "formerr": 1, "badvers": 0, "notimp": 1}
+    assert values["kubedock_dns_held_total"] == 1 and values["kubedock_dns_dropped_total"] == 1
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["kubedock_dns_nxdomain"].documentation.startswith(
+        'Deprecated, removed in 0.2.0: use kubedock_dns_responses_total{outcome="nxdomain"}.')
+    (info,) = families["kubedock_dns_build_info"].samples
+    assert info.value == 1 and info.labels["version"] == kubedock_dns.__version__
+    assert info.labels["python"] == platform.python_version() and re.fullmatch(r"\d+\.\d+.*", info.labels["twisted"])
 
 
 def test_histogram_buckets_are_cumulative_with_inf_last():
