@@ -84,8 +84,9 @@ def json_line(event: LogEvent) -> str:
 @dataclass
 class LogSettings:
     """What :func:`observer` builds: ``format`` (text or json), ``level`` (a key of
-    :data:`LEVELS`), ``logfile`` (twistd's ``--logfile``; None or "-": standard output) and
-    ``foreground`` (twistd's ``--nodaemon``: without a logfile, standard output)."""
+    :data:`LEVELS`), ``logfile`` (twistd's ``--logfile``; "-": standard output) and
+    ``foreground`` (twistd's ``--nodaemon``: without a logfile, standard output, else
+    ``twistd.log``)."""
 
     format: str = "text"
     level: str = "info"
