@@ -151,6 +151,10 @@ def test_json_logs_carry_one_event_per_line_and_one_line_per_decision(served):
     assert len(warnings) == 1 and warnings[0]["level"] == "warn"
     assert warnings[0]["msg"].startswith("SERVFAIL for a forwarded question: no upstream answered")
     assert any(e["msg"].startswith("twistd ") and e["msg"].endswith("starting up.") for e in events)
+    # Twisted's own old-style lines ("... starting on <port>") carry no message tuple or isError.
+    legacy = [e for e in events if e["logger"] == "log_legacy"]
+    assert any(" starting on " in e["msg"] for e in legacy)
+    assert all(list(e) == ["time", "level", "logger", "msg"] for e in legacy), legacy
     assert "Traceback" not in out + err
 
 
