@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 
 from twisted.python import usage
@@ -11,6 +12,8 @@ from twisted.python import usage
 from kubedock_dns.contract import DEFAULT_OPT_IN_LABEL, DEFAULT_SSHD_IMAGE, ImagePattern, ascii_decimal
 from kubedock_dns.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from kubedock_dns.kube.policies import parse_selector
+from kubedock_dns.ops import logs
+from kubedock_dns.ops.build import version_line
 from kubedock_dns.ops.latency import sampling_mask
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -62,6 +65,7 @@ class Config:
     verbose: bool = False
     latency_sample_every: int = 16
     log_format: str = "text"
+    log_level: str = "info"
     network_policies: bool = False
     kubedock_pod_selector: tuple[tuple[str, str], ...] = ()
     isolation_policy: str = "kubedock-dns-isolation"
@@ -149,7 +153,11 @@ class Options(usage.Options):
          "On SIGTERM/SIGINT, seconds to keep answering (DNS, webhook) while /readyz says not ready, "
          "so that the Service stops sending here first; 0: stop at once.  A second signal ends the "
          "drain.", _drain_seconds],
-        ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
+        ["log-format", None, "text",
+         "Log format: text (twistd's lines) or json (one object a line: time, level, logger, msg and "
+         "the event's fields)."],
+        ["log-level", None, None,
+         "Least severe level logged: debug, info, warn or error (default: info; --verbose makes it debug)."],
     ]
     optFlags = [
         ["require-ready", None, "Answer for pods only once they are Ready (Docker does not wait)."],
@@ -161,7 +169,8 @@ class Options(usage.Options):
         ["network-policies", None,
          "Docker's network isolation: label opted-in pods per network at admission and keep one "
          "NetworkPolicy per network (plus a default-deny one) in the namespace; off removes them."],
-        ["verbose", "v", "Log one structured debug line per decision (answers through the full path)."],
+        ["verbose", "v", "Log one structured debug line per decision (answers through the full path; "
+                         "logs from debug up whatever --log-level says)."],
     ]
 
     def __init__(self) -> None:
@@ -169,6 +178,11 @@ class Options(usage.Options):
         self["upstream"] = []
         self["unresolved-network"] = []
         self["testcontainers-sshd-image"] = []
+
+    def opt_version(self) -> None:
+        """Print the version (and Python's and Twisted's) and exit."""
+        print(version_line())
+        sys.exit(0)
 
     def opt_unresolved_network(self, value: str) -> None:
         """Docker network ID (64 hex, or a prefix of 12 or more, as `docker network ls` shows)
@@ -235,14 +249,7 @@ class Options(usage.Options):
             raise usage.UsageError("--kubedock-pod-selector and --isolation-policy need --network-policies")
         if self["network-policies"] and self["pods-file"]:
             raise usage.UsageError("--network-policies needs the API server: it cannot go with --pods-file")
-        if self["log-format"] not in ("text", "json"):
-            raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")
-        if self["log-format"] == "json" and self.parent is not None:
-            # twistd starts its logging after makeService, from its own --logger option.
-            from kubedock_dns.ops import logs
-
-            logs.use_json_log_file(self.parent.get("logfile"))
-            self.parent["logger"] = "kubedock_dns.ops.logs.json_observer"
+        self._configure_logging()
         namespace = self["namespace"]
         if not namespace:
             try:
@@ -251,6 +258,31 @@ class Options(usage.Options):
                 if not self["pods-file"]:
                     raise usage.UsageError(str(e)) from None
         self["namespace"] = namespace
+
+    def _configure_logging(self) -> None:
+        """Check --log-format and --log-level and, under twistd, make twistd log through
+        :func:`kubedock_dns.ops.logs.observer` (twistd starts logging after makeService, from its
+        own --logger option, which takes a name)."""
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: expected text or json")
+        level = self["log-level"]
+        if level is not None and level not in logs.LEVELS:
+            raise usage.UsageError(f"--log-level {level!r}: expected one of {', '.join(logs.LEVELS)}")
+        # --verbose asks for a debug line per decision: a --log-level above debug (the chart
+        # always passes one) must not silently drop them.
+        self["log-level"] = "debug" if self["verbose"] else (level or "info")
+        if self.parent is None:
+            return
+        if self.parent.get("logger") or self.parent.get("syslog"):
+            # The user's own twistd logging takes over; ours cannot apply to it.
+            if self["log-format"] != "text" or level is not None:
+                raise usage.UsageError("twistd --logger/--syslog replace kubedock-dns' logging: "
+                                       "drop --log-format and --log-level, or those twistd options")
+            return
+        logs.configure(logs.LogSettings(format=self["log-format"], level=self["log-level"],
+                                        logfile=self.parent.get("logfile"),
+                                        foreground=bool(self.parent.get("nodaemon"))))
+        self.parent["logger"] = "kubedock_dns.ops.logs.observer"
 
     def config(self) -> Config:
         return Config(
@@ -284,6 +316,7 @@ class Options(usage.Options):
             verbose=bool(self["verbose"]),
             latency_sample_every=self["latency-sample-every"],
             log_format=self["log-format"],
+            log_level=self["log-level"],
             network_policies=bool(self["network-policies"]),
             kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
             isolation_policy=self["isolation-policy"],

@@ -174,12 +174,17 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
         )
         watcher_service.setServiceParent(top)
 
-    webhook = review_pool = None
+    webhook = review_pool = webhook_app = None
     if nameserver is not None:
-        webhook, review_pool = webhook_child(config, nameserver, reactor, lambda: index.synced, top)
+        webhook, review_pool, webhook_app = webhook_child(config, nameserver, reactor, lambda: index.synced, top)
 
-    def metrics() -> dict[str, float]:
-        values: dict[str, float] = dict(factory.counts())
+    from kubedock_dns.ops.endpoint import OpsApp, OpsService
+    from kubedock_dns.ops.explain import explain
+    from kubedock_dns.ops.metrics import ServerCollector, Value, registry
+
+    def metrics() -> dict[str, Value]:
+        values: dict[str, Value] = dict(factory.counts())
+        values.update(requests=factory.requests(), responses=factory.responses())
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
@@ -190,6 +195,11 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
         if watcher_service is not None:
             for name, value in dataclasses.asdict(watcher_service.metrics()).items():
                 values["watcher_" + name] = value
+        if webhook_app is not None and review_pool is not None:
+            values.update(admission_reviews={(outcome,): n for outcome, n in webhook_app.reviews.items()},
+                          admission_warnings=webhook_app.warnings,
+                          admission_worker_restarts=review_pool.worker_restarts,
+                          admission_reviews_pending=review_pool.pending)
         return values
 
     def histograms() -> dict[str, LatencyHistogram]:
@@ -197,11 +207,9 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
                  "forward_duration_seconds": factory.sampler.forwards}
         if watcher_service is not None:
             found["watch_lag_seconds"] = watch_lag
+        if webhook_app is not None:
+            found["admission_review_duration_seconds"] = webhook_app.review_seconds
         return found
-
-    from kubedock_dns.ops.endpoint import OpsApp, OpsService
-    from kubedock_dns.ops.explain import explain
-    from kubedock_dns.ops.metrics import ServerCollector, registry
 
     def explainer(asker: str, name: str, qtype: str):
         return defer.maybeDeferred(explain, resolver, forwarder, asker, name, qtype, reactor.seconds(),
@@ -251,9 +259,9 @@ def injected_nameserver(config: Config) -> str:
     return service_cluster_ip(config.kubeconfig, config.namespace, config.dns_service_name)
 
 
-def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.MultiService) -> tuple[Any, Any]:
+def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.MultiService) -> tuple[Any, Any, Any]:
     """The TLS admission webhook, injecting ``nameserver`` into opted-in pods, as a child of
-    ``top``; returns its listener and its review worker pool."""
+    ``top``; returns its listener, its review worker pool and its routes (which count the reviews)."""
     from kubedock_dns.admission.review import WebhookConfig
     from kubedock_dns.admission.service import WebhookApp, webhook_service
     from kubedock_dns.admission.workers import ReviewPool
@@ -273,7 +281,7 @@ def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.
     listener.setServiceParent(child)
     ReviewPoolService(pool).setServiceParent(child)
     child.setServiceParent(top)
-    return listener, pool
+    return listener, pool, app
 
 
 class ReviewPoolService(service.Service):

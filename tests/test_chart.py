@@ -42,7 +42,7 @@ PLUGIN_OPTIONS = {
     "--tls-key", "--dns-service-ip", "--dns-service-name", "--cluster-domain", "--ndots",
     "--ops-port", "--ops-interface", "--forward-single-label", "--unresolved-network",
     "--network-policies", "--isolation-policy", "--kubedock-pod-selector", "--drain-seconds",
-    "--log-format",
+    "--log-format", "--log-level",
     "--testcontainers-sshd-image",
 }
 
@@ -85,6 +85,7 @@ OPTIONS: dict[str, list[str]] = {
                               "--set", "securityContext.runAsGroup=null"],
     "common-labels": ["--set-string", "commonLabels.team=ci", "--set-string", "commonLabels.cost-center=42"],
     "json-logs": ["--set", "logFormat=json"],
+    "warnings-only": ["--set", "logLevel=warn"],
 }
 
 CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
@@ -441,9 +442,11 @@ def test_labels_that_would_break_the_release_are_refused(helm: str, options: lis
 
 
 def test_log_format_reaches_the_server(helm: str, default: list[dict[str, Any]]) -> None:
-    """``logFormat`` becomes the server's ``--log-format`` (text by default)."""
-    assert args_of(default)["--log-format"] == ["text"]
+    """``logFormat`` and ``logLevel`` become the server's ``--log-format`` and ``--log-level``
+    (text and info by default)."""
+    assert (args_of(default)["--log-format"], args_of(default)["--log-level"]) == (["text"], ["info"])
     assert args_of(render(helm, *OPTIONS["json-logs"]))["--log-format"] == ["json"]
+    assert args_of(render(helm, *OPTIONS["warnings-only"]))["--log-level"] == ["warn"]
 
 
 # --- RBAC --------------------------------------------------------------------------------------
@@ -737,6 +740,8 @@ def test_cert_manager_replaces_generated_certificate(helm: str) -> None:
     "commonLabels={team}",
     "commonLabels.cost-center=42",
     "logFormat=xml",
+    "logLevel=warning",
+    "logLevel=",
     "metrics.serviceMonitor.enabled=maybe",
     "metrics.serviceMonitor.interval=soon",
     "metrics.podMonitor.scrapeTimeout=10",

@@ -103,6 +103,68 @@ def test_bad_network_annotations_and_host_network_are_refused_with_our_message(b
     assert json.loads(response.data)["spec"]["dnsPolicy"] == "None"
 
 
+def admission_counts(bed) -> dict[str, float]:
+    """The webhook's counters from the server's /metrics, by short name (outcome=... for reviews)."""
+    found = {}
+    for key, value in bed.metrics().items():
+        if key.startswith("kubedock_dns_admission_reviews_total{"):
+            found[key.split('outcome="', 1)[1].split('"', 1)[0]] = value
+        elif key in ("kubedock_dns_admission_warnings_total", "kubedock_dns_admission_worker_restarts_total",
+                     "kubedock_dns_admission_review_duration_seconds_count"):
+            found[key.removeprefix("kubedock_dns_admission_")] = value
+    return found
+
+
+def review_worker_pid(server_pid: int) -> int:
+    """The spawned review worker among the server's child processes (not multiprocessing's
+    resource tracker)."""
+    import pathlib
+
+    children = pathlib.Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    workers = [int(pid) for pid in children
+               if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 1, (children, workers)
+    return workers[0]
+
+
+def test_admission_metrics_count_each_answer_the_api_server_gets(bed):
+    """Each review the API server sends is counted once in the replica, from the answer the
+    worker process rendered: patched pods, a warning, denials, an unchanged UPDATE, a body that is
+    no review (posted straight to the webhook), and a 503 while the killed review worker is
+    replaced (the API server then refuses the pod); the next pod is admitted by a new worker."""
+    import os
+    import signal
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from testbed.bed import BedError, new_network_id
+
+    before = admission_counts(bed)
+    pod = bed.create_kubedock_pod("counted", [new_network_id()])
+    bed.core.create_namespaced_pod(bed.namespace, body=raw_pod(bed, "warned", {"kubedock.hostalias/0": "no spaces",
+                                                                              "kubedock.network/0": "n1"}))
+    api_error(bed, raw_pod(bed, "denied-key", {"kubedock.hostalias/0": "db", "kubedock.network/first": "n1"}))
+    api_error(bed, raw_pod(bed, "denied-host", {"kubedock.hostalias/0": "db", "kubedock.network/0": "n1"},
+                           host_network=True))
+    bed.core.patch_namespaced_pod(pod.name, bed.namespace, {"metadata": {"labels": {"team": "red"}}})
+    context = ssl.create_default_context(cadata=bed.tls.ca_pem.decode())
+    with pytest.raises(urllib.error.HTTPError) as rejected:
+        urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)).open(
+            urllib.request.Request(f"https://127.0.0.1:{bed.webhook_port}/mutate", data=b"not a review",
+                                   headers={"content-type": "application/json"}), timeout=10)
+    assert rejected.value.code == 400
+    os.kill(review_worker_pid(bed.server.popen.pid), signal.SIGKILL)
+    with pytest.raises(BedError) as refused:
+        bed.create_kubedock_pod("refused", [new_network_id()], wait=False)
+    assert "failed to call webhook: the server is currently unable to handle the request" in str(refused.value)
+    bed.create_kubedock_pod("after", [new_network_id()])
+    after = admission_counts(bed)
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    assert delta == {"allowed": 1, "patched": 3, "denied": 2, "rejected": 1, "unavailable": 1,
+                     "warnings_total": 1, "worker_restarts_total": 1, "review_duration_seconds_count": 8}
+
+
 def test_network_annotations_are_immutable_while_other_updates_pass(bed):
     """Changing a network annotation is refused; an unrelated label change on the same pod works."""
     from kubernetes.client.exceptions import ApiException

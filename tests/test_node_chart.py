@@ -367,6 +367,31 @@ def test_prometheus_scrapes_every_replica_found_through_kubernetes(
     assert {r["metric"]["service"] for r in synced if r["metric"]["job"] == f"{RELEASE}-metrics"} == {f"{RELEASE}-metrics"}
 
 
+def test_prometheus_reads_the_labelled_metrics_of_this_build(
+        node: Node, release: dict[str, Any], prometheus: Any) -> None:
+    """Through the ServiceMonitor's job, Prometheus has every replica's build_info with the
+    version of kubedock_dns/__init__.py (the image was built from this tree), and the DNS replies
+    and admission reviews as labelled series an admin can ``sum by``."""
+    import kubedock_dns
+
+    namespace = release["namespace"]
+    pods = {p.metadata.name for p in _server_pods(node, namespace)}
+    job = f"{RELEASE}-metrics"
+    info = prometheus.wait_for(
+        "kubedock_dns_build_info from every replica",
+        lambda: [r for r in prometheus.query(
+            f'kubedock_dns_build_info{{namespace="{namespace}", job="{job}", version="{kubedock_dns.__version__}"}} == 1')
+            if r["metric"]["pod"] in pods], timeout=120)
+    assert {r["metric"]["pod"] for r in info} == pods
+    assert all(r["metric"]["python"] and r["metric"]["twisted"] for r in info), info
+    outcomes = prometheus.query(f'sum by (outcome) (kubedock_dns_responses_total{{namespace="{namespace}", job="{job}"}})')
+    assert {r["metric"]["outcome"] for r in outcomes} >= {"answered", "nxdomain", "forwarded", "upstream_failed"}
+    types = prometheus.query(f'sum by (proto, type) (kubedock_dns_requests_total{{namespace="{namespace}", job="{job}"}})')
+    assert {(r["metric"]["proto"], r["metric"]["type"]) for r in types} >= {("udp", "A"), ("tcp", "AAAA"), ("udp", "other")}
+    reviews = prometheus.query(f'sum by (outcome) (kubedock_dns_admission_reviews_total{{namespace="{namespace}", job="{job}"}})')
+    assert {r["metric"]["outcome"] for r in reviews} == {"allowed", "patched", "denied", "rejected", "unavailable"}
+
+
 def test_every_rule_loads_and_nothing_fires_while_replicas_serve(
         release: dict[str, Any], prometheus: Any) -> None:
     """The installed PrometheusRule loads into Prometheus: every rule is evaluated without error,

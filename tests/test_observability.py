@@ -10,13 +10,17 @@ tests pin down the pieces the end-to-end run cannot show deterministically.
 from __future__ import annotations
 
 import json
+import platform
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
 import pytest
@@ -26,7 +30,8 @@ from twisted.logger import Logger, LogLevel
 
 from kubedock_dns.ops.latency import LatencyHistogram
 from kubedock_dns.ops.logs import WarningLimiter
-from kubedock_dns.ops.metrics import HISTOGRAMS, METRICS, PREFIX
+import kubedock_dns
+from kubedock_dns.ops.metrics import DEPRECATED, HISTOGRAMS, LABELS, METRICS, PREFIX, REMOVED_IN
 from kubedock_dns.kube.watcher import StampedHandOver
 from testbed.upstream import free_port
 from tests.podfactory import kubedock_pod, network_id
@@ -102,6 +107,8 @@ def test_metrics_keep_their_names_and_every_one_has_help(served):
         assert name in values, f"{name} is no longer published"
     assert values["kubedock_dns_answered_local_total"] == 2
     assert values["kubedock_dns_forwards_failed_total"] == 1
+    assert values['kubedock_dns_responses_total{"outcome": "upstream_failed", "rcode": "SERVFAIL"}'] == 1
+    assert values['kubedock_dns_responses_total{"outcome": "answered", "rcode": "NOERROR"}'] == 2
     assert values["kubedock_dns_answer_duration_seconds_count"] == 2
     assert values["kubedock_dns_forward_duration_seconds_count"] == 1
     assert values['kubedock_dns_answer_duration_seconds_bucket{"le": "+Inf"}'] == 2
@@ -111,10 +118,14 @@ def test_metrics_keep_their_names_and_every_one_has_help(served):
         assert family.documentation, f"{family.name} has no HELP text"
 
 
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
 def test_json_logs_carry_one_event_per_line_and_one_line_per_decision(served):
-    """With --log-format json every line of output is one twisted.logger JSON event; with
-    --verbose each decision is a debug event whose fields say who asked what and what happened;
-    three failing forwards give one upstream warning, not three."""
+    """With --log-format json every line of output is one JSON object in the common shape: time
+    (RFC 3339, UTC), level, logger, the rendered msg, then the event's own fields, and none of
+    twisted.logger's bookkeeping; with --verbose each decision is a debug line whose fields say
+    who asked what and what happened; three failing forwards give one upstream warning, not three."""
     proc, dns_port, _ = served
     ask(dns_port, "db")
     for _ in range(3):
@@ -123,25 +134,237 @@ def test_json_logs_carry_one_event_per_line_and_one_line_per_decision(served):
     out, err = proc.communicate(timeout=30)
     lines = [line for line in out.splitlines() if line.strip()]
     events = [json.loads(line) for line in lines]  # every line parses
+    for event in events:
+        assert list(event)[:4] == ["time", "level", "logger", "msg"], event
+        assert RFC3339.match(event["time"]) and event["level"] in ("debug", "info", "warn", "error", "critical")
+        assert "{" not in event["msg"] or "}" not in event["msg"], event  # rendered, no placeholders left
+        assert not [key for key in event if key.startswith("log_")], event
     decisions = [e for e in events if e.get("outcome")]
     answered = [e for e in decisions if e["name"] == "db"]
     assert answered and answered[0]["outcome"] == "answered"
     assert answered[0]["client"] == "127.21.0.2" and answered[0]["records"] == ["127.21.0.1"]
-    assert answered[0]["log_level"]["name"] == "debug"
+    assert (answered[0]["level"], answered[0]["logger"]) == ("debug", "kubedock_dns.dns.server")
+    assert answered[0]["msg"].startswith("127.21.0.2 asked db A: answered from network ")
     forwarded = [e for e in decisions if e["name"] == "outside.example"]
     assert [e["outcome"] for e in forwarded] == ["forward"] * 3
     warnings = [e for e in events if e.get("warning") == "upstreams-failed"]
-    assert len(warnings) == 1 and warnings[0]["log_level"]["name"] == "warn"
+    assert len(warnings) == 1 and warnings[0]["level"] == "warn"
+    assert warnings[0]["msg"].startswith("SERVFAIL for a forwarded question: no upstream answered")
+    assert any(e["msg"].startswith("twistd ") and e["msg"].endswith("starting up.") for e in events)
+    # Twisted's own old-style lines ("... starting on <port>") carry no message tuple or isError.
+    legacy = [e for e in events if e["logger"] == "log_legacy"]
+    assert any(" starting on " in e["msg"] for e in legacy)
+    assert all(list(e) == ["time", "level", "logger", "msg"] for e in legacy), legacy
     assert "Traceback" not in out + err
 
 
+def test_log_level_keeps_the_lines_at_or_above_it(tmp_path):
+    """A real server run with --log-level warn (text format, the default) writes its upstream
+    warning as a text line and none of its info lines (start-up, listening, shutdown), which
+    the same server writes at the default level."""
+    upstream = ScriptedUpstream(rcode=2)
+    (tmp_path / "pods.json").write_text("[]")
+    try:
+        outputs = {}
+        for level in ("warn", None):
+            dns_port, ops_port = free_port(), free_port()
+            argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                    "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+                    "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
+                    "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+                    "--ops-interface", "127.0.0.1", "--forward-timeout", "0.5", "--drain-seconds", "0"]
+            argv += ["--log-level", level] if level else []
+            proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=str(tmp_path))
+            try:
+                wait_for(lambda: urlopen(f"http://127.0.0.1:{ops_port}/readyz", timeout=1).status == 200,
+                         what="/readyz")
+                assert ask(dns_port, "outside.example").rcode() == dns.rcode.SERVFAIL
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                outputs[level] = proc.communicate(timeout=30)[0]
+    finally:
+        upstream.close()
+    text_line = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
+    for out in outputs.values():
+        lines = out.splitlines()
+        assert lines and all(text_line.match(line) for line in lines if line.strip()), out
+    warning = "[kubedock_dns.dns.server#warn] SERVFAIL for a forwarded question"
+    assert warning in outputs["warn"] and warning in outputs[None]
+    for info in ("starting up.", "dns listening on 127.0.0.1:", "Server Shut Down."):
+        assert info in outputs[None] and info not in outputs["warn"], info
+
+
+def test_json_line_renders_failures_and_keeps_every_field():
+    """A failure's traceback travels as ``traceback``; a field named like a common key is kept
+    as ``field_<name>``; a value JSON cannot hold is written as its repr, and a field holding
+    itself still gives a line."""
+    from twisted.python.failure import Failure
+
+    from kubedock_dns.ops.logs import json_line
+
+    seen = []
+    log = Logger(namespace="kubedock_dns.example", observer=seen.append)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("while {doing}", Failure(), doing="dividing", msg="mine", time=3, thing=object())
+    line = json_line(seen[0])
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert (record["level"], record["logger"], record["msg"]) == ("critical", "kubedock_dns.example", "while dividing")
+    assert "ZeroDivisionError" in record["traceback"]
+    assert (record["field_msg"], record["field_time"], record["doing"]) == ("mine", 3, "dividing")
+    assert record["thing"].startswith("<object object at ")
+    loop: list = []
+    loop.append(loop)
+    log.info("a loop", loop=loop)
+    assert json.loads(json_line(seen[1]))["loop"] == "[[...]]"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_observer_filters_by_level_and_writes_where_twistd_would(fmt, tmp_path, capsys):
+    """The observer twistd installs keeps events at or above --log-level; without --logfile it
+    writes to standard output in the foreground, with one to that file."""
+    from kubedock_dns.ops import logs
+
+    def emit(observer):
+        log = Logger(namespace="kubedock_dns.example", observer=observer)
+        for level in ("debug", "info", "warn", "error"):
+            getattr(log, level)("a {severity} line", severity=level)
+
+    try:
+        for threshold, shown in (("debug", 4), ("info", 3), ("warn", 2), ("error", 1)):
+            logs.configure(logs.LogSettings(format=fmt, level=threshold, foreground=True))
+            emit(logs.observer())
+            lines = capsys.readouterr().out.splitlines()
+            assert [re.search(r"a (\w+) line", line).group(1) for line in lines] == ["debug", "info", "warn", "error"][-shown:]
+        logs.configure(logs.LogSettings(format=fmt, level="info", logfile=str(tmp_path / "server.log")))
+        emit(logs.observer())
+        assert capsys.readouterr().out == ""
+        written = (tmp_path / "server.log").read_text().splitlines()
+        assert len(written) == 3
+        if fmt == "json":
+            assert [json.loads(line)["level"] for line in written] == ["info", "warn", "error"]
+    finally:
+        logs.configure(logs.LogSettings())
+
+
 def test_every_metric_is_documented():
-    """docs/metrics.md names every metric the collector can publish."""
+    """docs/metrics.md names every metric the collector can publish and every label of the
+    labelled ones, and lists each deprecated name in its own section beside its replacement."""
     doc = (REPO / "docs" / "metrics.md").read_text()
     names = [PREFIX + n + ("_total" if METRICS[n][0] == "counter" else "") for n in METRICS]
     names += [PREFIX + n for n in HISTOGRAMS]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, f"docs/metrics.md does not list {missing}"
+    for name, labels in LABELS.items():
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{PREFIX}{name}"))
+        assert all(f"`{label}`" in row for label in labels), (name, labels, row)
+    deprecated = doc.split("## Deprecated names", 1)[1].split("\n## ", 1)[0]
+    for name, replacement in DEPRECATED.items():
+        assert f"| `{PREFIX}{name}_total` | `{replacement.replace('|', chr(92) + '|')}`" in deprecated, name
+    assert f"(removed in {REMOVED_IN})" in doc
+
+
+@pytest.fixture
+def fast_served(tmp_path):
+    """twistd kubedock-dns as deployed (fast path and UDP read loop on, decisions not logged),
+    two pods of one network, an upstream that answers NXDOMAIN to everything."""
+    net = network_id("labels")
+    pods = [kubedock_pod("db", [net], ip="127.21.0.1", uid="db"),
+            kubedock_pod("app", [net], ip="127.21.0.2", uid="app")]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    upstream = ScriptedUpstream(rcode=3)
+    dns_port, ops_port = free_port(), free_port()
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "kubedock-dns", "--pods-file", str(tmp_path / "pods.json"),
+            "--dns-port", str(dns_port), "--dns-interface", "127.0.0.1",
+            "--upstream", upstream.upstream_arg, "--ops-port", str(ops_port),
+            "--ops-interface", "127.0.0.1", "--hold-timeout", "0.2", "--drain-seconds", "0"]
+    proc = subprocess.Popen(argv, env=twistd_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=str(tmp_path))
+    ops = f"http://127.0.0.1:{ops_port}"
+    try:
+        wait_for(lambda: urlopen(ops + "/readyz", timeout=1).status == 200, what="/readyz")
+        yield dns_port, ops
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        upstream.close()
+
+
+def labelled(text: str, family: str) -> dict[tuple[str, ...], float]:
+    """The samples of ``family`` as label values (in label order) -> value."""
+    for metric in text_string_to_metric_families(text):
+        if metric.name == PREFIX + family:
+            return {tuple(s.labels[label] for label in LABELS[family]): s.value for s in metric.samples
+                    if s.name in (metric.name, metric.name + "_total")}
+    raise AssertionError(f"{PREFIX}{family} is not published")
+
+
+def test_labelled_metrics_count_each_query_once_on_every_path(fast_served):
+    """Questions answered by the UDP read loop, the fast path, the full path (after a hold, too),
+    relayed, malformed, dropped, and over TCP: requests_total counts each once under its
+    transport and type, responses_total each reply once under its rcode and outcome, the two add
+    up (with the dropped datagram), and the deprecated names keep their meaning."""
+    dns_port, ops = fast_served
+
+    def udp(name, rdtype="A", **kw):
+        return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=dns_port,
+                             source="127.21.0.2", timeout=5, **kw)
+
+    def raw(datagram: bytes, answered: bool) -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.21.0.2", 0))
+            sock.settimeout(5)
+            sock.sendto(datagram, ("127.0.0.1", dns_port))
+            return sock.recv(512) if answered else None
+
+    raw(b"\x12\x34\x01", answered=False)  # shorter than a header: dropped
+    assert dns.rcode.from_flags(*struct.unpack("!H", raw(struct.pack("!6H", 0x1234, 0x0100, 0, 0, 0, 0),
+                                                              answered=True)[2:4]), 0) == dns.rcode.FORMERR
+    status = dns.message.make_query("db", "A")
+    status.set_opcode(dns.opcode.STATUS)
+    assert dns.query.udp(status, "127.0.0.1", port=dns_port, source="127.21.0.2", timeout=5).rcode() == dns.rcode.NOTIMP
+    for _ in range(3):  # prepared by the fast path, then answered by the read loop
+        assert [r.address for r in udp("db").answer[0]] == ["127.21.0.1"]
+    for _ in range(2):
+        assert udp("db", "AAAA").answer == []  # NODATA, prepared too
+    assert udp("1.0.21.127.in-addr.arpa", "PTR").answer[0][0].target.to_text().startswith("db")
+    assert udp("db", "MX").rcode() == dns.rcode.NOERROR  # the full path: NODATA
+    assert udp("missing").rcode() == dns.rcode.NXDOMAIN  # held, then not found
+    for _ in range(2):
+        assert udp("outside.example").rcode() == dns.rcode.NXDOMAIN  # the upstream's answer
+    assert udp("outside.example", "TXT").rcode() == dns.rcode.NXDOMAIN
+    for _ in range(2):
+        tcp = dns.query.tcp(dns.message.make_query("db", "A"), "127.0.0.1", port=dns_port,
+                            source="127.21.0.2", timeout=5)
+        assert [r.address for r in tcp.answer[0]] == ["127.21.0.1"]
+
+    text = urlopen(ops + "/metrics", timeout=5).read().decode()
+    requests = {k: v for k, v in labelled(text, "requests").items() if v}
+    assert requests == {("udp", "A"): 6, ("udp", "AAAA"): 2, ("udp", "PTR"): 1, ("udp", "MX"): 1,
+                        ("udp", "TXT"): 1, ("udp", "other"): 3, ("tcp", "A"): 2}
+    responses = labelled(text, "responses")
+    assert {k: v for k, v in responses.items() if v} == {
+        ("NOERROR", "answered"): 6, ("NOERROR", "nodata"): 3, ("NXDOMAIN", "nxdomain"): 1,
+        ("NXDOMAIN", "forwarded"): 3, ("FORMERR", "malformed"): 1, ("NOTIMP", "malformed"): 1}
+    for always in [("SERVFAIL", "servfail"), ("SERVFAIL", "upstream_failed"), ("REFUSED", "overloaded"),
+                   ("NOERROR", "forwarded"), ("BADVERS", "malformed")]:
+        assert responses[always] == 0, always  # published at 0, so rate() sees the first one
+    values = samples(text)
+    assert sum(requests.values()) == sum(responses.values()) + values["kubedock_dns_dropped_total"]
+    assert {name: values[PREFIX + name + "_total"] for name in DEPRECATED} == {
+        "queries_udp": 14, "queries_tcp": 2, "answered_local": 6, "answered_nodata": 3, "nxdomain": 1,
+        "forwarded": 3, "servfail": 0, "refused": 0, "formerr": 1, "badvers": 0, "notimp": 1}
+    assert values["kubedock_dns_held_total"] == 1 and values["kubedock_dns_dropped_total"] == 1
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["kubedock_dns_nxdomain"].documentation.startswith(
+        'Deprecated, removed in 0.2.0: use kubedock_dns_responses_total{outcome="nxdomain"}.')
+    (info,) = families["kubedock_dns_build_info"].samples
+    assert info.value == 1 and info.labels["version"] == kubedock_dns.__version__
+    assert info.labels["python"] == platform.python_version() and re.fullmatch(r"\d+\.\d+.*", info.labels["twisted"])
 
 
 def test_histogram_buckets_are_cumulative_with_inf_last():
@@ -235,8 +458,10 @@ def test_watch_lag_is_measured_from_hand_over_to_application():
 
 
 def test_observability_options_are_validated(tmp_path):
-    """--latency-sample-every takes 0 (off) or a power of two, --log-format text or json; anything else is
-    refused naming the option and the expected form, before anything starts."""
+    """--latency-sample-every takes 0 (off) or a power of two, --log-format text or json,
+    --log-level debug, info, warn or error (info by default; --verbose, which asks for a debug line
+    per decision, makes it debug); anything else is refused naming the option and the expected
+    form, before anything starts."""
     from twisted.python import usage
 
     from kubedock_dns.options import Options
@@ -246,15 +471,23 @@ def test_observability_options_are_validated(tmp_path):
     base = ["--pods-file", str(pods), "--upstream", "127.0.0.1"]
     options = Options()
     options.parseOptions(base)
-    assert (options.config().latency_sample_every, options.config().log_format) == (16, "text")
+    config = options.config()
+    assert (config.latency_sample_every, config.log_format, config.log_level) == (16, "text", "info")
     options = Options()
-    options.parseOptions(base + ["--latency-sample-every", "0"])
-    assert options.config().latency_sample_every == 0
+    options.parseOptions(base + ["--latency-sample-every", "0", "--log-format", "json", "--log-level", "warn"])
+    config = options.config()
+    assert (config.latency_sample_every, config.log_format, config.log_level) == (0, "json", "warn")
+    for verbose in (["--verbose"], ["--verbose", "--log-level", "warn"]):  # the chart always gives a level
+        options = Options()
+        options.parseOptions(base + verbose)
+        assert options.config().log_level == "debug"
     for bad in ("-1", "3", "12"):
         with pytest.raises(usage.UsageError, match=f"--latency-sample-every {bad}: must be 0 .off. or a power of two"):
             Options().parseOptions(base + ["--latency-sample-every", bad])
     with pytest.raises(usage.UsageError, match="--log-format 'xml': expected text or json"):
         Options().parseOptions(base + ["--log-format", "xml"])
+    with pytest.raises(usage.UsageError, match="--log-level 'warning': expected one of debug, info, warn, error"):
+        Options().parseOptions(base + ["--log-level", "warning"])
 
 
 def test_index_changes_warn_about_duplicate_ips_and_refused_names_rate_limited():

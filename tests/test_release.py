@@ -120,6 +120,26 @@ def test_the_version_is_written_the_same_everywhere() -> None:
     assert not wrong, f"kubedock_dns.__version__ is {version}; these places say otherwise: {wrong}"
 
 
+@pytest.mark.parametrize("command", [
+    ["-c", "from twisted.scripts.twistd import run; run()", "kubedock-dns", "--version"],
+    ["-m", "kubedock_dns", "--version"],
+])
+def test_the_commands_print_the_version(command: list[str], tmp_path: Path) -> None:
+    """``twistd kubedock-dns --version`` and ``kubedock-dns --version`` print the version from
+    kubedock_dns/__init__.py (with Python's and Twisted's) and exit 0, starting nothing."""
+    import os
+    import platform
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.fullmatch(rf"kubedock-dns {re.escape(project_version())} \(Python {platform.python_version()}, "
+                        rf"Twisted \d[\w.]*\)\n", done.stdout), done.stdout
+    assert list(tmp_path.iterdir()) == []  # no twistd.pid, no twistd.log: nothing started
+
+
 def test_the_project_has_one_address() -> None:
     """Chart.yaml's home, sources and maintainers, setup.cfg's url, the image's source and url
     labels and every alert's runbook link point at this project (not kubedock)."""

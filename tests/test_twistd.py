@@ -74,7 +74,9 @@ def test_twistd_serves_and_stops_on_sigterm(tmp_path):
                               port=dns_port, source="127.20.0.2", timeout=5)
             assert [x.address for x in r.answer[0]] == [upstream.kubernetes_ip]
             metrics = urlopen(ops + "/metrics", timeout=5).read().decode()
-            assert "kubedock_dns_answered_local_total 1" in metrics
+            assert 'kubedock_dns_responses_total{outcome="answered",rcode="NOERROR"} 1.0' in metrics
+            assert 'kubedock_dns_responses_total{outcome="forwarded",rcode="NOERROR"} 1.0' in metrics
+            assert "kubedock_dns_answered_local_total 1" in metrics  # deprecated, until 0.2.0
             assert "kubedock_dns_forwarded_total 1" in metrics
             networks = json.load(urlopen(ops + "/debug/networks", timeout=5))
             assert sorted(m["pod"] for m in networks["networks"][net]) == ["app", "db"]

@@ -473,13 +473,21 @@ def _review(request_body: bytes, config: WebhookConfig) -> tuple[int, dict[str, 
 
 @dataclass(frozen=True)
 class Rendered:
-    """A finished HTTP answer to ``POST /mutate``, and the line to log about it."""
+    """A finished HTTP answer to ``POST /mutate``, the line to log about it, and what to count:
+    its ``outcome`` (one of :data:`REVIEW_OUTCOMES`) and the admission ``warnings`` it carries."""
 
     status: int
     content_type: bytes
     body: bytes
     log_level: str  # "error", "warn", "info" or "debug"
     log_text: str
+    outcome: str = "rejected"
+    warnings: int = 0
+
+
+# allowed (unchanged), patched (allowed with a patch), denied, rejected (HTTP 400: not a review
+# that can be read or decided), unavailable (HTTP 503: no worker to decide it now).
+REVIEW_OUTCOMES = ("allowed", "patched", "denied", "rejected", "unavailable")
 
 
 def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
@@ -503,6 +511,7 @@ def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
                         f"rejected an admission request: HTTP 400: {message}")
     if not response["allowed"]:
         text = f"denied {shown(response['uid'])}: {response['status']['message']}"
-        return Rendered(200, b"application/json", body, "info", text)
+        return Rendered(200, b"application/json", body, "info", text, "denied")
     return Rendered(200, b"application/json", body, "debug",
-                    f"allowed {shown(response['uid'])} (patched: {'patch' in response})")
+                    f"allowed {shown(response['uid'])} (patched: {'patch' in response})",
+                    "patched" if "patch" in response else "allowed", len(response.get("warnings", ())))

@@ -13,6 +13,7 @@ never touches the network index.
 from __future__ import annotations
 
 import io
+import time
 from typing import Any, Callable
 
 from klein import Klein
@@ -26,8 +27,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from kubedock_dns.admission.review import Rendered, WebhookConfig, render_review
+from kubedock_dns.admission.review import REVIEW_OUTCOMES, Rendered, WebhookConfig, render_review
 from kubedock_dns.admission.tls import ReloadingServerTLS
+from kubedock_dns.ops.latency import REVIEW_BUCKETS, LatencyHistogram
 from kubedock_dns.ops.limits import ConnectionCap, RateLimitedLog
 
 __all__ = [
@@ -55,16 +57,26 @@ class WebhookApp:
     :param reviewer: turns a request body into a :class:`Rendered` answer, or a Deferred of
         one; by default :func:`render_review` in this thread (in-memory tests), in production a
         :class:`kubedock_dns.admission.workers.ReviewPool` so that DNS never waits for a review.
+    :param clock: seconds, for ``review_seconds``.
+
+    What it counts, from each answer's :class:`Rendered` (the decision is made in the worker;
+    the counting happens here): ``reviews`` (outcome -> answers), ``warnings`` (admission warnings
+    returned) and ``review_seconds`` (body received to answer, the worker's queue included).
     """
 
     app = Klein()
     log = Logger()
 
     def __init__(self, config: WebhookConfig, ready: Callable[[], bool] = lambda: True,
-                 reviewer: Callable[[bytes], Rendered | Deferred[Rendered]] | None = None) -> None:
+                 reviewer: Callable[[bytes], Rendered | Deferred[Rendered]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._ready = ready
         self._reviewer = reviewer if reviewer is not None else (lambda body: render_review(body, config))
+        self._clock = clock
+        self.reviews = dict.fromkeys(REVIEW_OUTCOMES, 0)
+        self.warnings = 0
+        self.review_seconds = LatencyHistogram(REVIEW_BUCKETS)
 
     def resource(self) -> KleinResource:
         """The twisted.web resource serving these routes."""
@@ -78,13 +90,18 @@ class WebhookApp:
 
     @app.route("/mutate", methods=["POST"])
     def mutate(self, request: Request) -> bytes | Deferred[bytes]:
+        started = self._clock()
         body = request.content.read() if request.content is not None else b""
         result = self._reviewer(body)
         if isinstance(result, Rendered):
-            return self._send(result, request)
-        return result.addCallback(self._send, request)
+            return self._send(result, request, started)
+        return result.addCallback(self._send, request, started)
 
-    def _send(self, rendered: Rendered, request: Request) -> bytes:
+    def _send(self, rendered: Rendered, request: Request, started: float) -> bytes:
+        self.review_seconds.observe(self._clock() - started)
+        if rendered.outcome in self.reviews:
+            self.reviews[rendered.outcome] += 1
+        self.warnings += rendered.warnings
         text = rendered.log_text
         if len(text) > _MAX_LOG_TEXT:  # values from the request are in it: keep lines bounded
             text = text[:_MAX_LOG_TEXT] + f"... ({len(text) - _MAX_LOG_TEXT} more characters)"

@@ -61,7 +61,7 @@ def _main_not_reimported() -> Iterator[None]:
 def _unavailable(reason: str) -> Rendered:
     message = f"the webhook cannot review now ({reason}); retry"
     return Rendered(503, b"text/plain; charset=utf-8", (message + "\n").encode(), "warn",
-                    f"admission request answered 503: {reason}")
+                    f"admission request answered 503: {reason}", "unavailable")
 
 
 class ReviewPool:

@@ -2,7 +2,10 @@
 
 Contract: :meth:`FastPath.answer` returns the reply's bytes, :data:`FORWARD` (relay the query
 unparsed: the index plainly does not answer it), or None (the full path in
-:mod:`kubedock_dns.dns.server` decides).  It counts what it answered and relayed itself.  Its replies are byte-identical to the full path's
+:mod:`kubedock_dns.dns.server` decides).  It counts what it answered (with records, or NODATA)
+and relayed itself, by transport and question type (``counts``, see :data:`ANSWERED`): each
+entry carries its counter's index, so a count is one list index, also in the UDP read loop.  Its
+replies are byte-identical to the full path's
 (``tests/test_fast_path.py`` holds them so on random topologies), and a cached reply never outlives
 a change to any index fact its decision read.  The query is read with the strict readers of
 :mod:`kubedock_dns.dns.wire`.
@@ -30,6 +33,8 @@ from kubedock_dns.dns.wire import (
     TYPE_A,
     TYPE_AAAA,
     TYPE_PTR,
+    TYPE_SLOT_NAMES,
+    TYPE_SLOTS,
     UDP_PLAIN_LIMIT,
     encode_name,
     parse_question,
@@ -40,6 +45,13 @@ from kubedock_dns.dns.wire import (
 
 _RECORD_HEAD = struct.Struct("!HHHIH")
 FORWARD = object()
+
+# The fast path's counters are one list: at ANSWERED + slot the questions answered with records,
+# at NODATA + slot those answered NOERROR without one, at RELAYED + slot those relayed unparsed,
+# where slot is the question type's (dns.wire.TYPE_SLOTS); UDP first, then TCP from OVER_TCP on.
+# An entry is prepared per transport, so its counter's index says the transport too.
+TYPES = len(TYPE_SLOT_NAMES)
+ANSWERED, NODATA, RELAYED, OVER_TCP = 0, TYPES, 2 * TYPES, 3 * TYPES
 
 
 class FastPath:
@@ -65,24 +77,36 @@ class FastPath:
         self.clock = clock
         self.max_entries = max_entries
         self._shuffle = shuffle
-        # (asker, tcp, query after its ID) -> the reply after its ID (bytes), a _Shuffled reply,
-        # FORWARD, or None (the full path answers).
+        # (asker, tcp, query after its ID) -> (the reply after its ID, counter index), a
+        # _Shuffled reply, a _Relay (relay unparsed), or None (the full path answers).
         self._cache: dict[tuple[str, bool, bytes], object] = {}
         # (kind, key) of an index fact -> the cache keys whose decision read it.
         self._dependents: dict[tuple[str, str], set[tuple[str, bool, bytes]]] = {}
         self._links = 0  # members of all _dependents sets, stale ones included
         self.invalidated = 0  # entries dropped because a fact they read was touched
         # Questions answered from prepared bytes (the UDP read loop adds its hits here too) and
-        # relayed unparsed: the fast path's own counters.
-        self.answered = 0
-        self.relayed = 0
+        # relayed unparsed, by transport, outcome and type (see ANSWERED): its own counters.
+        self.counts = [0] * (2 * OVER_TCP)
         self.index.subscribe(self._touched)
 
     @property
+    def answered(self) -> int:
+        """Questions answered from prepared bytes (with records or NODATA), both transports."""
+        counts = self.counts
+        return sum(counts[:RELAYED]) + sum(counts[OVER_TCP : OVER_TCP + RELAYED])
+
+    @property
+    def relayed(self) -> int:
+        """Questions relayed unparsed, both transports."""
+        counts = self.counts
+        return sum(counts[RELAYED:OVER_TCP]) + sum(counts[OVER_TCP + RELAYED :])
+
+    @property
     def replies(self) -> dict[tuple[str, bool, bytes], object]:
-        """The prepared entries, keyed (asker address, over TCP, query after its ID): a ``bytes``
-        value is the whole reply after the ID.  Read-only for others (the UDP port's read loop
-        looks hits up here without a call); the same dictionary for the fast path's lifetime."""
+        """The prepared entries, keyed (asker address, over TCP, query after its ID): a ``tuple``
+        value is (the whole reply after the ID, the index of its counter in ``counts``).
+        Read-only for others (the UDP port's read loop looks hits up here without a call); the
+        same dictionary for the fast path's lifetime."""
         return self._cache
 
     def answer(self, data: bytes, host: str, tcp: bool) -> bytes | object | None:
@@ -99,15 +123,20 @@ class FastPath:
             for fact in facts:
                 self._dependents.setdefault(fact, set()).add(key)
             self._links += len(facts)
-        if entry.__class__ is bytes:
-            self.answered += 1
-            return data[:2] + entry
-        if entry.__class__ is _Shuffled:
-            self.answered += 1
-            return data[:2] + entry.build(self._shuffle)
-        if entry is FORWARD:
-            self.relayed += 1
-        return entry
+        kind = entry.__class__
+        if kind is tuple:
+            wire: bytes
+            counter: int
+            wire, counter = entry  # type: ignore[misc]
+            self.counts[counter] += 1
+            return data[:2] + wire
+        if kind is _Shuffled:
+            self.counts[entry.counter] += 1  # type: ignore[attr-defined]
+            return data[:2] + entry.build(self._shuffle)  # type: ignore[attr-defined]
+        if kind is _Relay:
+            self.counts[entry.counter] += 1  # type: ignore[attr-defined]
+            return FORWARD
+        return None
 
     def _touched(self, touched: Touched) -> None:
         """Drop the entries whose decision read a fact the index just touched."""
@@ -163,8 +192,9 @@ class FastPath:
     def _decide(self, data: bytes, source_ip: str, name: str, qtype: int, flags: int, end: int,
                 edns: int | None, tcp: bool) -> object:
         decision = self.resolver.decide(source_ip, name, qtype, now=self.clock())
+        slot = TYPE_SLOTS[qtype] + (OVER_TCP if tcp else 0)  # A, AAAA or PTR: all counted by name
         if isinstance(decision, Forward):
-            return FORWARD if decision.cacheable else None
+            return _RELAYS[slot] if decision.cacheable else None
         if not isinstance(decision, Answer):
             return None
         records = self._records(decision, qtype, data[12 : end - 4])
@@ -175,9 +205,10 @@ class FastPath:
         size = 12 + len(data[12:end]) + sum(map(len, records)) + len(suffix)
         if size > (TCP_LIMIT if tcp else (edns or UDP_PLAIN_LIMIT)):
             return None
+        counter = (ANSWERED if records else NODATA) + slot
         if len(records) > 1:
-            return _Shuffled(prefix, records, suffix)
-        return prefix + b"".join(records) + suffix
+            return _Shuffled(prefix, records, suffix, counter)
+        return (prefix + b"".join(records) + suffix, counter)
 
     def _records(self, decision: Answer, qtype: int, raw_name_wire: bytes) -> tuple[bytes, ...]:
         head = _RECORD_HEAD
@@ -196,10 +227,10 @@ class FastPath:
 class _Shuffled:
     """A reply with several address records, put together in a fresh order each time."""
 
-    __slots__ = ("prefix", "records", "suffix")
+    __slots__ = ("prefix", "records", "suffix", "counter")
 
-    def __init__(self, prefix: bytes, records: tuple[bytes, ...], suffix: bytes) -> None:
-        self.prefix, self.records, self.suffix = prefix, records, suffix
+    def __init__(self, prefix: bytes, records: tuple[bytes, ...], suffix: bytes, counter: int) -> None:
+        self.prefix, self.records, self.suffix, self.counter = prefix, records, suffix, counter
 
     def build(self, shuffle: Callable[[list], Any]) -> bytes:
         records = list(self.records)
@@ -207,4 +238,15 @@ class _Shuffled:
         return self.prefix + b"".join(records) + self.suffix
 
 
+class _Relay:
+    """A question to relay unparsed (answered :data:`FORWARD`), counted at ``counter``."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: int) -> None:
+        self.counter = counter
+
+
+# By type slot, OVER_TCP added for TCP.
+_RELAYS = {offset + slot: _Relay(offset + RELAYED + slot) for offset in (0, OVER_TCP) for slot in range(TYPES)}
 _MISSING = object()

@@ -27,7 +27,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from kubedock_dns.contract import canonical_ip
-from kubedock_dns.dns.fastpath import FORWARD, FastPath
+from kubedock_dns.dns.fastpath import ANSWERED, FORWARD, NODATA, OVER_TCP, RELAYED, FastPath
 from kubedock_dns.dns.forwarder import Forwarder, Overloaded, UpstreamsFailed
 from kubedock_dns.dns.holds import Holds
 from kubedock_dns.dns.query import Query
@@ -38,6 +38,8 @@ from kubedock_dns.dns.wire import (
     FLAG_QR,
     HEADER,
     OPCODE_QUERY,
+    OTHER_TYPE_SLOT,
+    RCODE_BADVERS,
     RCODE_FORMERR,
     RCODE_NOTIMP,
     RCODE_NXDOMAIN,
@@ -45,10 +47,13 @@ from kubedock_dns.dns.wire import (
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     TCP_LIMIT,
+    TYPE_SLOT_NAMES,
+    TYPE_SLOTS,
     UDP_PLAIN_LIMIT,
     WireError,
     parse_question,
     qtype_name,
+    rcode_name,
     scan_records,
 )
 from kubedock_dns.ops.latency import Sampler
@@ -70,16 +75,20 @@ def outcome_name(decision: Decision) -> str:
 
 @dataclass
 class Counters:
-    """Monotonic counters of the full path (the fast path keeps its own), exported by the ops
-    endpoint through :meth:`KubedockDNSServerFactory.counts`."""
+    """Monotonic counters of the full path (the fast path keeps its own), plain integers so that
+    a count costs one addition; turned into the exported series, with their labels, only when
+    asked (:meth:`KubedockDNSServerFactory.counts`, ``requests``, ``responses``).  Each reply the
+    server writes itself is counted under exactly one outcome; relayed answers are counted by rcode
+    (``KubedockDNSServerFactory.relayed_rcodes``)."""
 
     queries_udp: int = 0
     queries_tcp: int = 0
     answered_local: int = 0
     answered_nodata: int = 0
     nxdomain: int = 0
-    forwarded: int = 0
-    servfail: int = 0
+    forwarded: int = 0  # relays started (each ends relayed, upstream_failed or refused)
+    servfail: int = 0  # decided locally: index not synced, a duplicate address
+    upstream_failed: int = 0  # every upstream failed (or forwarding raised): SERVFAIL
     refused: int = 0
     formerr: int = 0
     badvers: int = 0
@@ -92,6 +101,24 @@ class Counters:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+# (outcome label, rcode) of each reply the server writes itself, from the counter that counts it.
+RESPONSE_OUTCOMES: dict[str, tuple[str, int]] = {
+    "answered_local": ("answered", RCODE_OK),
+    "answered_nodata": ("nodata", RCODE_OK),
+    "nxdomain": ("nxdomain", RCODE_NXDOMAIN),
+    "servfail": ("servfail", RCODE_SERVFAIL),
+    "upstream_failed": ("upstream_failed", RCODE_SERVFAIL),
+    "refused": ("overloaded", RCODE_REFUSED),
+    "formerr": ("malformed", RCODE_FORMERR),
+    "notimp": ("malformed", RCODE_NOTIMP),
+    "badvers": ("malformed", RCODE_BADVERS),
+}
+# Every outcome label value of kubedock_dns_responses_total ("forwarded": an upstream's answer).
+OUTCOMES = tuple(dict.fromkeys(outcome for outcome, _ in RESPONSE_OUTCOMES.values())) + ("forwarded",)
+# Relayed rcodes exported even while zero, so that rate() sees their first increase.
+_RELAYED_ALWAYS = (RCODE_OK, RCODE_NXDOMAIN)
 
 
 class QueryDatagramProtocol(dns.DNSDatagramProtocol):
@@ -175,6 +202,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         self.resolver = resolver
         self.forwarder = forwarder
         self.counters = Counters()
+        # Questions by type (index: dns.wire.TYPE_SLOTS) that the full path read, per transport;
+        # the fast path counts those it answers or relays, the rest is "other".
+        self.udp_types = [0] * len(TYPE_SLOT_NAMES)
+        self.tcp_types = [0] * len(TYPE_SLOT_NAMES)
+        self.relayed_rcodes = [0] * 16  # upstream answers relayed, by their header rcode
         self.fast_path = fast_path
         self.holds = Holds(reactor, resolver, self._decided, self._hold_expired, max_held)
         self.sampler = Sampler(latency_sample_every, clock)
@@ -193,14 +225,59 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         """Questions being held right now."""
         return len(self.holds)
 
-    def counts(self) -> dict[str, int]:
-        """Every counter under its exported name: the full path's, with the fast path's answers
-        added to ``answered_local`` and its answers and relays as ``fast_path``."""
+    def _with_fast_path(self) -> dict[str, int]:
+        """The full path's counters with the fast path's answers added to ``answered_local``
+        (with records) and ``answered_nodata``."""
         values = self.counters.as_dict()
         fast = self.fast_path
-        values["answered_local"] += fast.answered if fast is not None else 0
-        values["fast_path"] = fast.answered + fast.relayed if fast is not None else 0
+        if fast is not None:
+            for offset in (0, OVER_TCP):
+                values["answered_local"] += sum(fast.counts[offset + ANSWERED : offset + NODATA])
+                values["answered_nodata"] += sum(fast.counts[offset + NODATA : offset + RELAYED])
         return values
+
+    def counts(self) -> dict[str, int]:
+        """Every unlabelled counter under its exported name: the full path's and the fast path's
+        answers, the fast path's answers and relays as ``fast_path``; ``servfail`` counts every
+        SERVFAIL the server wrote (``upstream_failed`` included), as the deprecated metric of that
+        name always did."""
+        values = self._with_fast_path()
+        fast = self.fast_path
+        values["fast_path"] = fast.answered + fast.relayed if fast is not None else 0
+        values["servfail"] += values.pop("upstream_failed")
+        return values
+
+    def requests(self) -> dict[tuple[str, str], int]:
+        """(proto, type) -> queries received: every count of :meth:`counts`' ``queries_udp`` and
+        ``queries_tcp`` under the question's type, "other" for types not counted by name and
+        queries whose question could not be read.  Every pair is present."""
+        fast = self.fast_path
+        found: dict[tuple[str, str], int] = {}
+        for proto, total, types, offset in (("udp", self.counters.queries_udp, self.udp_types, 0),
+                                            ("tcp", self.counters.queries_tcp, self.tcp_types, OVER_TCP)):
+            typed = list(types)
+            if fast is not None:
+                counts = fast.counts
+                for slot in range(len(typed)):
+                    at = offset + slot
+                    typed[slot] += counts[at + ANSWERED] + counts[at + NODATA] + counts[at + RELAYED]
+            typed[OTHER_TYPE_SLOT] += total - sum(typed)
+            found.update(((proto, name), n) for name, n in zip(TYPE_SLOT_NAMES, typed))
+        return found
+
+    def responses(self) -> dict[tuple[str, str], int]:
+        """(rcode name, outcome) -> replies sent: what the server wrote itself under its outcome
+        (answered, nodata, nxdomain, servfail, upstream_failed, overloaded, malformed) and the
+        upstreams' answers relayed (outcome ``forwarded``) under their rcode.  Dropped queries
+        get no reply and are not here; read-loop and fast-path answers are ``answered``."""
+        counts = self._with_fast_path()
+        found: dict[tuple[str, str], int] = {}
+        for counter, (outcome, rcode) in RESPONSE_OUTCOMES.items():
+            found[(rcode_name(rcode), outcome)] = counts[counter]
+        for rcode, n in enumerate(self.relayed_rcodes):
+            if n or rcode in _RELAYED_ALWAYS:
+                found[(rcode_name(rcode), "forwarded")] = n
+        return found
 
     # -- reception ---------------------------------------------------------------------------------
 
@@ -208,13 +285,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         """What the UDP port's read loop (:mod:`kubedock_dns.dns.udp`) may use of this server."""
         fast = self.fast_path
         return ReadLoopHook(replies=fast.replies if fast is not None else {}, sampler=self.sampler,
-                            missed=self._receive, read=self._datagrams_read)
+                            missed=self._receive, read=self._datagrams_read,
+                            counts=fast.counts if fast is not None else [])
 
-    def _datagrams_read(self, datagrams: int, hits: int) -> None:
+    def _datagrams_read(self, datagrams: int) -> None:
         self.counters.queries_udp += datagrams
-        if hits:
-            assert self.fast_path is not None
-            self.fast_path.answered += hits
 
     def datagram_received(self, data: bytes, protocol, address) -> None:
         """One datagram from ``address``, not counted yet."""
@@ -269,6 +344,8 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             # Strict and bounded, and the message must hold exactly what its header counts:
             # twisted.names' parser is lenient about missing records and trailing bytes.
             end, qname, qtype, qclass = parse_question(data)
+            (self.udp_types if query.address is not None else self.tcp_types)[
+                TYPE_SLOTS.get(qtype, OTHER_TYPE_SLOT)] += 1
             edns_versions = scan_records(data, end, ancount, nscount, arcount)
             if len(edns_versions) > 1:
                 raise WireError("more than one OPT record")  # RFC 6891 6.1.1
@@ -375,6 +452,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self.forwarder.forward_udp(query.data, self._on_relayed, self._on_forward_failed, query)
 
     def _relayed(self, answer: bytes, query: Query) -> None:
+        self.relayed_rcodes[answer[3] & 0x0F] += 1  # the forwarder passes only whole headers on
         query.reply(answer)
         if query.started:
             self.sampler.forwarded(query.started)
@@ -391,11 +469,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             self.warnings.warn(
                 "upstreams-failed", "SERVFAIL for a forwarded question: no upstream answered "
                 "({why}); check the cluster DNS and --upstream / --resolv-conf", why=str(reason))
-            counters.servfail += 1
+            counters.upstream_failed += 1
             self._answer(query, RCODE_SERVFAIL, None)
         else:
             log.failure("forwarding failed", Failure(reason))
-            counters.servfail += 1
+            counters.upstream_failed += 1
             self._answer(query, RCODE_SERVFAIL, None)
         if query.started:
             self.sampler.forwarded(query.started)

@@ -3,7 +3,8 @@
 Most datagrams a test suite sends are questions the fast path has answered before: their reply
 is a dictionary look-up away (:attr:`FastPath.replies <kubedock_dns.dns.fastpath.FastPath.replies>`).
 Twisted's port hands every datagram through a protocol to the server; here the read loop looks
-the reply up and sends it in line, and reports its counts once per batch.  Everything else (a
+the reply up and sends it in line, counts the hit (one list index: the prepared reply carries its
+counter's), and reports how many datagrams it read once per batch.  Everything else (a
 miss, a reply with several addresses to shuffle, a question to relay or to read strictly) is
 handed to the server through :attr:`ReadLoopHook.missed`, as a :class:`~kubedock_dns.dns.query.Query`
 made here, so the bytes on the wire are the fast path's, which the differential test holds equal
@@ -36,18 +37,21 @@ _READ_DONE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECON
 class ReadLoopHook:
     """All the UDP port knows of the server.
 
-    - ``replies``: prepared replies keyed (asker address, False, query after its ID); a ``bytes``
-      value is the whole reply after the ID (the fast path's, read-only here);
+    - ``replies``: prepared replies keyed (asker address, False, query after its ID); a ``tuple``
+      value is (the whole reply after the ID, the index of its counter in ``counts``) (the fast
+      path's, read-only here);
     - ``sampler``: which datagrams are timed, and where local answers' times go;
     - ``missed(query)``: a datagram the loop did not answer, counted already, as a
       :class:`~kubedock_dns.dns.query.Query` (``started`` as the sampler decided);
-    - ``read(datagrams, hits)``: after each batch, how many datagrams it read and answered.
+    - ``read(datagrams)``: after each batch, how many datagrams it read;
+    - ``counts``: the fast path's counters, to which the loop adds each hit in place.
     """
 
     replies: dict
     sampler: Sampler
     missed: Callable[[Query], None]
-    read: Callable[[int, int], None]
+    read: Callable[[int], None]
+    counts: list
 
 
 class AnsweringPort(udp.Port):
@@ -60,7 +64,7 @@ class AnsweringPort(udp.Port):
 
     def doRead(self) -> None:
         hook = self.hook
-        replies, missed = hook.replies, hook.missed
+        replies, missed, counts = hook.replies, hook.missed, hook.counts
         sampler = hook.sampler
         mask, clock, observe = sampler.mask, sampler.clock, sampler.answers.observe
         protocol = self.protocol
@@ -68,7 +72,7 @@ class AnsweringPort(udp.Port):
         size, budget = self.maxPacketSize, self.maxThroughput
         ipv6 = self.addressFamily == socket.AF_INET6
         number = first = self.datagrams
-        hits = read = 0
+        read = 0
         try:
             while read < budget:
                 try:
@@ -82,10 +86,11 @@ class AnsweringPort(udp.Port):
                 # One query in N is timed (sampler.mask); the others pay one AND.
                 started = 0.0 if number & mask else clock()
                 reply = replies.get((address[0], False, data[2:]))
-                if reply.__class__ is bytes:
-                    hits += 1
+                if reply.__class__ is tuple:  # (reply after the ID, counter index)
+                    wire, counter = reply
+                    counts[counter] += 1
                     try:
-                        sendto(data[:2] + reply, address)
+                        sendto(data[:2] + wire, address)
                     except OSError:
                         pass  # a full buffer or vanished peer: dropped, as UDP may; the client retries
                     if started:
@@ -99,7 +104,7 @@ class AnsweringPort(udp.Port):
                     log.err()
         finally:
             self.datagrams = number
-            hook.read(number - first, hits)
+            hook.read(number - first)
 
 
 def listen_answering_udp(reactor: Any, port: int, protocol: Any, interface: str, hook: ReadLoopHook) -> AnsweringPort:

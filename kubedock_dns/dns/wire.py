@@ -21,9 +21,20 @@ OPCODE_QUERY = 0
 RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP, RCODE_REFUSED = 0, 1, 2, 3, 4, 5
 RCODE_BADVERS = 16  # an extended rcode (RFC 6891): its upper 8 bits travel in the OPT record
 RCODE_NAMES = {RCODE_OK: "NOERROR", RCODE_FORMERR: "FORMERR", RCODE_SERVFAIL: "SERVFAIL",
-               RCODE_NXDOMAIN: "NXDOMAIN", RCODE_NOTIMP: "NOTIMP", RCODE_REFUSED: "REFUSED"}
+               RCODE_NXDOMAIN: "NXDOMAIN", RCODE_NOTIMP: "NOTIMP", RCODE_REFUSED: "REFUSED",
+               6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE", 11: "DSOTYPENI",
+               RCODE_BADVERS: "BADVERS"}
 QTYPE_NAMES = {TYPE_A: "A", TYPE_NS: "NS", TYPE_CNAME: "CNAME", TYPE_SOA: "SOA", TYPE_PTR: "PTR", TYPE_MX: "MX",
                TYPE_TXT: "TXT", TYPE_AAAA: "AAAA", TYPE_SRV: "SRV", TYPE_HTTPS: "HTTPS", TYPE_ANY: "ANY"}
+
+# Query types counted under their own name (kubedock_dns_requests_total{type}): every named type
+# above, in a fixed order, so that a count is one list index (TYPE_SLOTS[qtype]) on the hot path.
+# Any other type, and a query whose question could not be read, is counted as "other".
+COUNTED_TYPES = (TYPE_A, TYPE_AAAA, TYPE_PTR, TYPE_SRV, TYPE_TXT, TYPE_MX, TYPE_CNAME, TYPE_NS, TYPE_SOA,
+                 TYPE_HTTPS, TYPE_ANY)
+TYPE_SLOTS = {qtype: slot for slot, qtype in enumerate(COUNTED_TYPES)}
+OTHER_TYPE_SLOT = len(COUNTED_TYPES)
+TYPE_SLOT_NAMES = tuple(QTYPE_NAMES[qtype] for qtype in COUNTED_TYPES) + ("other",)
 
 UDP_PLAIN_LIMIT = 512
 # The DNS flag day 2020 size: no IP fragmentation on common paths.
@@ -40,6 +51,11 @@ _RECORD_HEAD = struct.Struct("!HHIH")
 def qtype_name(qtype: int) -> str:
     """``A``, ``AAAA``, ... or ``TYPE<n>`` (RFC 3597) for a type without a name here."""
     return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
+
+
+def rcode_name(rcode: int) -> str:
+    """``NOERROR``, ``NXDOMAIN``, ... or ``RCODE<n>`` for an rcode without a name here."""
+    return RCODE_NAMES.get(rcode) or f"RCODE{rcode}"
 
 
 def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0) -> bytes:

@@ -3,6 +3,7 @@
     kubedock-dns networks                  a table of every network (docker network ls, with names)
     kubedock-dns networks <id>             one network, like docker network inspect
     kubedock-dns explain --from <pod|IP> <name> [--type A|AAAA|PTR] [--json]
+    kubedock-dns --version                 the version, as `twistd kubedock-dns --version` says it
 
 The server answers on its operations port (``--ops``, default ``$KUBEDOCK_DNS_OPS`` or
 http://127.0.0.1:8080, which is right inside its container: ``kubectl exec deploy/kubedock-dns --
@@ -23,6 +24,7 @@ import urllib.request
 from typing import Any, Sequence
 
 from kubedock_dns.ops import views
+from kubedock_dns.ops.build import version_line
 
 DEFAULT_OPS = "http://127.0.0.1:8080"
 
@@ -97,6 +99,8 @@ def _outcome(view: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubedock-dns", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the version (and Python's and Twisted's) and exit")
     parser.add_argument("--ops", default=os.environ.get("KUBEDOCK_DNS_OPS", DEFAULT_OPS),
                         help="the server's operations endpoint (default $KUBEDOCK_DNS_OPS or %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -20,6 +20,8 @@ DNS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 # The watcher's hand-over to the reactor: normally well under a millisecond, seconds when the
 # reactor is overloaded.
 LAG_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Admission reviews: a worker round trip takes milliseconds; the API server waits 10 s at most.
+REVIEW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class LatencyHistogram:

@@ -1,41 +1,122 @@
-"""Log lines a user can act on, at a rate a log pipeline can carry; the JSON log format.
+"""Log lines a user can act on, at a rate a log pipeline can carry, in the shape pipelines read.
 
 - :class:`WarningLimiter`: what a user must act on (two pods on one address, a name refused as
   invalid, every upstream failing) is logged as a warning at most once per ``interval`` per key,
   with the number of repeats that were not logged, so a broken upstream under load writes one
   line a minute instead of thousands a second.
-- :func:`json_observer`: twisted.logger's JSON format (one event per line, every format field a
-  JSON field), chosen by ``twistd kubedock-dns --log-format json``; it writes to twistd's
-  ``--logfile`` when one is given, else to standard output (what container runtimes collect).
+- :func:`json_line`: one event as one JSON object on one line, in the shape log pipelines and
+  ``jq`` expect: ``time`` (RFC 3339, UTC, milliseconds), ``level`` (debug, info, warn, error,
+  critical), ``logger`` (the emitting module), ``msg`` (the rendered message), then the event's
+  own fields (``client``, ``outcome``, ``warning``...), and ``traceback`` for a failure; nothing
+  of twisted.logger's bookkeeping (``log_format``, ``log_level``, ``log_flattened``...).
+- :func:`observer`: twistd's ``--logger`` factory, installed by ``twistd kubedock-dns`` (see
+  :func:`configure`): text lines (twistd's own format) or :func:`json_line`, filtered by level,
+  to twistd's ``--logfile`` when one is given, else to standard output (what container runtimes
+  collect) when running in the foreground, else ``twistd.log`` as twistd itself would.
 
 Per-question decision lines are debug events emitted only with ``--verbose`` (the server checks
-the flag before building an event, so the hot path pays nothing otherwise).
+the flag before building an event, so the hot path pays nothing otherwise).  Built on
+twisted.logger's public API (``formatEvent``, ``FileLogObserver``, ``FilteringLogObserver``,
+``LogLevelFilterPredicate``): the JSON formatters on PyPI format the standard library's records,
+and twisted.logger's bridge to those (``STDLibLogObserver``) drops the event's fields.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import IO, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import IO, Any, Callable
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
 
-_json_log_path: str | None = None
+FORMATS = ("text", "json")
+LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
+
+# Keys of the common shape; an event field of the same name is written as "field_<name>".
+_COMMON = ("time", "level", "logger", "msg", "traceback")
+# What legacy (twisted.python.log) events carry besides their log_* keys: the message's parts,
+# which msg already renders.
+_LEGACY = frozenset(("message", "isError", "time", "format", "why", "failure", "system"))
 
 
-def use_json_log_file(path: str | None) -> None:
-    """Where :func:`json_observer` writes (None or "-": standard output)."""
-    global _json_log_path
-    _json_log_path = path
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def json_observer() -> ILogObserver:
-    """twistd's ``--logger`` factory for ``--log-format json``: newline-delimited JSON events."""
-    out: IO[str]
-    if _json_log_path and _json_log_path != "-":
-        out = open(_json_log_path, "a", encoding="utf-8")
-    else:
-        out = sys.stdout
-    return jsonFileLogObserver(out, recordSeparator="")
+def json_line(event: LogEvent) -> str:
+    """``event`` as one line of JSON in the common shape (see the module), newline included."""
+    record: dict[str, Any] = {
+        "time": _rfc3339(event.get("log_time") or 0.0),
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "logger": event.get("log_namespace", ""),
+        "msg": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception as e:  # a failure that cannot even be printed must not lose the line
+            record["traceback"] = f"(unprintable traceback: {e!r})"
+    legacy = event.get("log_namespace") == "log_legacy"  # what twisted.logger names old-style events
+    for key, value in event.items():
+        if key.startswith("log_") or (legacy and key in _LEGACY):
+            continue
+        record["field_" + key if key in _COMMON else key] = value
+    try:
+        return json.dumps(record, default=repr, ensure_ascii=False) + "\n"
+    except (TypeError, ValueError, RecursionError):  # a field holding itself, keys that are not text...
+        return json.dumps({k: v if k in _COMMON else repr(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
+
+
+@dataclass
+class LogSettings:
+    """What :func:`observer` builds: ``format`` (text or json), ``level`` (a key of
+    :data:`LEVELS`), ``logfile`` (twistd's ``--logfile``; "-": standard output) and
+    ``foreground`` (twistd's ``--nodaemon``: without a logfile, standard output, else
+    ``twistd.log``)."""
+
+    format: str = "text"
+    level: str = "info"
+    logfile: str | None = None
+    foreground: bool = True
+
+
+_settings = LogSettings()
+
+
+def configure(settings: LogSettings) -> None:
+    """What the next :func:`observer` builds (the option parser calls this; twistd then calls
+    :func:`observer`, by name, when it starts logging, after the options are parsed)."""
+    global _settings
+    _settings = settings
+
+
+def _output(settings: LogSettings) -> IO[str]:
+    if settings.logfile == "-" or (not settings.logfile and settings.foreground):
+        return sys.stdout
+    return LogFile.fromFullPath(settings.logfile or "twistd.log")
+
+
+def observer() -> ILogObserver:
+    """twistd's ``--logger`` factory: the configured format and level (see the module)."""
+    settings = _settings
+    out = _output(settings)
+    inner: ILogObserver = (FileLogObserver(out, json_line) if settings.format == "json"
+                           else textFileLogObserver(out))
+    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[settings.level])])
 
 
 class WarningLimiter:

@@ -1,29 +1,52 @@
 """Prometheus metrics: one collector that reads the server's own counters when scraped.
 
-The DNS hot path only increments plain integer attributes (``server.Counters``, the forwarder's,
-the index's, the watcher's) and, for sampled queries, a :class:`~kubedock_dns.ops.latency.LatencyHistogram`;
-nothing here runs until a scrape asks.  :data:`METRICS` is the one table of names, types and
-HELP texts (docs/metrics.md lists the same); a value without an entry is a bug that a test catches.
-The registry adds prometheus_client's process collector (RSS, CPU, open file descriptors) and the
-Python platform and GC collectors.
+The DNS hot path only increments plain integer attributes and small lists indexed by query type
+or rcode (``server.Counters``, the fast path's, the forwarder's, the index's, the watcher's, the
+webhook's) and, for sampled queries, a :class:`~kubedock_dns.ops.latency.LatencyHistogram`;
+nothing here runs until a scrape asks.  :data:`METRICS` is the one table of names, types and HELP
+texts, :data:`LABELS` names the labels of the labelled ones and :data:`DEPRECATED` the names kept
+one more release (docs/metrics.md lists the same); a value without an entry is a bug that a test
+catches.  Label names follow CoreDNS's (``proto``, ``type``, ``rcode``), so the same ``sum by``
+works on both.  The registry adds prometheus_client's process collector (RSS, CPU, open file
+descriptors) and the Python platform and GC collectors.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Union
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from kubedock_dns.ops.build import build_info
 from kubedock_dns.ops.latency import LatencyHistogram
 
 PREFIX = "kubedock_dns_"
 COUNTER, GAUGE = "counter", "gauge"
+# The release that no longer publishes the names in DEPRECATED.
+REMOVED_IN = "0.2.0"
 
 # name (without prefix and without _total) -> (type, HELP).
 METRICS: dict[str, tuple[str, str]] = {
+    "build_info": (GAUGE, "Always 1, labelled with the version of kubedock-dns and of the Python and Twisted "
+                          "it runs on."),
+    "requests": (COUNTER, "DNS queries received, by transport (proto: udp, tcp) and question type (type: A, "
+                          "AAAA, PTR, ...; other: any other type, or a question that could not be read)."),
+    "responses": (COUNTER, "DNS replies sent, by rcode and outcome: answered (records from the asker's "
+                           "networks), nodata, nxdomain (no network of the asker holds the name), servfail "
+                           "(index not synced, duplicate pod IP), forwarded (the upstream's answer, its "
+                           "rcode), upstream_failed (every upstream failed: SERVFAIL), overloaded (too many "
+                           "forwards in flight: REFUSED), malformed (FORMERR, NOTIMP, BADVERS)."),
+    "admission_reviews": (COUNTER, "Admission requests answered by the webhook, by outcome: allowed "
+                                   "(unchanged), patched (allowed with the DNS settings), denied, rejected "
+                                   "(HTTP 400: not a review it can read), unavailable (HTTP 503: the review "
+                                   "worker was lost or busy)."),
+    "admission_warnings": (COUNTER, "Warnings returned to the API server with allowed pods (names that cannot "
+                                    "resolve, a pod on no network); kubectl and kubedock show them."),
+    "admission_worker_restarts": (COUNTER, "Times the admission review worker process was lost and replaced."),
+    "admission_reviews_pending": (GAUGE, "Admission requests waiting for the review worker."),
     "queries_udp": (COUNTER, "DNS queries received over UDP."),
     "queries_tcp": (COUNTER, "DNS queries received over TCP."),
     "answered_local": (COUNTER, "Queries answered with records from the asking pod's networks."),
@@ -61,6 +84,29 @@ METRICS: dict[str, tuple[str, str]] = {
     "draining": (GAUGE, "1 while the replica drains before stopping (/readyz 503, still answering), else 0."),
 }
 
+# Labelled metrics -> their label names, in order.
+LABELS: dict[str, tuple[str, ...]] = {
+    "build_info": ("version", "python", "twisted"),
+    "requests": ("proto", "type"),
+    "responses": ("rcode", "outcome"),
+    "admission_reviews": ("outcome",),
+}
+
+# Names kept until REMOVED_IN, and what replaces them (their HELP says so too).
+DEPRECATED: dict[str, str] = {
+    "queries_udp": 'sum(kubedock_dns_requests_total{proto="udp"})',
+    "queries_tcp": 'sum(kubedock_dns_requests_total{proto="tcp"})',
+    "answered_local": 'kubedock_dns_responses_total{outcome="answered"}',
+    "answered_nodata": 'kubedock_dns_responses_total{outcome="nodata"}',
+    "nxdomain": 'kubedock_dns_responses_total{outcome="nxdomain"}',
+    "forwarded": 'sum(kubedock_dns_responses_total{outcome=~"forwarded|upstream_failed|overloaded"})',
+    "servfail": 'sum(kubedock_dns_responses_total{rcode="SERVFAIL"})',
+    "refused": 'kubedock_dns_responses_total{outcome="overloaded"}',
+    "formerr": 'kubedock_dns_responses_total{rcode="FORMERR"}',
+    "badvers": 'kubedock_dns_responses_total{rcode="BADVERS"}',
+    "notimp": 'kubedock_dns_responses_total{rcode="NOTIMP"}',
+}
+
 HISTOGRAMS: dict[str, str] = {
     "answer_duration_seconds": "Receipt to reply of sampled queries answered from the asker's networks "
                                "(including NODATA and any hold).",
@@ -68,29 +114,52 @@ HISTOGRAMS: dict[str, str] = {
                                 "failed before one answered).",
     "watch_lag_seconds": "Time from the watcher reading a batch of pod changes from the API server to the "
                          "index applying it on the reactor thread.",
+    "admission_review_duration_seconds": "Receipt of an admission request's body to its answer (waiting for "
+                                         "and running the review worker included).",
 }
+
+# What values() may return for a name: a number, or for a labelled name label values -> number.
+Value = Union[float, Mapping[Any, float]]  # Any: tuples of label values, as many as LABELS says
+
+
+def documentation(name: str) -> str:
+    """The HELP text of ``name``: its description, after a deprecation notice for old names."""
+    kind, text = METRICS[name]
+    if name in DEPRECATED:
+        return f"Deprecated, removed in {REMOVED_IN}: use {DEPRECATED[name]}. {text}"
+    return text
 
 
 class ServerCollector(Collector):
-    """Turns ``values()`` (name -> number, names as in :data:`METRICS`) and ``histograms()``
-    (name -> histogram, names as in :data:`HISTOGRAMS`) into metric families at scrape time."""
+    """Turns ``values()`` (name -> number, or label values -> number for the names in
+    :data:`LABELS`; names as in :data:`METRICS`) and ``histograms()`` (name -> histogram, names
+    as in :data:`HISTOGRAMS`) into metric families at scrape time, with ``build_info`` always."""
 
-    def __init__(self, values: Callable[[], Mapping[str, float]],
+    def __init__(self, values: Callable[[], Mapping[str, Value]],
                  histograms: Callable[[], Mapping[str, LatencyHistogram]]) -> None:
         self.values = values
         self.histograms = histograms
+        info = build_info()
+        self._build_info = {tuple(info[label] for label in LABELS["build_info"]): 1}
 
     def collect(self) -> Iterator[Metric]:
-        for name, value in sorted(self.values().items()):
+        values: dict[str, Value] = {"build_info": self._build_info, **self.values()}
+        for name, value in sorted(values.items()):
             try:
-                kind, documentation = METRICS[name]
+                kind, _ = METRICS[name]
             except KeyError:
                 raise KeyError(f"metric {name!r} has no entry in kubedock_dns.ops.metrics.METRICS") from None
             family: Metric
-            if kind == COUNTER:
-                family = CounterMetricFamily(PREFIX + name, documentation, value=value)
+            labels = LABELS.get(name)
+            make = CounterMetricFamily if kind == COUNTER else GaugeMetricFamily
+            if labels is None:
+                assert not isinstance(value, Mapping), f"{name} has no LABELS entry"
+                family = make(PREFIX + name, documentation(name), value=value)
             else:
-                family = GaugeMetricFamily(PREFIX + name, documentation, value=value)
+                assert isinstance(value, Mapping), f"{name} is labelled ({labels}): give label values -> number"
+                family = make(PREFIX + name, documentation(name), labels=labels)
+                for label_values, number in sorted(value.items()):
+                    family.add_metric(label_values, number)
             yield family
         for name, histogram in sorted(self.histograms().items()):
             yield HistogramMetricFamily(PREFIX + name, HISTOGRAMS[name], buckets=histogram.cumulative(),
