@@ -141,6 +141,32 @@ class LocalAnswersTests(DNSServerTestCase):
             self.assertEqual(r.answer, [], rdtype)
 
     @defer.inlineCallbacks
+    def test_answers_carry_aa_and_ra_no_soa_and_our_opt_record(self):
+        """docs/design.md, "Answers": AA and RA set (RA also when the query did not ask for
+        recursion), no SOA in the authority section for NODATA or NXDOMAIN (nothing a client
+        would cache for long), and an OPT record advertising 1232 bytes exactly when the query
+        had one, whatever size the client advertised; over UDP and TCP."""
+        for tcp in (False, True):
+            for make in ({}, {"use_edns": 0, "payload": 4096}, {"use_edns": 0, "payload": 512}):
+                for name, rdtype, rcode in (("db", "A", dns.rcode.NOERROR), ("db", "AAAA", dns.rcode.NOERROR),
+                                            ("nosuch", "A", dns.rcode.NXDOMAIN)):
+                    what = (name, rdtype, tcp, make)
+                    r = yield self.ask(A_SVC, name, rdtype, tcp=tcp, **make)
+                    self.assertEqual(r.rcode(), rcode, what)
+                    self.assertTrue(r.flags & dns.flags.AA, what)
+                    self.assertTrue(r.flags & dns.flags.RA, what)
+                    self.assertEqual(r.authority, [], what)
+                    if make:
+                        self.assertEqual((r.edns, r.payload), (0, 1232), what)
+                    else:
+                        self.assertEqual(r.edns, -1, what)  # no OPT record
+            query = dns.message.make_query("db", "A")
+            query.flags &= ~dns.flags.RD
+            send = dns.query.tcp if tcp else dns.query.udp
+            r = yield deferToThread(send, query, "127.0.0.1", timeout=5, port=self.port, source=A_SVC)
+            self.assertTrue(r.flags & dns.flags.RA and not r.flags & dns.flags.RD, r.flags)
+
+    @defer.inlineCallbacks
     def test_dual_stack_pod_answers_a_and_aaaa(self):
         """A pod with an IPv4 and an IPv6 address answers each family with its own record."""
         self.index.apply([Upserted(record("v6db", [NET_A], ips=["127.10.1.9", "fd00::9"], namespace=NS, uid="v6"))])
