@@ -31,6 +31,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from bench.webhook_stall import PROBE, worst_review  # the benchmark's review and DNS probe
 from kubedock_dns.reviewing import ReviewPool
 from kubedock_dns.tls import generate_ca_and_cert
 from kubedock_dns.webhook import MAX_REVIEW_BYTES, WebhookApp, WebhookConfig, review, webhook_service
@@ -244,35 +245,6 @@ class SlowClientTests(TLSLimitsTests):
         assert answer.startswith(b"HTTP/1.1 200 ")
 
 
-def worst_review() -> bytes:
-    """A well-formed review just under the body bound, made of what is costliest to decode:
-    about two million tiny JSON values."""
-    document = admission_review("CREATE", pod())
-    filler = MAX_REVIEW_BYTES - len(json.dumps(document)) - 1000
-    document["request"]["object"]["spec"]["filler"] = [0] * (filler // 2)
-    body = json.dumps(document, separators=(",", ":")).encode()
-    assert len(body) < MAX_REVIEW_BYTES
-    return body
-
-
-# Asks 'db' every 5 ms from the given source address until told to stop on stdin; then prints
-# the longest answer time seen.
-PROBE = """
-import select, sys, time
-import dns.message, dns.query
-port, source = int(sys.argv[1]), sys.argv[2]
-query = dns.message.make_query("db", "A")
-dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
-print("ready", flush=True)
-worst = 0.0
-while not select.select([sys.stdin], [], [], 0.005)[0]:
-    started = time.monotonic()
-    dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
-    worst = max(worst, time.monotonic() - started)
-print(worst, flush=True)
-"""
-
-
 class ReviewDoesNotStallDNSTests(DNSServerTestCase):
     timeout = 120
 
@@ -290,44 +262,49 @@ class ReviewDoesNotStallDNSTests(DNSServerTestCase):
         self.addCleanup(service.stopService)
         return service
 
-    def dns_gaps_during(self, service: Any, body: bytes) -> tuple[float, float, bytes]:
-        """(worst DNS answer time while the review ran, the review's time, its answer).
+    async def test_dns_is_answered_while_the_worker_decides_the_worst_admissible_review(self) -> None:
+        """While the largest review the webhook admits is decoded and decided in the worker
+        process, the reactor keeps answering DNS: a client in another process asking every 5 ms
+        gets answers between the moment the body is handed to the worker and the moment the
+        decision comes back (decided in the reactor's own process, none could be answered in
+        that window).  The answer is the one the in-process decision gives.
 
-        The DNS client is another process (:data:`PROBE`), so that the interpreter lock of
-        this one cannot hide a stall from it; the review is posted from a thread."""
+        How long DNS waits, worker against in-process, is a ratio of two timings and lives in
+        the benchmarks: ``python -m bench.webhook_stall``.  This bound holds on any machine: a
+        slower machine only widens the window."""
+        pool = ReviewPool(CONFIG, reactor)
+        self.addCleanup(pool.close)
+        counters = self.top.dns_factory.counters
+        windows: list[tuple[int, int]] = []
+
+        def review_watched(body: bytes) -> Any:
+            handed_over = counters.answered_local
+            return pool.review(body).addCallback(
+                lambda rendered: windows.append((handed_over, counters.answered_local)) or rendered)
+
+        service = self.serve(review_watched)
+        body = worst_review()
+        small = json.dumps(admission_review("CREATE", pod())).encode()
+        await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))  # starts the worker
         probe = subprocess.Popen([sys.executable, "-c", PROBE, str(self.port), A_SVC],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert probe.stdout is not None and probe.stdin is not None
-            assert probe.stdout.readline().strip() == "ready"
-            answer, took = https_exchange(service.port, self.tls.ca_pem, post(body), timeout=60)
+            assert (await deferToThread(probe.stdout.readline)).strip() == "ready"
+            answer, took = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(body), timeout=60)
             probe.stdin.write("stop\n")
             probe.stdin.flush()
-            worst = float(probe.stdout.readline())
+            worst = float(await deferToThread(probe.stdout.readline))
         finally:
             probe.kill()
             probe.wait()
-        return worst, took, answer
-
-    async def test_the_worst_admissible_review_does_not_stall_dns(self) -> None:
-        """While the largest review the webhook admits is decoded and decided, DNS answers from
-        the same process keep coming: in the worker process the worst answer time stays a small
-        fraction of what the review costs when decided in the reactor's process (where every
-        DNS answer waits for the whole decode)."""
-        pool = ReviewPool(CONFIG, reactor)
-        self.addCleanup(pool.close)
-        pooled = self.serve(pool.review)
-        inline = self.serve(None)
-        body = worst_review()
-        small = json.dumps(admission_review("CREATE", pod())).encode()
-        warm, _, _ = await deferToThread(self.dns_gaps_during, pooled, small)  # starts the worker
-        inline_worst, inline_took, inline_answer = await deferToThread(self.dns_gaps_during, inline, body)
-        pooled_worst, pooled_took, pooled_answer = await deferToThread(self.dns_gaps_during, pooled, body)
-        assert http_body(pooled_answer) == http_body(inline_answer)
-        assert json.loads(http_body(pooled_answer))["response"]["allowed"] is True
-        assert inline_worst > 0.05, (inline_worst, inline_took)  # the stall being avoided is real
-        print(f"worst DNS answer: {pooled_worst * 1000:.1f} ms with the worker, {inline_worst * 1000:.1f} ms in-process; review {pooled_took:.2f} s vs {inline_took:.2f} s")
-        assert pooled_worst < inline_worst / 2, (pooled_worst, inline_worst, pooled_took, inline_took)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        status, expected = review(body, CONFIG)
+        assert status == 200 and json.loads(http_body(answer)) == expected
+        (handed_over, decided) = windows[-1]
+        print(f"{decided - handed_over} DNS answers while the worker decided; worst answer {worst * 1000:.1f} ms, "
+              f"review {took:.2f} s")
+        assert decided - handed_over >= 1, "no DNS answer while the review was decided: the reactor waited for it"
 
     async def test_a_lost_worker_answers_503_and_is_replaced(self) -> None:
         """When the worker process dies (say, killed for memory), the review in flight gets 503
