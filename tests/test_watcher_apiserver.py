@@ -51,6 +51,11 @@ class QueueReactor:
         self.thread_calls.put((f, args))
 
 
+def watched(model: "IndexModel", name: str) -> bool:
+    """Whether the pod ``name`` reached the model through a watch event (not a list)."""
+    return any(isinstance(c, Upserted) and c.record.name == name for d in model.deliveries for c in d)
+
+
 class IndexModel:
     """What the index would hold, built from the deliveries (in the test's thread)."""
 
@@ -282,14 +287,18 @@ def test_expired_resource_version_leads_to_a_relist_without_stale_pods(core_api,
 
 
 def test_stop_is_prompt_against_a_silent_watch(core_api, namespace, watch):
-    """A watcher blocked on an idle watch stops within a second: stop() shuts the socket down."""
+    """A watcher blocked on an idle watch (it has just delivered a watch event and waits for the
+    next) stops at once, not after its 120 s read timeout: stop() shuts the socket down."""
     watcher, model = watch(read_timeout=120, watch_timeout=300)
     model.wait_for("the first list", lambda: model.relists == 1)
-    time.sleep(0.5)  # into the watch
+    create(core_api, namespace, "into-the-watch")  # the event that the watch is open and waiting
+    model.wait_for("a pod through the watch", lambda: watched(model, "into-the-watch"))
     started = time.monotonic()
     watcher.stop()
+    # Without the socket shut down the read would wait out read_timeout (120 s): 10 s tells
+    # the two apart on any machine.
     assert watcher.join(10)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0
     assert watcher.errors == 0
 
 
