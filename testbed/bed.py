@@ -57,7 +57,7 @@ from testbed.netns import ExecResult, PodNetwork
 from testbed.ports import wait_for_ports
 from testbed.upstream import Dnsmasq
 
-__all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "network_id", "new_network_id",
+__all__ = ["BedError", "BedPod", "EndToEndBed", "DECOY_DB_IP", "READINESS_GATE", "network_id", "new_network_id",
            "kubedock_pod_manifest", "mutating_webhook_configuration", "wait_kubedock_dns_ready",
            "wait_webhook_in_force", "wait_pod_gone"]
 
@@ -133,16 +133,23 @@ def _no_proxy_opener(context: ssl.SSLContext | None = None) -> urllib.request.Op
     return urllib.request.build_opener(*handlers)
 
 
+# The condition a test pod's readiness gate waits for (``readiness_gate=True``): the pod runs but
+# stays not Ready until the test opens the gate (``open_readiness_gate``).
+READINESS_GATE = "kubedock-dns.test/ready"
+
+
 def kubedock_pod_manifest(pod: BedPod, namespace: str, instance_id: str, *, init_container: bool = True,
                           image: str = "busybox:1.36", command: Sequence[str] | None = None,
-                          init_image: str = "alpine:3") -> dict[str, Any]:
+                          init_image: str = "alpine:3", readiness_gate: bool = False) -> dict[str, Any]:
     """The pod as kubedock's ``internal/backend/deploy.go`` writes it (DESIGN section 2): the
     annotations ``kubedock.containername``, ``kubedock.hostalias/N``, ``kubedock.network/N``, the
     labels ``kubedock.id``, ``kubedock.containerid`` and (opted in) ``kubedock=true``, and, with
     ``init_container``, kubedock's ``setup`` init container that waits for ``/tmp/done``.  The
     container's Docker labels (Testcontainers' and an arbitrary one) are copied into annotations,
     and into labels where they are valid label values; annotations come in random order, as Go's
-    map iteration writes them."""
+    map iteration writes them.  ``readiness_gate``: the pod stays not Ready, although Running,
+    until the condition :data:`READINESS_GATE` is True (kubedock never sets one; a test uses it
+    for a container that runs but is not ready yet)."""
     docker_labels = {"org.testcontainers": "true", "org.testcontainers.lang": "python",
                      "org.testcontainers.version": "4.8.2",
                      "org.testcontainers.sessionId": secrets.token_hex(16),
@@ -169,6 +176,8 @@ def kubedock_pod_manifest(pod: BedPod, namespace: str, instance_id: str, *, init
                             "serviceAccountName": "default"}
     if re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", pod.hostname):
         spec["hostname"] = pod.hostname
+    if readiness_gate:
+        spec["readinessGates"] = [{"conditionType": READINESS_GATE}]
     if init_container:
         spec["initContainers"] = [{
             "name": "setup", "image": init_image, "imagePullPolicy": "IfNotPresent",
@@ -517,14 +526,15 @@ class EndToEndBed:
 
     # -- pods
 
-    def _pod_body(self, pod: BedPod, *, init_container: bool = True) -> dict[str, Any]:
-        return kubedock_pod_manifest(pod, self.namespace, self.instance_id, init_container=init_container)
+    def _pod_body(self, pod: BedPod, *, init_container: bool = True, readiness_gate: bool = False) -> dict[str, Any]:
+        return kubedock_pod_manifest(pod, self.namespace, self.instance_id, init_container=init_container,
+                                     readiness_gate=readiness_gate)
 
     def create_kubedock_pod(self, name: str, network_ids: Iterable[str] = (),
                             aliases: Iterable[str] = (), container_name: str | None = None,
                             container_id: str | None = None, *, hostname: str | None = None,
                             opt_in: bool = True, init_container: bool = True,
-                            ip: str | None = None, wait: bool = True,
+                            ip: str | None = None, wait: bool = True, readiness_gate: bool = False,
                             timeout: float = 30.0) -> BedPod:
         """Create a pod through the API as kubedock does for a Docker container.
 
@@ -533,7 +543,8 @@ class EndToEndBed:
         ``container_name`` (default ``<name>_<4 hex>``) and ``container_id`` (default random,
         64 hex) the Docker container's. ``opt_in=False`` leaves out the label ``kubedock=true``
         (an ordinary workload). ``ip`` pins the pod IP (e.g. one just released). With ``wait``,
-        returns once the kubelet stand-in reports it Running, with ``ip`` filled in.
+        returns once the kubelet stand-in reports it Running, with ``ip`` filled in.  With
+        ``readiness_gate`` it runs but is not Ready until :meth:`open_readiness_gate`.
         """
         assert self.kubelet is not None
         pod = BedPod.new(name, network_ids, aliases, container_name, container_id, hostname, opt_in)
@@ -543,7 +554,8 @@ class EndToEndBed:
 
         try:
             response = self.core.create_namespaced_pod(
-                self.namespace, body=self._pod_body(pod, init_container=init_container),
+                self.namespace, body=self._pod_body(pod, init_container=init_container,
+                                                    readiness_gate=readiness_gate),
                 _preload_content=False)
         except ApiException as e:
             raise BedError(f"creating pod {pod.name} failed: HTTP {e.status}: {e.body}") from None
@@ -561,6 +573,15 @@ class EndToEndBed:
         assert self.kubelet is not None
         started = self.kubelet.wait_running(pod.name, timeout)
         return replace(pod, ip=started.ip)
+
+    def open_readiness_gate(self, pod: BedPod | str) -> None:
+        """Set the pod's readiness gate condition True; the stand-in's part of a kubelet, Ready
+        following the gates, is set with it."""
+        name = pod if isinstance(pod, str) else pod.name
+        self.core.patch_namespaced_pod_status(
+            name, self.namespace, {"status": {"conditions": [{"type": READINESS_GATE, "status": "True"},
+                                                             {"type": "Ready", "status": "True"}]}},
+            _content_type="application/strategic-merge-patch+json", _preload_content=False)
 
     def stored_pod(self, pod: BedPod | str) -> dict[str, Any]:
         """The pod's JSON as the API server stores it (after the webhook's mutation)."""
@@ -616,3 +637,8 @@ class EndToEndBed:
     def server_log(self, lines: int = 80) -> str:
         """The last lines kubedock-dns logged."""
         return self.server.tail(lines) if self.server else ""
+
+    def cluster_dns_askers(self) -> set[str]:
+        """The client addresses the cluster DNS (dnsmasq) has had queries from, by its query log."""
+        assert self.upstream is not None
+        return {q.client for q in self.upstream.queries()}

@@ -480,8 +480,12 @@ class KubeletStandIn:
                                                                      ready=False)
                                               for c in spec.get("containers", [])]))
         done = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}
+        # A readiness gate keeps the pod not Ready until its condition is True, as a kubelet
+        # does; the stand-in does not watch for it: the bed sets Ready with the gate's condition.
+        gated = bool(spec.get("readinessGates"))
         self._patch_status(name, dict(base, phase="Running",
-                                      conditions=self._conditions(ready=True, initialized=True),
+                                      conditions=self._conditions(ready=not gated, initialized=True,
+                                                                  containers_ready=True),
                                       initContainerStatuses=[self._container_status(c, done, ready=True)
                                                              for c in init],
                                       containerStatuses=[
@@ -527,14 +531,14 @@ class KubeletStandIn:
     # -- status writing
 
     @staticmethod
-    def _conditions(*, ready: bool, initialized: bool) -> list[dict[str, Any]]:
+    def _conditions(*, ready: bool, initialized: bool, containers_ready: bool | None = None) -> list[dict[str, Any]]:
         now = _now()
         flag = {True: "True", False: "False"}
         return [{"type": t, "status": s, "lastTransitionTime": now} for t, s in (
             ("PodReadyToStartContainers", "True"),
             ("Initialized", flag[initialized]),
             ("Ready", flag[ready]),
-            ("ContainersReady", flag[ready]),
+            ("ContainersReady", flag[ready if containers_ready is None else containers_ready]),
             ("PodScheduled", "True"),
         )]
 

@@ -72,11 +72,50 @@ def _delete_namespace(core_api: Any, name: str) -> None:
             raise
 
 
+def _shared_bed_params(item: pytest.Item) -> tuple[tuple[str, str], ...]:
+    """The parameters of the module- (or wider-) scoped fixtures ``item`` uses, such as
+    test_e2e's ``bed`` ("stand-in" or "node")."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return ()
+    definitions = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
+    return tuple(sorted((name, str(value)) for name, value in callspec.params.items()
+                        if name in definitions and definitions[name][-1].scope != "function"))
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                    items: list[pytest.Item]) -> None:
-    """Tests marked ``own_node`` start (or kill) a node of their own; one node runs per machine, so
-    they go first, before the shared ``node`` fixture holds the machine's node lock."""
-    items.sort(key=lambda item: item.get_closest_marker("own_node") is None)
+    """Runs after any reordering (pytest-random-order's shuffle included), and keeps what the
+    beds need whatever the order:
+
+    - tests marked ``own_node`` start (or kill) a node of their own; one node runs per machine,
+      so they go first, before the shared ``node`` fixture holds the machine's node lock (the
+      ``_own_node_before_the_shared_one`` fixture fails such a test at once should one come late);
+    - a module's tests stay together, and those sharing a parametrised module-scoped bed (one
+      parameter of test_e2e's ``bed``) run as one group, so that a shuffle changes the order of
+      the tests but does not tear a bed down and bring it up again at every turn.
+
+    Within that, the order is whatever it was (the file's, or the shuffle's)."""
+    first_seen: dict[object, int] = {}
+    for position, item in enumerate(items):
+        first_seen.setdefault(item.nodeid.split("::")[0], position)
+        first_seen.setdefault((item.nodeid.split("::")[0], _shared_bed_params(item)), position)
+    items.sort(key=lambda item: (item.get_closest_marker("own_node") is None,
+                                 first_seen[item.nodeid.split("::")[0]],
+                                 first_seen[(item.nodeid.split("::")[0], _shared_bed_params(item))]))
+
+
+_shared_node_started = False
+
+
+@pytest.fixture(autouse=True)
+def _own_node_before_the_shared_one(request: pytest.FixtureRequest) -> None:
+    """A test that starts a node of its own cannot run once the shared node holds the machine's
+    node lock (it would wait for the lock until the session ends): fail it at once, saying so."""
+    if request.node.get_closest_marker("own_node") is not None and _shared_node_started:
+        pytest.fail("an own_node test was ordered after the shared node started: "
+                    "tests/conftest.py's pytest_collection_modifyitems must run last")
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +126,8 @@ def node() -> Iterator[Any]:
     from testbed.node.cluster import Node
     from testbed.node.errors import NodeUnavailable
 
+    global _shared_node_started
+    _shared_node_started = True
     bed = Node()
     try:
         bed.start()

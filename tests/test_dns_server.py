@@ -142,6 +142,32 @@ class LocalAnswersTests(DNSServerTestCase):
             self.assertEqual(r.answer, [], rdtype)
 
     @defer.inlineCallbacks
+    def test_answers_carry_aa_and_ra_no_soa_and_our_opt_record(self):
+        """docs/design.md, "Answers": AA and RA set (RA also when the query did not ask for
+        recursion), no SOA in the authority section for NODATA or NXDOMAIN (nothing a client
+        would cache for long), and an OPT record advertising 1232 bytes exactly when the query
+        had one, whatever size the client advertised; over UDP and TCP."""
+        for tcp in (False, True):
+            for make in ({}, {"use_edns": 0, "payload": 4096}, {"use_edns": 0, "payload": 512}):
+                for name, rdtype, rcode in (("db", "A", dns.rcode.NOERROR), ("db", "AAAA", dns.rcode.NOERROR),
+                                            ("nosuch", "A", dns.rcode.NXDOMAIN)):
+                    what = (name, rdtype, tcp, make)
+                    r = yield self.ask(A_SVC, name, rdtype, tcp=tcp, **make)
+                    self.assertEqual(r.rcode(), rcode, what)
+                    self.assertTrue(r.flags & dns.flags.AA, what)
+                    self.assertTrue(r.flags & dns.flags.RA, what)
+                    self.assertEqual(r.authority, [], what)
+                    if make:
+                        self.assertEqual((r.edns, r.payload), (0, 1232), what)
+                    else:
+                        self.assertEqual(r.edns, -1, what)  # no OPT record
+            query = dns.message.make_query("db", "A")
+            query.flags &= ~dns.flags.RD
+            send = dns.query.tcp if tcp else dns.query.udp
+            r = yield deferToThread(send, query, "127.0.0.1", timeout=5, port=self.port, source=A_SVC)
+            self.assertTrue(r.flags & dns.flags.RA and not r.flags & dns.flags.RD, r.flags)
+
+    @defer.inlineCallbacks
     def test_dual_stack_pod_answers_a_and_aaaa(self):
         """A pod with an IPv4 and an IPv6 address answers each family with its own record."""
         self.index.apply([Upserted(record("v6db", [NET_A], ips=["127.10.1.9", "fd00::9"], namespace=NS, uid="v6"))])
@@ -552,29 +578,62 @@ class IdleTCPTests(DNSServerTestCase):
 
 
 class MalformedInputTests(DNSServerTestCase):
+    def exchange_then_probe(self, source, payloads, tcp=False):
+        """Send ``payloads`` and then a good query (ID 0xBEEF) on one socket or connection; the
+        replies received up to and including the good query's.  The server reads one socket in
+        order, so a reply to any payload would arrive before the probe's: a list holding only
+        the probe's reply proves the payloads got none, with no waiting for silence."""
+        probe = dns.message.make_query("db", "A")
+        probe.id = 0xBEEF
+        messages = [*payloads, probe.to_wire()]
+
+        def exchange():
+            family = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+            replies = []
+            with socket.socket(socket.AF_INET, family) as s:
+                s.bind((source, 0))
+                s.settimeout(10.0)
+                if tcp:
+                    s.connect(("127.0.0.1", self.port))
+                    s.sendall(b"".join(struct.pack("!H", len(m)) + m for m in messages))
+                    stream = s.makefile("rb")
+                    while not replies or replies[-1][:2] != b"\xbe\xef":
+                        length = struct.unpack("!H", stream.read(2))[0]
+                        replies.append(stream.read(length))
+                    return replies
+                for m in messages:
+                    s.sendto(m, ("127.0.0.1", self.port))
+                while not replies or replies[-1][:2] != b"\xbe\xef":
+                    replies.append(s.recv(65535))
+                return replies
+        return deferToThread(exchange)
+
     @defer.inlineCallbacks
     def test_malformed_packets_get_rfc_answers_or_silence_and_never_crash(self):
-        """Short garbage and responses are dropped; other opcodes get NOTIMP; two questions or
-        a broken question get FORMERR; the server keeps answering afterwards."""
+        """Short garbage and responses are dropped (over UDP and TCP); other opcodes get NOTIMP;
+        two questions or a broken question get FORMERR (over UDP and TCP); the server keeps
+        answering afterwards."""
         good = dns.message.make_query("db", "A")
         good.id = 0x1234
         wire = good.to_wire()
-        self.assertIsNone((yield self.raw(A_SVC, b"\x01\x02\x03")))
-        self.assertIsNone((yield self.raw(A_SVC, wire[:2] + bytes([wire[2] | 0x80]) + wire[3:])))
+        response = wire[:2] + bytes([wire[2] | 0x80]) + wire[3:]
+        for tcp in (False, True):
+            replies = yield self.exchange_then_probe(A_SVC, [b"\x01\x02\x03", response,
+                                                             b"\x00\x07" + b"\xff" * 30], tcp=tcp)
+            self.assertEqual(len(replies), 1, f"a dropped message was answered (tcp={tcp}): {replies}")
+            self.assertEqual(addresses(dns.message.from_wire(replies[0])), [A_DB])
         status = wire[:2] + bytes([(wire[2] & 0x87) | (2 << 3)]) + wire[3:]
         reply = yield self.raw(A_SVC, status)
         self.assertEqual((reply[:2], reply[3] & 0xF, reply[2] & 0x80), (b"\x12\x34", 4, 0x80))
         two = wire[:4] + b"\x00\x02" + wire[6:]
-        reply = yield self.raw(A_SVC, two)
-        self.assertEqual(reply[3] & 0xF, 1)
         cut = wire[:-3]
-        reply = yield self.raw(A_SVC, cut)
-        self.assertEqual(reply[3] & 0xF, 1)
         loop = wire[:12] + b"\xc0\x0c" + b"\x00\x01\x00\x01"
-        reply = yield self.raw(A_SVC, loop)
-        self.assertEqual(reply[3] & 0xF, 1)
-        reply = yield self.raw(A_SVC, b"\x00\x07" + b"\xff" * 30, tcp=True)
-        self.assertIn(reply[3] & 0xF if reply else 1, (1,))
+        for tcp in (False, True):
+            for broken in (two, cut, loop):
+                reply = yield self.raw(A_SVC, broken, tcp=tcp)
+                self.assertIsNotNone(reply, f"no FORMERR for {broken!r} (tcp={tcp})")
+                self.assertEqual((reply[:2], reply[3] & 0xF, reply[2] & 0x80), (b"\x12\x34", 1, 0x80),
+                                 f"{broken!r} (tcp={tcp})")
         r = yield self.ask(A_SVC, "db")
         self.assertEqual(addresses(r), [A_DB])
 

@@ -19,7 +19,7 @@ from kubedock_dns.contract import Deleted, Relisted, Upserted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.dns.server import KubedockDNSServerFactory
-from kubedock_dns.dns.fastpath import FORWARD, FastPath, _Relay, _Shuffled
+from kubedock_dns.dns.fastpath import FORWARD, FastPath
 from tests.podfactory import network_id, record
 
 
@@ -47,6 +47,65 @@ class NoClock:
 
     def callLater(self, *a, **k):  # holds are not compared: the fast path never holds
         raise AssertionError("the differential test only compares immediate answers")
+
+
+class HoldTimer:
+    def active(self):
+        return True
+
+    def cancel(self):
+        pass
+
+
+class HoldingClock(NoClock):
+    """A reactor clock that lets the full path hold a question (and never ends the hold): the
+    reference says "held" instead of raising."""
+
+    def __init__(self):
+        self.held = 0
+
+    def callLater(self, *a, **k):
+        self.held += 1
+        return HoldTimer()
+
+
+class RecordingForwarder:
+    """Stands in for the upstream relay: only whether the full path relayed matters here."""
+
+    def __init__(self):
+        self.forwarded = []
+
+    def forward_udp(self, data, relay, failed, context):
+        self.forwarded.append(data)
+
+    def forward(self, data, over_tcp=False):
+        from twisted.internet.defer import Deferred
+
+        self.forwarded.append(data)
+        return Deferred()
+
+
+HELD = "held by the full path"
+
+
+def full_path_outcome(resolver, wire, host, tcp):
+    """What the reference (the full twisted.names path, no fast path) does with the query: the
+    reply's bytes, FORWARD, HELD, or None when it drops it."""
+    clock, forwarder = HoldingClock(), RecordingForwarder()
+    full = KubedockDNSServerFactory(clock, resolver, forwarder=forwarder)
+    proto = Proto()
+    if tcp:
+        full.message_received(wire, proto, host)
+    else:
+        full.datagram_received(wire, proto, (host, 5353))
+    if forwarder.forwarded:
+        return FORWARD
+    if clock.held:
+        return HELD
+    if not proto.transport.written:
+        return None
+    [reply] = proto.transport.written
+    return reply
 
 
 def keep_order(values):
@@ -96,35 +155,45 @@ def queries(draw, pods):
 @settings(max_examples=120, deadline=None)
 @given(st.data())
 def test_fast_path_bytes_equal_full_path_bytes(data):
-    """For random topologies and queries, every fast-path answer equals the full path's, also as a
-    server with the fast path sends it for a datagram."""
+    """For random topologies and queries, every fast-path answer equals the full path's bytes
+    (also as a server with the fast path sends it for a datagram), every question it relays the
+    full path relays too, and it does answer: a live pod asking for its own name is a fast-path
+    hit in every topology (a fast path that never answered would pass the comparisons alone)."""
     pods = data.draw(topologies())
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
     resolver = Resolver(index, ResolverConfig(), shuffle=keep_order)
-    full = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None)
     fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order)
     served = KubedockDNSServerFactory(NoClock(), resolver, forwarder=None, fast_path=fast)
+    questions = [(data.draw(queries(pods)), data.draw(st.sampled_from([ip for p in pods for ip in p.ips])),
+                  data.draw(st.booleans())) for _ in range(20)]
+    live = [p for p in pods if not p.terminating]
+    if live:
+        own = data.draw(st.sampled_from(live))
+        wire = dns.message.make_query(own.names[0], "A").to_wire()
+        reply = fast.answer(wire, own.ips[0], False)
+        assert isinstance(reply, bytes), (own, reply)
+        assert addresses_in(reply) and own.ips[0] in addresses_in(reply)
+        questions.append((wire, own.ips[0], False))
     hits = 0
-    for _ in range(20):
-        wire = data.draw(queries(pods))
-        source = data.draw(st.sampled_from([ip for p in pods for ip in p.ips]))
-        tcp = data.draw(st.booleans())
+    for wire, source, tcp in questions:
         reply = fast.answer(wire, source, tcp)
-        if reply is None or reply is FORWARD:
+        if reply is None:
+            continue
+        assert full_path_outcome(resolver, wire, source, tcp) == reply, (wire, source)
+        if reply is FORWARD:
             continue
         hits += 1
-        proto = Proto()
-        if tcp:
-            full.message_received(wire, proto, source)
-        else:
-            full.datagram_received(wire, proto, (source, 5353))
-        assert proto.transport.written == [reply], (wire, source)
         if not tcp:
             proto = Proto()
             served.datagram_received(wire, proto, (source, 5353))
             assert proto.transport.written == [reply], (wire, source)
-    event(f"fast path answered {min(hits, 5)}+ of 20")
+    assert hits >= 1 or not live
+    event(f"fast path answered {min(hits, 5)}+ of {len(questions)}")
+
+
+def addresses_in(reply):
+    return [r.address for rrset in dns.message.from_wire(reply).answer for r in rrset]
 
 
 def test_fast_path_answers_the_common_cases():
@@ -201,33 +270,33 @@ def churn_queries(draw):
     return wire, draw(st.sampled_from(CHURN_IPS + ["10.9.9.9"])), draw(st.booleans())
 
 
-def uncached(fast, wire, host, tcp):
-    """What the fast path would answer if it had nothing cached."""
-    entry, _facts = fast._prepare(wire, host, tcp)
-    if entry.__class__ is tuple:  # (the reply after the ID, the question's type slot)
-        return wire[:2] + entry[0]
-    if entry.__class__ is _Shuffled:
-        return wire[:2] + entry.build(keep_order)
-    if entry.__class__ is _Relay:
-        return FORWARD
-    return entry
-
-
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_cached_answers_follow_every_index_change(data):
     """Under random churn (phases, addresses shared by two pods, networks, names, deletions, pods
-    awaiting their address, relists, Testcontainers sessions and their sshd pods), every answer the fast path gives from its cache equals
-    the answer it would prepare afresh: a change drops every entry it can affect."""
+    awaiting their address, relists, Testcontainers sessions and their sshd pods), every answer the
+    fast path gives from its cache is what the full path (the reference) does now: the same bytes,
+    or a relay where it relays; and whatever it gives, a fast path with nothing cached gives the same
+    (a stale "full path decides" costs no correctness, but the cache must still not outlive a
+    change).  A change drops every entry it can affect."""
     uids = [f"p{i}" for i in range(6)]
     pods = {uid: data.draw(churn_pods(uid)) for uid in uids[:3]}
     index = NetworkIndex(require_ready=data.draw(st.booleans()))
     index.apply([Relisted(tuple(pods.values()))])
-    fast = FastPath(Resolver(index, ResolverConfig(), shuffle=keep_order), NoClock().seconds, shuffle=keep_order)
+    resolver = Resolver(index, ResolverConfig(), shuffle=keep_order)
+    fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order)
     asked = data.draw(st.lists(churn_queries(), min_size=5, max_size=15))
-    for _ in range(data.draw(st.integers(1, 8))):
+
+    def check_against_the_references():
+        fresh = FastPath(resolver, NoClock().seconds, shuffle=keep_order)  # nothing cached
         for wire, host, tcp in asked:
-            assert fast.answer(wire, host, tcp) == uncached(fast, wire, host, tcp), (wire, host, tcp)
+            cached = fast.answer(wire, host, tcp)
+            assert cached == fresh.answer(wire, host, tcp), (wire, host, tcp)
+            if cached is not None:
+                assert cached == full_path_outcome(resolver, wire, host, tcp), (wire, host, tcp)
+
+    for _ in range(data.draw(st.integers(1, 8))):
+        check_against_the_references()
         kind = data.draw(st.sampled_from(["upsert", "upsert", "delete", "relist"]))
         if kind == "upsert":
             uid = data.draw(st.sampled_from(uids))
@@ -241,8 +310,7 @@ def test_cached_answers_follow_every_index_change(data):
             kept = data.draw(st.lists(st.sampled_from(uids), unique=True))
             pods = {uid: pods.get(uid) or data.draw(churn_pods(uid)) for uid in kept}
             index.apply([Relisted(tuple(pods.values()))])
-    for wire, host, tcp in asked:
-        assert fast.answer(wire, host, tcp) == uncached(fast, wire, host, tcp), (wire, host, tcp)
+    check_against_the_references()
 
 
 def test_a_change_keeps_the_answers_of_other_networks_askers():
@@ -289,3 +357,24 @@ def test_a_dotted_name_appearing_elsewhere_stops_being_forwarded():
     assert fast.answer(query, "10.1.0.2", False) is FORWARD
     index.apply([Upserted(record("api.internal", [NETS[1]], ip="10.1.1.1", uid="api", namespace="ns"))])
     assert fast.answer(query, "10.1.0.2", False) is None
+
+
+def test_the_answer_cache_never_holds_more_than_its_cap():
+    """docs/design.md: the fast path's cache holds at most ``max_entries`` prepared replies (100,000
+    by default) and is emptied when full, so a client asking ever new questions cannot grow it
+    without bound; answers given after it was emptied are still the full path's."""
+    pods = [record("db", [NETS[0]], ip="10.1.0.1", uid="db", namespace="ns")]
+    pods += [record(f"app{i}", [NETS[0]], ip=f"10.1.0.{i + 10}", uid=f"app{i}", namespace="ns") for i in range(40)]
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    resolver = Resolver(index, ResolverConfig())
+    fast = FastPath(resolver, NoClock().seconds, max_entries=8)
+    assert FastPath(resolver, NoClock().seconds).max_entries == 100_000
+    sizes = []
+    for i in range(40):
+        wire = dns.message.make_query("db", "A").to_wire()
+        reply = fast.answer(wire, f"10.1.0.{i + 10}", False)
+        assert reply == full_path_outcome(resolver, wire, f"10.1.0.{i + 10}", False)
+        sizes.append(len(fast.replies))
+    assert max(sizes) == 8 and sizes[-1] <= 8, sizes  # it filled up, and was emptied when full
+    assert sizes.count(1) >= 4, sizes  # emptied (and refilled) every 8 new questions

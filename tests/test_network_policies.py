@@ -16,13 +16,29 @@ from kubedock_dns.contract import network_label_key
 pytestmark = pytest.mark.controlplane
 
 
-@pytest.fixture(scope="module")
-def bed(control_plane):
+def policy_bed(control_plane, prefix):
+    """kubedock-dns with --network-policies on a fresh namespace, on the loopback data plane."""
     from testbed.bed import EndToEndBed
 
-    with EndToEndBed(control_plane=control_plane, dataplane="loopback", namespace_prefix="netpol",
-                     server_args=["--network-policies"]) as bed:
+    return EndToEndBed(control_plane=control_plane, dataplane="loopback", namespace_prefix=prefix,
+                       server_args=["--network-policies"])
+
+
+@pytest.fixture(scope="module")
+def bed(control_plane):
+    """The bed the tests share, in any order (none turns the mode off here: that test has a bed
+    of its own).  ``bed.first_policies`` holds the namespace's policies as first seen after
+    start-up, before any pod exists (the server writes the isolation policy at its first pass)."""
+    with policy_bed(control_plane, "netpol") as bed:
+        assert bed.core.list_namespaced_pod(bed.namespace).items == []
+        bed.first_policies = eventually(lambda: with_isolation_policy(policies(bed)))
+        bed.pods_when_first_seen = [p.metadata.name for p in bed.core.list_namespaced_pod(bed.namespace).items]
         yield bed
+
+
+def with_isolation_policy(found):
+    assert "kubedock-dns-isolation" in found
+    return found
 
 
 def network_labels(stored):
@@ -75,19 +91,22 @@ def eventually(check, timeout=20.0):
 
 def test_the_isolation_policy_exists_before_any_pod(bed):
     """At start-up, before the first pod: one policy selecting every opted-in pod for ingress and
-    letting nothing in, so a pod is isolated from its first moment."""
-    def check():
-        base = policies(bed)["kubedock-dns-isolation"]
+    letting nothing in, so a pod is isolated from its first moment.  What the bed saw before any
+    test created a pod (the module's tests run in any order), and it is still there."""
+    assert bed.pods_when_first_seen == []
+    for found in (bed.first_policies, policies(bed)):
+        base = found["kubedock-dns-isolation"]
         assert base["spec"]["podSelector"] == {"matchLabels": {"kubedock": "true"}}
         assert base["spec"]["policyTypes"] == ["Ingress"]
         assert not base["spec"].get("ingress")
-    eventually(check)
+    assert sorted(bed.first_policies) == ["kubedock-dns-isolation"]  # nothing per network yet
 
 
 def test_one_policy_per_network_with_pods_and_none_once_its_pods_are_gone(bed):
     """Networks A and B with pods (one pod on both) get one policy each: the network's pods,
     ingress from the network's pods only, owned by the isolation policy; deleting A's pods
-    removes A's policy and leaves B's; a policy somebody else made is never touched."""
+    removes A's policy and leaves B's (its pod lives on) unchanged; deleting B's last pod then
+    removes B's; a policy somebody else made is never touched."""
     from kubernetes.client import NetworkingV1Api
 
     from kubedock_dns.kube.policies import policy_name
@@ -99,6 +118,7 @@ def test_one_policy_per_network_with_pods_and_none_once_its_pods_are_gone(bed):
     a, b = new_network_id(), new_network_id()
     only_a = bed.create_kubedock_pod("only-a", [a])
     both = bed.create_kubedock_pod("both-ab", [a, b])
+    only_b = bed.create_kubedock_pod("only-b", [b])
 
     def both_exist():
         found = policies(bed)
@@ -110,14 +130,24 @@ def test_one_policy_per_network_with_pods_and_none_once_its_pods_are_gone(bed):
             assert policy["spec"]["ingress"] == [{"from": [{"podSelector": label}]}]
             assert [o["uid"] for o in policy["metadata"]["ownerReferences"]] == [base_uid]
     eventually(both_exist)
+    kept = policies(bed)[policy_name(b)]["metadata"]["resourceVersion"]
     bed.delete_pod(only_a)
     bed.delete_pod(both)
 
     def a_gone():
         found = policies(bed)
-        assert policy_name(a) not in found and policy_name(b) not in found
+        assert policy_name(a) not in found
         assert "users-own" in found and "kubedock-dns-isolation" in found
-    eventually(a_gone)
+        return found
+    found = eventually(a_gone)
+    assert found[policy_name(b)]["metadata"]["resourceVersion"] == kept  # B's, untouched, while its pod lives
+    bed.delete_pod(only_b)
+
+    def b_gone():
+        found = policies(bed)
+        assert policy_name(b) not in found
+        assert "users-own" in found and "kubedock-dns-isolation" in found
+    eventually(b_gone)
 
 
 def test_a_network_whose_pod_is_pending_already_has_its_policy(bed):
@@ -144,22 +174,35 @@ def test_policies_already_as_wanted_are_not_rewritten(bed):
     assert policies(bed)[policy_name(first)]["metadata"]["resourceVersion"] == version
 
 
-def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(bed):
+def test_once_the_isolation_policy_is_deleted_nothing_is_written_again(control_plane):
     """Deleting the isolation policy is how the mode is turned off (helm deletes it; the garbage
     collector then removes the policies it owns): a replica still running must not undo that, so it
-    neither re-creates it nor writes a policy for a new network.  (Last: it turns the mode off.)"""
+    neither re-creates it nor writes a policy for a new network.  A bed of its own: it turns the
+    mode off for its namespace.  The writer's pass that saw the new network is an event (it logs
+    that the isolation policy is gone, once, at that pass), and beside it the positive control: the
+    same writer did write a new network's policy before."""
     from kubernetes.client import NetworkingV1Api
 
     from kubedock_dns.kube.policies import policy_name
     from testbed.bed import new_network_id
 
-    NetworkingV1Api(bed.core.api_client).delete_namespaced_network_policy("kubedock-dns-isolation", bed.namespace)
-    network = new_network_id()
-    bed.create_kubedock_pod("late", [network], wait=False)
-    time.sleep(3)  # the writer reacts to a new network within a fraction of a second (see above)
-    found = policies(bed)
-    assert "kubedock-dns-isolation" not in found and policy_name(network) not in found
-    assert "deleted (network policies turned off?)" in bed.server_log(200)
+    with policy_bed(control_plane, "netpol-off") as bed:
+        early = new_network_id()
+        bed.create_kubedock_pod("early", [early], wait=False)
+        eventually(lambda: policies(bed)[policy_name(early)])  # the writer writes
+        NetworkingV1Api(bed.core.api_client).delete_namespaced_network_policy("kubedock-dns-isolation", bed.namespace)
+        network = new_network_id()
+        bed.create_kubedock_pod("late", [network])
+
+        def seen_and_passed():
+            # the server has the new network, so the writer was told to want it...
+            assert network in bed.debug_networks()["networks"]
+            # ...and its first pass since the deletion found the isolation policy gone (logged once)
+            assert "deleted (network policies turned off?)" in bed.server_log(200)
+        eventually(seen_and_passed)
+        found = policies(bed)
+        assert "kubedock-dns-isolation" not in found and policy_name(network) not in found
+        assert policy_name(early) in found  # nothing deleted either: no garbage collector here
 
 
 def test_the_writer_backs_off_while_the_api_server_refuses(control_plane):
@@ -173,13 +216,18 @@ def test_the_writer_backs_off_while_the_api_server_refuses(control_plane):
     writer.start()
     try:
         writer.want(frozenset({"ab" * 32}))
-        deadline = time.monotonic() + 20
-        while writer.errors == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert writer.errors >= 1
-        first = writer.errors
-        time.sleep(2.0)
-        assert writer.errors - first <= 2  # retries after 1 s and 2 s at most; a tight loop makes hundreds
+        # When each of the first three failures was seen: the gaps between them are the backoff
+        # (1 s, then 2 s).  A loaded machine only lengthens them; polling late can shorten a
+        # measured gap by the poll's lag, hence half the backoff as the bound.  A tight loop
+        # fails hundreds of times a second.
+        seen = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:
+            if writer.errors > len(seen):
+                seen += [time.monotonic()] * (writer.errors - len(seen))
+            time.sleep(0.01)
+        assert len(seen) >= 3 and writer.errors == 3, (seen, writer.errors)
+        assert seen[1] - seen[0] > 0.5 and seen[2] - seen[1] > 1.0, seen
         assert writer.reconciles == 0
     finally:
         writer.stop()

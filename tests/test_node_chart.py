@@ -23,14 +23,17 @@ zero, the replicas' absence makes KubedockDNSDown pending, then firing (and the 
 kubedock's pods meanwhile); scaled back, the alert clears.
 
 Last, ``helm upgrade`` rolls both replicas while a pod keeps looking names up, without a single
-failed lookup, and ``helm uninstall`` (after deleting the webhook configuration, as docs/install.md
-says) leaves nothing behind.
+failed lookup, and queries sent straight to each old replica while it drains are all answered;
+``helm uninstall`` of a release of its own (after deleting the webhook configuration, as
+docs/install.md says) leaves nothing behind.
 
-The tests in this module run in order and share one release.
+The tests share one release and run in any order: the rolling upgrade leaves it as it was (two
+Ready replicas of the same image), and the uninstall test installs a release of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -46,6 +49,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from kubernetes import client
 
 from testbed.bed import network_id, wait_webhook_in_force
 from testbed.controlplane import BUILD_TOOLS
@@ -169,11 +173,12 @@ def chart_ref(node: Node, images: dict[str, str], readme_work: Path) -> dict[str
     return {"ref": f"oci://{images['registry']}/charts/kubedock-dns", "version": tag}
 
 
-@pytest.fixture(scope="module")
-def release(node: Node, images: dict[str, str], helm: str, chart_ref: dict[str, str],
-            readme_work: Path) -> Iterator[dict[str, Any]]:
-    """The README's ``helm upgrade --install`` from ``oci://``, into a restricted namespace, with
-    the ServiceMonitor and PrometheusRule on (their CRDs installed first)."""
+@contextlib.contextmanager
+def installed(node: Node, images: dict[str, str], chart_ref: dict[str, str],
+              readme_work: Path) -> Iterator[dict[str, Any]]:
+    """The README's ``helm upgrade --install`` from ``oci://``, into a new restricted namespace,
+    with the ServiceMonitor and PrometheusRule on (their CRDs installed first); ``install(*extra)``
+    runs it again (an upgrade)."""
     from testbed.prometheus import CrdsUnavailable, install_crds, operator_crds
 
     try:
@@ -194,6 +199,14 @@ def release(node: Node, images: dict[str, str], helm: str, chart_ref: dict[str, 
         yield {"namespace": namespace, "install": install}
     finally:
         node.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def release(node: Node, images: dict[str, str], chart_ref: dict[str, str],
+            readme_work: Path) -> Iterator[dict[str, Any]]:
+    """The release the module's tests share."""
+    with installed(node, images, chart_ref, readme_work) as shared:
+        yield shared
 
 
 def _server_pods(node: Node, namespace: str) -> list[Any]:
@@ -573,54 +586,153 @@ def test_the_install_guides_troubleshooting_commands_work_through_kubectl(
         forward.wait(10)
 
 
+# Asks for one name straight at each address given (a replica's pod IP, port 5353) every
+# 0.1 s until /tmp/stop-aiming exists; one line per query: the time it was sent, the address,
+# "ok" for an answer with records, else why not.  Standard library only (the test pod's python3).
+AIM = """
+import os, random, socket, struct, sys, threading, time
+name, targets = sys.argv[1], sys.argv[2:]
+question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0\\0\\1\\0\\1"
+
+def aim(target):  # one thread per address: a silent one does not slow the others down
+    while not os.path.exists("/tmp/stop-aiming"):
+        qid = random.randrange(65536)
+        sent = time.time()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.5)
+            try:
+                s.sendto(struct.pack("!6H", qid, 0x0100, 1, 0, 0, 0) + question, (target, 5353))
+                reply = s.recv(2048)
+                ok = reply[:2] == struct.pack("!H", qid) and reply[3] & 15 == 0 and reply[6:8] != b"\\0\\0"
+                outcome = "ok" if ok else "bad-reply"
+            except OSError as e:
+                outcome = type(e).__name__
+        print(f"{sent:.3f} {target} {outcome}", flush=True)
+        time.sleep(0.1)
+
+threads = [threading.Thread(target=aim, args=(t,)) for t in targets]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def _rfc3339(stamp: Any) -> float:
+    """A Kubernetes timestamp (whole seconds) as a Unix time."""
+    return float(stamp.timestamp())
+
+
 def test_helm_upgrade_rolls_both_replicas_without_a_failed_lookup(
         node: Node, release: dict[str, Any], images: dict[str, str], helm: str) -> None:
     """While ``helm upgrade`` replaces both replicas (a changed pod template), a pod looks its peer
-    up again and again with glibc: every lookup succeeds, also while the old replicas drain and
-    stop (they get SIGTERM while kube-proxy still sends them queries), until they are gone."""
+    up again and again with glibc through the Service: every lookup succeeds, also while the old
+    replicas drain and stop (they get SIGTERM while kube-proxy still sends them queries), until
+    they are gone.
+
+    Through the Service only some lookups meet a stopping replica, so a broken drain often went
+    unseen (docs record a control run without the drain with 0 failures in 225 lookups).  So the
+    same pod also asks each old replica directly, at its pod IP, throughout: every such question
+    sent from when the replica was told to stop (its deletionTimestamp minus the grace period,
+    whole seconds: from one second after) until its drain ends (drainSeconds after, minus half a
+    second) must be answered, and there must be at least five of them per replica.  Without the
+    drain a replica stops answering within a second of SIGTERM and most of them fail."""
     namespace = release["namespace"]
-    before = {p.metadata.name for p in _server_pods(node, namespace)}
+    old = {p.metadata.name: p.status.pod_ip for p in _server_pods(node, namespace)}
     net = network_id(f"{namespace}-roll")
     peer = _kubedock_pod(node, namespace, "peer", [net], images["pod"])
     asker = _kubedock_pod(node, namespace, "asker", [net], images["pod"])
     asker_name = asker["metadata"]["name"]
+    deployment: Any = client.AppsV1Api(node.api_client).read_namespaced_deployment(RELEASE, namespace)
+    pod_spec = deployment.spec.template.spec
+    grace = pod_spec.termination_grace_period_seconds
+    drain = next(float(a.split("=", 1)[1]) for a in pod_spec.containers[0].args if a.startswith("--drain-seconds="))
     outcomes: list[tuple[float, int, str]] = []
     stop = threading.Event()
+    aimed: dict[str, Any] = {}
+    stopping: dict[str, float] = {}  # old replica -> when it was told to stop (Unix time, upper bound)
 
     def ask() -> None:
         while not stop.is_set():
             result = node.exec(namespace, asker_name, ["getent", "hosts", "peer"], timeout=30)
             outcomes.append((time.monotonic(), result.returncode, result.stdout.strip()))
 
-    asking = threading.Thread(target=ask, daemon=True)
-    asking.start()
+    def aim() -> None:
+        aimed["done"] = node.exec(namespace, asker_name, ["python3", "-c", AIM, "peer", *old.values()],
+                                  timeout=600)
+
+    def answered_through_the_service(after: float) -> int:
+        return sum(1 for at, rc, _ in list(outcomes) if at > after and rc == 0)
+
+    node.exec(namespace, asker_name, ["rm", "-f", "/tmp/stop-aiming"])
+    threads = [threading.Thread(target=ask, daemon=True), threading.Thread(target=aim, daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
-        time.sleep(2)
-        release["install"]("--set", "podAnnotations.rolled=yes")
-        # `--wait` returns once the new replicas are ready; the last old one may still be
-        # draining: keep asking until every old replica is gone, and a little longer.
-        deadline = time.monotonic() + 120
-        while before & {p.metadata.name for p in _server_pods(node, namespace)} and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(2)
+        started = time.monotonic()
+        # The event that the asker is asking: lookups through the Service have been answered.
+        while answered_through_the_service(started) < 3:
+            assert time.monotonic() - started < 120 and threads[0].is_alive(), outcomes
+            time.sleep(0.1)
+        upgrade = threading.Thread(target=lambda: aimed.update(
+            helm=release["install"]("--set", "podAnnotations.rolled=yes")), daemon=True)
+        upgrade.start()
+        # Until every old replica is gone: note when each was told to stop.
+        deadline = time.monotonic() + 600
+        while True:
+            current = {p.metadata.name: p for p in _server_pods(node, namespace)}
+            for name, pod in current.items():
+                if name in old and pod.metadata.deletion_timestamp and name not in stopping:
+                    stopping[name] = _rfc3339(pod.metadata.deletion_timestamp) - grace + 1
+            if upgrade.is_alive() is False and not set(old) & set(current):
+                break
+            assert time.monotonic() < deadline, (list(current), stopping)
+            time.sleep(0.1)
+        upgrade.join()
+        assert "helm" in aimed, "helm upgrade failed (its output is above)"
+        # A few more lookups after the last old replica is gone: the new ones answer too.
+        gone = time.monotonic()
+        while answered_through_the_service(gone) < 3:
+            assert time.monotonic() - gone < 120 and threads[0].is_alive(), outcomes
+            time.sleep(0.1)
     finally:
         stop.set()
-        asking.join(60)
+        node.exec(namespace, asker_name, ["touch", "/tmp/stop-aiming"])
+        for thread in threads:
+            thread.join(60)
     after = {p.metadata.name for p in _server_pods(node, namespace)}
-    assert before.isdisjoint(after) and len(after) == 2, (before, after)
+    assert set(old).isdisjoint(after) and len(after) == 2, (old, after)
     failed = [o for o in outcomes if o[1] != 0 or o[2].split()[:1] != [peer["status"]["podIP"]]]
-    print(f"{len(outcomes)} lookups while rolling, {len(failed)} failed")
+    print(f"{len(outcomes)} lookups through the Service while rolling, {len(failed)} failed")
     assert len(outcomes) >= 10, outcomes
     assert failed == [], f"{len(failed)} of {len(outcomes)} lookups failed: {failed[:5]}"
 
+    assert set(stopping) == set(old), (stopping, old)
+    lines = [line.split() for line in aimed["done"].stdout.splitlines() if line.count(" ") == 2]
+    for name, ip in old.items():
+        told = stopping[name]
+        before_stop = [o for t, target, o in lines if target == ip and float(t) < told - 1]
+        draining = [o for t, target, o in lines if target == ip and told <= float(t) <= told - 1 + drain - 0.5]
+        print(f"{name}: {len(draining)} questions aimed at it while it drained, "
+              f"{sum(o != 'ok' for o in draining)} unanswered")
+        assert "ok" in before_stop, (name, before_stop[-5:])  # the aimed path works at all
+        assert all(o == "ok" for o in draining), (name, drain, draining)
+        assert len(draining) >= 5, (name, told, lines[-20:])
+
+
+@pytest.fixture
+def own_release(node: Node, images: dict[str, str], chart_ref: dict[str, str],
+                readme_work: Path) -> Iterator[dict[str, Any]]:
+    """A release of its own, for the test that uninstalls it (the shared one stays)."""
+    with installed(node, images, chart_ref, readme_work) as mine:
+        yield mine
+
 
 def test_helm_uninstall_leaves_nothing_that_blocks_later_pods(
-        node: Node, release: dict[str, Any], images: dict[str, str], helm: str) -> None:
+        node: Node, own_release: dict[str, Any], images: dict[str, str], helm: str) -> None:
     """docs/install.md's uninstall (webhook configuration first, then the release) removes every
     object of the release, and kubedock's pods are created again, unmutated."""
-    from kubernetes import client
-
-    namespace = release["namespace"]
+    namespace = own_release["namespace"]
     admission: Any = client.AdmissionregistrationV1Api(node.api_client)
     admission.delete_mutating_webhook_configuration(f"{RELEASE}-{namespace}")
     run_helm(helm, node, "uninstall", RELEASE, "--namespace", namespace, "--wait")
@@ -637,7 +749,7 @@ def test_helm_uninstall_leaves_nothing_that_blocks_later_pods(
         + [s.metadata.name for s in node.core.list_namespaced_secret(namespace, label_selector=selector).items]
         + [r.metadata.name for r in rbac.list_namespaced_role(namespace, label_selector=selector).items]
         + [w.metadata.name for w in admission.list_mutating_webhook_configuration().items
-           if w.metadata.name.startswith(RELEASE)]
+           if w.metadata.name == f"{RELEASE}-{namespace}"]  # this release's (the shared one's stays)
     )
     assert remaining == []
     later = node.create_kubedock_pod(namespace, "later", [network_id("later")], image=images["pod"],

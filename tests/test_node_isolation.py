@@ -14,8 +14,9 @@ on).  The engines (:mod:`testbed.node.policyengines`, built from the Go module p
   nftables' ``queue`` statement (this machine's Firecracker kernel has no nft_queue and no modules
   to load); never seen passing.
 
-Every "does not reach" has a "does reach" beside it on the same pods, and the last test turns the
-mode off and sees the blocked traffic flow, so the engine is not simply blocking everything.
+Every "does not reach" has a "does reach" beside it on the same pods, and one test turns the
+mode off (in a namespace of its own, so the tests run in any order) and sees the blocked traffic
+flow, so the engine is not simply blocking everything.
 """
 
 from __future__ import annotations
@@ -173,26 +174,42 @@ def test_pods_of_a_new_network_are_closed_to_other_networks_from_their_first_mom
     node, ns = bed.node, bed.namespace
     candidates = _next_pod_addresses(node, 2)
     knocker = bed.pods["b1"]["metadata"]["name"]
-    node.exec(ns, knocker, ["rm", "-f", "/tmp/stop"])
+    node.exec(ns, knocker, ["rm", "-f", "/tmp/stop", "/tmp/knocks"])
     # Three knockers per address, back to back: an address nobody holds yet costs a knock 1 s
-    # (no ARP answer), a pod without a listener or behind a reject answers at once.
+    # (no ARP answer), a pod without a listener or behind a reject answers at once.  Each knock
+    # done is also noted in /tmp/knocks, so the test can wait for knocks instead of sleeping.
     script = ("end=$(( $(date +%s) + 150 )); "
               f"for ip in {' '.join(candidates)}; do for n in 1 2 3; do "
               "(while [ ! -f /tmp/stop ] && [ $(date +%s) -lt $end ]; do "
-              f"/bin/busybox nc -w 1 $ip {PORT} </dev/null 2>/dev/null; echo knock-$ip; done) & "
+              f"/bin/busybox nc -w 1 $ip {PORT} </dev/null 2>/dev/null; echo knock-$ip; "
+              "echo knock-$ip >> /tmp/knocks; done) & "
               "done; done; wait")
     knocks: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: knocks.update(
         done=node.exec(ns, knocker, ["/bin/sh", "-c", script], timeout=170)))
+
+    def knocks_on(ip: str) -> int:
+        done = node.exec(ns, knocker, ["/bin/sh", "-c", "cat /tmp/knocks 2>/dev/null || true"])
+        return done.stdout.split().count(f"knock-{ip}")
+
+    def wait_for_knocks(wanted: dict[str, int]) -> None:
+        deadline = time.monotonic() + 60
+        while any(knocks_on(ip) < count for ip, count in wanted.items()):
+            assert time.monotonic() < deadline and thread.is_alive(), (wanted, knocks)
+            time.sleep(0.2)
+
     thread.start()
     try:
-        time.sleep(2)  # it knocks before the pods exist
+        # The event: B's pod has knocked on both addresses before the pods exist.
+        wait_for_knocks({ip: 1 for ip in candidates})
         net_c = network_id(f"{ns}-c")
         created = {name: node.create_kubedock_pod(ns, name, [net_c], command=serve(name), wait=False)
                    for name in ("c1", "c2")}
         bed.pods.update({name: node.wait_pod_running(ns, pod["metadata"]["name"]) for name, pod in created.items()})
         assert settles(lambda: bed.fetch("c1", "c2") and bed.fetch("c2", "c1"), timeout=60), bed.explain("c1", "c2")
-        time.sleep(3)
+        # And it keeps knocking after C's policy is in force (the pods answer C now): three more
+        # knocks on each, counted, rather than a pause.
+        wait_for_knocks({ip: knocks_on(ip) + 3 for ip in (bed.ip("c1"), bed.ip("c2"))})
     finally:
         node.exec(ns, knocker, ["touch", "/tmp/stop"])
         thread.join(180)
@@ -206,19 +223,40 @@ def test_pods_of_a_new_network_are_closed_to_other_networks_from_their_first_mom
         f"B's pod was answered by a new network's pod: {answers}\n{bed.engine.describe(bed.ip('c2'))}")
 
 
-def test_turning_the_mode_off_removes_every_policy_and_traffic_flows_again(isolated):
+@pytest.fixture
+def isolated_alone(engine: Any) -> Iterator[Isolated]:
+    """Like ``isolated``, in a namespace of its own (a1 on A, b1 on B): for the test that turns
+    the mode off, which would change the shared namespace for the tests after it."""
+    from testbed.node.hostserver import HostKubedockDns
+
+    node = engine.node
+    namespace = node.create_namespace("node-isolation-off")
+    try:
+        with HostKubedockDns(node, namespace, server_args=("--network-policies",)) as server:
+            net_a, net_b = network_id(f"{namespace}-a"), network_id(f"{namespace}-b")
+            created = {name: node.create_kubedock_pod(namespace, name, nets, command=serve(name), wait=False)
+                       for name, nets in {"a1": [net_a], "b1": [net_b]}.items()}
+            pods = {name: node.wait_pod_running(namespace, pod["metadata"]["name"]) for name, pod in created.items()}
+            yield Isolated(node, engine, server, namespace, pods)
+    finally:
+        node.delete_namespace(namespace)
+
+
+def test_turning_the_mode_off_removes_every_policy_and_traffic_flows_again(isolated_alone):
     """The server restarted without --network-policies, and its isolation policy deleted (what
     `helm upgrade --set networkPolicies.enabled=false` does; without the chart, docs/design.md
     says to delete it): the garbage collector removes the per-network policies it owns, the
     server writes none again, and the pods of A and B reach each other as without the mode.
-    (Last: it turns the mode off for this namespace.)"""
+    Before: B's pod does not reach A's (the mode was on for these very pods)."""
     from kubernetes import client
 
-    bed = isolated
-    assert ISOLATION_POLICY in bed.managed_policies() and len(bed.managed_policies()) >= 3
+    bed = isolated_alone
+    assert settles(lambda: len(bed.managed_policies()) >= 3), bed.managed_policies()
+    assert ISOLATION_POLICY in bed.managed_policies()
+    assert settles(lambda: not bed.fetch("b1", "a1")), bed.explain("b1", "a1")
     bed.server.restart(())
     client.NetworkingV1Api(bed.node.api_client).delete_namespaced_network_policy(ISOLATION_POLICY, bed.namespace)
     assert settles(lambda: bed.managed_policies() == [], timeout=60), bed.managed_policies()
-    assert settles(lambda: bed.fetch("a2", "b1")), bed.explain("a2", "b1")
-    assert bed.fetch("b1", "a1"), bed.explain("b1", "a1")
+    assert settles(lambda: bed.fetch("b1", "a1")), bed.explain("b1", "a1")
+    assert bed.fetch("a1", "b1"), bed.explain("a1", "b1")
     assert bed.managed_policies() == []

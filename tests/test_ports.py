@@ -74,6 +74,23 @@ def _serve(case: TestCase, clock, port: int) -> int:
     return server.listeners.port
 
 
+def _free_for_udp_and_tcp() -> int:
+    """A port number free for UDP and for TCP on 127.0.0.1 right now.  A port the kernel gives
+    for UDP may be taken for TCP by another process on this shared machine (seen: the server
+    then fails to listen on TCP, which this test is not about)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(port)
+    raise AssertionError("no port free for both UDP and TCP in 100 tries")
+
+
 class DNSPortOrderTests(TestCase):
     timeout = 30
 
@@ -82,9 +99,7 @@ class DNSPortOrderTests(TestCase):
         socket: the DNS listeners bind first, so the kernel hands the forwarder another port and
         the server answers on the port asked for (seen on the real node: a restart on the same
         port failed with 'Address already in use' against itself)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = _free_for_udp_and_tcp()
         clock = _KernelPicksTheDNSPort(port)
         assert _serve(self, clock, port) == port and clock.handed == []
         query = dns.message.make_query("x.example", "A")

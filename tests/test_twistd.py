@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -170,3 +171,68 @@ def test_the_namespace_defaults_to_the_service_accounts(tmp_path):
     mounted.write_text("\n")
     with pytest.raises(usage.UsageError, match="--namespace is required: .* is empty"):
         parsed(mounted)
+
+
+def readme_walkthrough() -> list[tuple[str, str]]:
+    """The commands of README.md's "Running the server by hand" block, each with the comment
+    written beside it (what the reader is told to expect)."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text[text.index("## Running the server by hand"):]
+    block = section[section.index("```sh\n") + len("```sh\n"):]
+    block = block[:block.index("```")]
+    steps = []
+    for line in block.splitlines():
+        command, _, comment = line.partition("#")
+        if command.strip():
+            steps.append((command.strip(), comment.strip()))
+    return steps
+
+
+def test_the_readmes_pods_file_walkthrough_runs_word_for_word():
+    """README.md's walkthrough, each command exactly as written (port 5353, the default ops port
+    8080, ``dig -b``, the ``kubedock-dns`` command), in a private network namespace so that its
+    fixed ports race nothing on this machine: each ``dig`` gets the address its comment names,
+    ``kubedock-dns networks`` lists both runs' networks with their pods' addresses, and
+    ``explain`` tells why run-a's service gets run-a's db."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("dig"):
+        pytest.skip("needs root (a private network namespace: unshare -n) and dig")
+    steps = readme_walkthrough()
+    server, *commands = steps
+    assert server[0].startswith("twistd ") and "--pods-file examples/pods.json" in server[0], server
+    assert [c for c, _ in commands if c.startswith("dig ")], "the walkthrough has no dig to check"
+    script = ["set -u", "ip link set lo up",
+              f"{server[0]} > \"$LOG\" 2>&1 &",
+              # bounded: the server logs this once its ops port (the last listener) is up
+              'for i in $(seq 600); do grep -q "ops listening" "$LOG" && break; sleep 0.1; done']
+    for i, (command, _) in enumerate(commands):
+        script += [f"echo '>>> step {i}'", command, f"echo \"<<< exit $?\""]
+    script += ["kill -TERM %1", "wait"]
+    with tempfile.TemporaryDirectory(prefix="kubedock-dns-readme-") as work:
+        log_path = os.path.join(work, "server.log")
+        done = subprocess.run(["unshare", "--net", "bash", "-c", "\n".join(script)], cwd=REPO,
+                              env={**twistd_env(), "LOG": log_path}, capture_output=True, text=True, timeout=120)
+        server_log = open(log_path).read()
+    output = done.stdout
+    assert done.returncode == 0, output + done.stderr + server_log
+    parts = output.split(">>> step ")[1:]
+    assert len(parts) == len(commands), output + server_log
+    for (command, comment), part in zip(commands, parts):
+        body, _, status = part.partition("<<< exit ")
+        context = f"{command}\n{body}\n{done.stderr}\n{server_log}"
+        assert status.split()[0] == "0", context
+        if command.startswith("dig "):
+            expected = [word.rstrip(",") for word in comment.split() if word.startswith("127.")]
+            answers = [line.split()[-1] for line in body.splitlines()
+                       if line and not line.startswith(";") and "\tA\t" in line]
+            assert expected and answers == expected, context
+        elif command == "kubedock-dns networks":
+            pods = json.load(open(os.path.join(REPO, "examples", "pods.json")))
+            for pod in pods:
+                network = pod["metadata"]["annotations"]["kubedock.network/0"]
+                assert network[:12] in body and pod["status"]["podIP"] in body, context
+        elif command.startswith("kubedock-dns explain"):
+            assert "127.77.1.1" in body and "answered from network" in body, context

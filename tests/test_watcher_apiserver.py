@@ -51,6 +51,11 @@ class QueueReactor:
         self.thread_calls.put((f, args))
 
 
+def watched(model: "IndexModel", name: str) -> bool:
+    """Whether the pod ``name`` reached the model through a watch event (not a list)."""
+    return any(isinstance(c, Upserted) and c.record.name == name for d in model.deliveries for c in d)
+
+
 class IndexModel:
     """What the index would hold, built from the deliveries (in the test's thread)."""
 
@@ -218,9 +223,19 @@ def test_apiserver_restart_is_survived_and_changes_after_it_are_seen(control_pla
     assert watcher.errors + watcher.relists + watcher.watch_restarts > 1
 
 
+def make_resource_version_1_stale(control_plane: Any) -> None:
+    """Compact etcd and restart the API server, so that a watch from resourceVersion "1" is
+    answered 410 whatever ran before.  On a fresh API server it is not: its watch cache still
+    serves such a watch (both tests below failed when shuffled to run first; in file order they
+    relied on the restart test before them)."""
+    control_plane.compact_etcd()
+    control_plane.restart_apiserver()
+
+
 def test_apiserver_answers_a_stale_resource_version_with_410(control_plane, core_api, namespace):
     """Watching from a resourceVersion older than the server keeps reports 410 Gone, as an HTTP
     status or as an ERROR event: the two forms the watcher treats as 'relist'."""
+    make_resource_version_1_stale(control_plane)
     client = control_plane.api_client()
     try:
         api = KubernetesPodApi(client, watcher_config(namespace))
@@ -257,7 +272,7 @@ class StaleOnce:
         self.api.abort()
 
 
-def test_expired_resource_version_leads_to_a_relist_without_stale_pods(core_api, namespace, watch):
+def test_expired_resource_version_leads_to_a_relist_without_stale_pods(control_plane, core_api, namespace, watch):
     """A watch whose resourceVersion has expired makes the watcher list again at once; the new
     Relisted replaces the state, so a pod deleted meanwhile disappears, and watching resumes from
     the fresh list."""
@@ -266,7 +281,10 @@ def test_expired_resource_version_leads_to_a_relist_without_stale_pods(core_api,
     wrappers: list[StaleOnce] = []
 
     def wrap(api: KubernetesPodApi) -> StaleOnce:
-        wrappers.append(StaleOnce(api, lambda: delete(core_api, namespace, "gone")))
+        def outage() -> None:
+            delete(core_api, namespace, "gone")
+            make_resource_version_1_stale(control_plane)
+        wrappers.append(StaleOnce(api, outage))
         return wrappers[0]
 
     watcher, model = watch(api_wrapper=wrap)
@@ -282,14 +300,18 @@ def test_expired_resource_version_leads_to_a_relist_without_stale_pods(core_api,
 
 
 def test_stop_is_prompt_against_a_silent_watch(core_api, namespace, watch):
-    """A watcher blocked on an idle watch stops within a second: stop() shuts the socket down."""
+    """A watcher blocked on an idle watch (it has just delivered a watch event and waits for the
+    next) stops at once, not after its 120 s read timeout: stop() shuts the socket down."""
     watcher, model = watch(read_timeout=120, watch_timeout=300)
     model.wait_for("the first list", lambda: model.relists == 1)
-    time.sleep(0.5)  # into the watch
+    create(core_api, namespace, "into-the-watch")  # the event that the watch is open and waiting
+    model.wait_for("a pod through the watch", lambda: watched(model, "into-the-watch"))
     started = time.monotonic()
     watcher.stop()
+    # Without the socket shut down the read would wait out read_timeout (120 s): 10 s tells
+    # the two apart on any machine.
     assert watcher.join(10)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0
     assert watcher.errors == 0
 
 

@@ -12,7 +12,7 @@ import pytest
 from kubedock_dns.kube.client import KubernetesPodApi
 from kubedock_dns.kube.watcher import PodWatcher, WatcherConfig
 from testbed.blackhole import BlackHoleProxy
-from tests.test_watcher_apiserver import IndexModel, QueueReactor, create
+from tests.test_watcher_apiserver import IndexModel, QueueReactor, create, watched
 
 pytestmark = pytest.mark.controlplane
 
@@ -33,7 +33,10 @@ def test_a_black_holed_watch_is_replaced_and_the_change_arrives_within_15s(contr
         try:
             create(core_api, namespace, "before")
             model.wait_for("the first pod", lambda: model.by_name("before") is not None)
-            time.sleep(1.0)  # let the watch settle into its wait
+            # The watch is open and flowing: a pod created now arrives as a watch event (an
+            # event, not a pause that hopes the watch has begun).
+            create(core_api, namespace, "settled")
+            model.wait_for("a pod through the live watch", lambda: watched(model, "settled"))
             assert proxy.black_hole() >= 1
             silenced = time.monotonic()
             create(core_api, namespace, "during")

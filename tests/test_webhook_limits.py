@@ -31,10 +31,11 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from kubedock_dns.admission.workers import ReviewPool
-from testbed.tls import generate_ca_and_cert
+from bench.webhook_stall import PROBE, worst_review  # the benchmark's review and DNS probe
 from kubedock_dns.admission.review import WebhookConfig, review
 from kubedock_dns.admission.service import MAX_REVIEW_BYTES, WebhookApp, webhook_service
+from kubedock_dns.admission.workers import ReviewPool
+from testbed.tls import generate_ca_and_cert
 from tests.test_dns_server import A_SVC, DNSServerTestCase
 from tests.test_webhook import CONFIG, admission_review, pod
 
@@ -204,6 +205,59 @@ class BodyLimitTests(TLSLimitsTests):
             assert b"text/plain" in head.lower() and b"<html" not in text.lower()
 
 
+class BufferBudgetTests(TLSLimitsTests):
+    # The budget is the default (24 MiB); only the time a request may take to arrive is raised,
+    # so that sending 24 MiB over TLS on a loaded machine is never cut off as too slow.
+    limits = {"request_seconds": 120.0}
+
+    async def test_bodies_past_the_24_mib_budget_get_503_and_the_budget_is_given_back(self) -> None:
+        """docs/design.md: request bodies being received are held in memory within a 24 MiB
+        budget for all connections, and a request whose bytes would pass it gets 503 with a
+        plain reason (the API server retries), not an unbounded heap.  Six admissible bodies
+        held one short of complete fill the budget to 66 bytes below it; a seventh review gets
+        503; once the six go away, the budget is free again and a review gets 200."""
+        from twisted.internet import task
+
+        assert self.service.site.max_buffered == 24 * 1024 * 1024  # the documented default
+        declared = MAX_REVIEW_BYTES - 1
+        held_back = 10  # each held body stays this many bytes short of its Content-Length
+        context = ssl.create_default_context(cadata=self.tls.ca_pem.decode())
+
+        def hold_one() -> ssl.SSLSocket:
+            plain = socket.create_connection(("127.0.0.1", self.service.port), timeout=60)
+            tls = context.wrap_socket(plain, server_hostname="127.0.0.1")
+            tls.sendall(post(b"x" * (declared - held_back), {"Content-Type": "application/json",
+                                                              "Content-Length": str(declared)}))
+            return tls
+
+        held = []
+        try:
+            for _ in range(6):
+                held.append(await deferToThread(hold_one))
+            filled = 6 * (declared - held_back)
+            assert filled == 24 * 1024 * 1024 - 66
+            deadline = time.monotonic() + 60
+            while self.service.site.buffered < filled:  # the event: the server holds all six
+                assert time.monotonic() < deadline, self.service.site.buffered
+                await task.deferLater(reactor, 0.05, lambda: None)
+            small = json.dumps(admission_review("CREATE", pod())).encode()
+            answer, _ = await self.exchange(post(small))
+            head, _, text = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), answer[:300]
+            assert b"text/plain" in head.lower() and b"retry" in text, answer[:300]
+            assert self.service.site.buffered == filled  # the refused bytes were not kept
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 30
+        while self.service.site.buffered:
+            assert time.monotonic() < deadline, self.service.site.buffered
+            await task.deferLater(reactor, 0.05, lambda: None)
+        answer, _ = await self.exchange(post(small))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert any("too many request bodies" in w for w in self.warnings)
+
+
 class SlowClientTests(TLSLimitsTests):
     limits = {"request_seconds": 1.0, "max_connections": 3}
 
@@ -245,35 +299,6 @@ class SlowClientTests(TLSLimitsTests):
         assert answer.startswith(b"HTTP/1.1 200 ")
 
 
-def worst_review() -> bytes:
-    """A well-formed review just under the body bound, made of what is costliest to decode:
-    about two million tiny JSON values."""
-    document = admission_review("CREATE", pod())
-    filler = MAX_REVIEW_BYTES - len(json.dumps(document)) - 1000
-    document["request"]["object"]["spec"]["filler"] = [0] * (filler // 2)
-    body = json.dumps(document, separators=(",", ":")).encode()
-    assert len(body) < MAX_REVIEW_BYTES
-    return body
-
-
-# Asks 'db' every 5 ms from the given source address until told to stop on stdin; then prints
-# the longest answer time seen.
-PROBE = """
-import select, sys, time
-import dns.message, dns.query
-port, source = int(sys.argv[1]), sys.argv[2]
-query = dns.message.make_query("db", "A")
-dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
-print("ready", flush=True)
-worst = 0.0
-while not select.select([sys.stdin], [], [], 0.005)[0]:
-    started = time.monotonic()
-    dns.query.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
-    worst = max(worst, time.monotonic() - started)
-print(worst, flush=True)
-"""
-
-
 class ReviewDoesNotStallDNSTests(DNSServerTestCase):
     timeout = 120
 
@@ -291,44 +316,51 @@ class ReviewDoesNotStallDNSTests(DNSServerTestCase):
         self.addCleanup(service.stopService)
         return service
 
-    def dns_gaps_during(self, service: Any, body: bytes) -> tuple[float, float, bytes]:
-        """(worst DNS answer time while the review ran, the review's time, its answer).
+    async def test_dns_is_answered_while_the_worker_decides_the_worst_admissible_review(self) -> None:
+        """While the largest review the webhook admits is decoded and decided in the worker
+        process, the reactor keeps answering DNS: a client in another process asking every 5 ms
+        gets answers between the moment the body is handed to the worker and the moment the
+        decision comes back (decided in the reactor's own process, none could be answered in
+        that window).  The answer is the one the in-process decision gives.
 
-        The DNS client is another process (:data:`PROBE`), so that the interpreter lock of
-        this one cannot hide a stall from it; the review is posted from a thread."""
+        How long DNS waits, worker against in-process, is a ratio of two timings and lives in
+        the benchmarks: ``python -m bench.webhook_stall``.  This bound holds on any machine: a
+        slower machine only widens the window."""
+        pool = ReviewPool(CONFIG, reactor)
+        self.addCleanup(pool.close)
+        windows: list[tuple[int, int]] = []
+
+        def answered() -> int:
+            return self.server.dns.counts()["answered_local"]
+
+        def review_watched(body: bytes) -> Any:
+            handed_over = answered()
+            return pool.review(body).addCallback(
+                lambda rendered: windows.append((handed_over, answered())) or rendered)
+
+        service = self.serve(review_watched)
+        body = worst_review()
+        small = json.dumps(admission_review("CREATE", pod())).encode()
+        await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))  # starts the worker
         probe = subprocess.Popen([sys.executable, "-c", PROBE, str(self.port), A_SVC],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert probe.stdout is not None and probe.stdin is not None
-            assert probe.stdout.readline().strip() == "ready"
-            answer, took = https_exchange(service.port, self.tls.ca_pem, post(body), timeout=60)
+            assert (await deferToThread(probe.stdout.readline)).strip() == "ready"
+            answer, took = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(body), timeout=60)
             probe.stdin.write("stop\n")
             probe.stdin.flush()
-            worst = float(probe.stdout.readline())
+            worst = float(await deferToThread(probe.stdout.readline))
         finally:
             probe.kill()
             probe.wait()
-        return worst, took, answer
-
-    async def test_the_worst_admissible_review_does_not_stall_dns(self) -> None:
-        """While the largest review the webhook admits is decoded and decided, DNS answers from
-        the same process keep coming: in the worker process the worst answer time stays a small
-        fraction of what the review costs when decided in the reactor's process (where every
-        DNS answer waits for the whole decode)."""
-        pool = ReviewPool(CONFIG, reactor)
-        self.addCleanup(pool.close)
-        pooled = self.serve(pool.review)
-        inline = self.serve(None)
-        body = worst_review()
-        small = json.dumps(admission_review("CREATE", pod())).encode()
-        warm, _, _ = await deferToThread(self.dns_gaps_during, pooled, small)  # starts the worker
-        inline_worst, inline_took, inline_answer = await deferToThread(self.dns_gaps_during, inline, body)
-        pooled_worst, pooled_took, pooled_answer = await deferToThread(self.dns_gaps_during, pooled, body)
-        assert http_body(pooled_answer) == http_body(inline_answer)
-        assert json.loads(http_body(pooled_answer))["response"]["allowed"] is True
-        assert inline_worst > 0.05, (inline_worst, inline_took)  # the stall being avoided is real
-        print(f"worst DNS answer: {pooled_worst * 1000:.1f} ms with the worker, {inline_worst * 1000:.1f} ms in-process; review {pooled_took:.2f} s vs {inline_took:.2f} s")
-        assert pooled_worst < inline_worst / 2, (pooled_worst, inline_worst, pooled_took, inline_took)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        status, expected = review(body, CONFIG)
+        assert status == 200 and json.loads(http_body(answer)) == expected
+        (handed_over, decided) = windows[-1]
+        print(f"{decided - handed_over} DNS answers while the worker decided; worst answer {worst * 1000:.1f} ms, "
+              f"review {took:.2f} s")
+        assert decided - handed_over >= 1, "no DNS answer while the review was decided: the reactor waited for it"
 
     async def test_a_lost_worker_answers_503_and_is_replaced(self) -> None:
         """When the worker process dies (say, killed for memory), the review in flight gets 503

@@ -152,13 +152,17 @@ class _BoundedRequest(Request):
 
     _refused = False
     _counted = 0
+    _site: Any = None  # the channel's site, from gotLength on
     channel: Any  # a _LimitedChannel of a _Site
     content: Any
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()
         self.notifyFinish().addBoth(self._release)
+        # Kept: when the client goes away mid-body the channel is detached before _release runs,
+        # and the bytes counted against the site's budget must still be given back.
         site: _Site = self.channel.site
+        self._site = site
         if length is not None and length > site.max_body:
             self._refuse(413, "Content Too Large",
                          f"the request body has {length} bytes; an AdmissionReview has at most {site.max_body}")
@@ -199,8 +203,7 @@ class _BoundedRequest(Request):
     def _release(self, result: object = None) -> object:
         counted, self._counted = self._counted, 0
         if counted:
-            site: _Site = self.channel.site
-            site.buffered -= counted
+            self._site.buffered -= counted
         return None
 
     def process(self) -> None:

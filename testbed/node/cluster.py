@@ -544,8 +544,10 @@ class Node:
                                 f"(status {status}); {self.pod_logs(namespace, selector)}")
             time.sleep(0.5)
 
-    def wait_pod_running(self, namespace: str, name: str, timeout: float = 90.0) -> dict[str, Any]:
-        """The pod's JSON once it is Running with every container started (and ready, if probed)."""
+    def wait_pod_running(self, namespace: str, name: str, timeout: float = 90.0,
+                         condition: str = "Ready") -> dict[str, Any]:
+        """The pod's JSON once it is Running with every container started (and ready, if probed);
+        ``condition="ContainersReady"`` for a pod whose readiness gate keeps it not Ready."""
         deadline = time.monotonic() + timeout
         while True:
             pod = json.loads(self.core.read_namespaced_pod(name, namespace, _preload_content=False).data)
@@ -553,7 +555,7 @@ class Node:
             if status.get("phase") in ("Failed", "Succeeded"):
                 raise NodeError(f"pod {namespace}/{name} ended ({status.get('phase')}); "
                                 f"{self.describe_pod(namespace, name)}")
-            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready")
+            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get(condition)
             if status.get("phase") == "Running" and ready == "True":
                 return dict(pod)
             if time.monotonic() > deadline:

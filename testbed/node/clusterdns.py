@@ -5,18 +5,30 @@ addon) creates, adapted to this bed: the image is the static CoreDNS binary pack
 (:func:`testbed.node.images.coredns_image`), it runs as an unprivileged user and so listens on
 port 1053 (the Service maps 53 to it: no capability needed), with the ``kubernetes`` plugin for
 ``cluster.local`` and reverse zones, ``ready`` on 8181 as the readiness probe, and everything else
-forwarded to the node's resolvers (``dnsPolicy: Default``).  The Service has the fixed ClusterIP
+forwarded to the node's resolvers (``dnsPolicy: Default``).  The ``log`` plugin writes one line per
+query with the client's address, so a test can tell who asked the cluster DNS
+(:func:`askers_in_log`).  The Service has the fixed ClusterIP
 the kubelet's ``clusterDNS`` names.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["COREFILE", "cluster_dns_objects"]
+__all__ = ["COREFILE", "askers_in_log", "cluster_dns_objects"]
+
+# The log plugin's line: "[INFO] 10.200.0.5:53412 - 4660 \"A IN name. udp 54 false 512\" NOERROR ..."
+_LOG_LINE = re.compile(r"\[INFO\] \[?(?P<client>[0-9a-fA-F.:]+?)\]?:\d+ - \d+ \"")
+
+
+def askers_in_log(log: str) -> set[str]:
+    """The client addresses of the queries in a CoreDNS log (the ``log`` plugin's lines)."""
+    return {m["client"] for m in _LOG_LINE.finditer(log)}
 
 COREFILE = """.:1053 {
     errors
+    log
     health :8080
     ready :8181
     kubernetes %(domain)s in-addr.arpa ip6.arpa {

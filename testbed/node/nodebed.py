@@ -3,7 +3,8 @@
 Contract: ``with NodeBed(node) as bed:`` gives the subset of :class:`testbed.bed.EndToEndBed` that
 the end-to-end tests and the demo use (``namespace``, ``service_ip``, ``cluster_dns_ip``,
 ``kubernetes_ip``, ``decoy_db_ip``, ``create_kubedock_pod``, ``exec``, ``stored_pod``,
-``delete_pod``, ``debug_networks``, ``metrics``, ``server_log``, ``leftovers``), on a
+``delete_pod``, ``open_readiness_gate``, ``debug_networks``, ``metrics``, ``server_log``, ``cluster_dns_askers``,
+``leftovers``), on a
 :class:`testbed.node.Node`:
 
 - a fresh namespace, with a decoy Service ``db`` (the cluster DNS, CoreDNS, answers
@@ -31,7 +32,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Any, Iterable
 
-from testbed.bed import BedError, BedPod, kubedock_pod_manifest, metric_values, wait_pod_gone
+from testbed.bed import READINESS_GATE, BedError, BedPod, kubedock_pod_manifest, metric_values, wait_pod_gone
 from testbed.netns import ExecResult
 from testbed.node import images
 from testbed.node.hostserver import HostKubedockDns
@@ -52,7 +53,7 @@ class NodeBed:
 
     loopback = False
     loopback_reason = ""
-    upstream = None  # CoreDNS keeps no query log a test could read
+    upstream = None  # the cluster DNS is CoreDNS on the node: see cluster_dns_askers
 
     def __init__(self, node: Any, *, namespace_prefix: str = "e2e", progress: Any = None,
                  server_args: Iterable[str] = ()) -> None:
@@ -106,14 +107,15 @@ class NodeBed:
                             aliases: Iterable[str] = (), container_name: str | None = None,
                             container_id: str | None = None, *, hostname: str | None = None,
                             opt_in: bool = True, init_container: bool = True,
-                            ip: str | None = None, wait: bool = True, timeout: float = 90.0) -> BedPod:
+                            ip: str | None = None, wait: bool = True, readiness_gate: bool = False,
+                            timeout: float = 90.0) -> BedPod:
         """As :meth:`testbed.bed.EndToEndBed.create_kubedock_pod`, run by the real kubelet."""
         if ip is not None:
             raise BedError("the real node cannot give a pod a chosen IP (host-local IPAM allocates)")
         pod = BedPod.new(name, network_ids, aliases, container_name, container_id, hostname, opt_in)
         body = kubedock_pod_manifest(pod, self.namespace, self.instance_id, init_container=init_container,
                                      image=images.TOOLBOX_IMAGE, command=IDLE,
-                                     init_image=images.TOOLBOX_IMAGE)
+                                     init_image=images.TOOLBOX_IMAGE, readiness_gate=readiness_gate)
         try:
             response = self.node.core.create_namespaced_pod(self.namespace, body=body, _preload_content=False)
         except Exception as e:  # noqa: BLE001 - the API's reason is the message
@@ -127,7 +129,8 @@ class NodeBed:
             return pod
         if init_container:
             self._release_init_container(pod.name, timeout)
-        running = self.node.wait_pod_running(self.namespace, pod.name, timeout)
+        running = self.node.wait_pod_running(self.namespace, pod.name, timeout,
+                                             condition="ContainersReady" if readiness_gate else "Ready")
         return replace(pod, ip=running["status"]["podIP"])
 
     def _release_init_container(self, name: str, timeout: float) -> None:
@@ -150,6 +153,13 @@ class NodeBed:
                 raise BedError(f"init container of {name} never ran; "
                                f"{self.node.describe_pod(self.namespace, name)}")
             time.sleep(0.2)
+
+    def open_readiness_gate(self, pod: BedPod | str) -> None:
+        """Set the pod's readiness gate condition True; the real kubelet then makes it Ready."""
+        name = pod if isinstance(pod, str) else pod.name
+        self.node.core.patch_namespaced_pod_status(
+            name, self.namespace, {"status": {"conditions": [{"type": READINESS_GATE, "status": "True"}]}},
+            _content_type="application/strategic-merge-patch+json", _preload_content=False)
 
     def stored_pod(self, pod: BedPod | str) -> dict[str, Any]:
         name = pod if isinstance(pod, str) else pod.name
@@ -196,3 +206,17 @@ class NodeBed:
 
     def server_log(self, lines: int = 80) -> str:
         return self.server.log(lines) if self.server else ""
+
+    def cluster_dns_askers(self) -> set[str]:
+        """The client addresses CoreDNS has had queries from, by its log plugin's lines in the
+        container logs the kubelet writes (its ``podLogsDir``; reading them through the API
+        server would need it to reach the kubelet by the node's name, which this machine's
+        resolver does not know)."""
+        from pathlib import Path
+
+        from testbed.node.clusterdns import askers_in_log
+
+        askers: set[str] = set()
+        for log in (Path(self.node.run) / "pod-logs").glob("kube-system_coredns-*/coredns/*.log"):
+            askers |= askers_in_log(log.read_text(errors="replace"))
+        return askers
