@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from tests.scripted_upstream import closed_port
-from tests.test_dns_server import A_DB, A_SVC, DNSServerTestCase, addresses
+from tests.test_dns_server import A_DB, A_SVC, NS, DNSServerTestCase, addresses
 
 
 def _query(name: str = "db", rdtype: str = "A", **make) -> bytes:
@@ -88,6 +88,27 @@ class MalformedSectionsTests(DNSServerTestCase):
         self.assertEqual(addresses(message), [A_DB])
 
 
+class DNSSECOkTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_the_do_bit_of_the_query_is_copied_into_the_reply(self):
+        """RFC 3225 3: a query with EDNS and the DO bit gets an OPT record with DO set, for a local
+        answer, NXDOMAIN and BADVERS alike, over UDP and TCP; without DO the reply's OPT has none,
+        and the answer is the same either way (twice, so the prepared reply is checked too)."""
+        import dns.flags
+
+        for tcp in (False, True):
+            for _ in range(2):
+                r = yield self.ask(A_SVC, "db", use_edns=0, want_dnssec=True, tcp=tcp)
+                self.assertEqual((addresses(r), r.edns, bool(r.ednsflags & dns.flags.DO)), ([A_DB], 0, True))
+                r = yield self.ask(A_SVC, "db", use_edns=0, tcp=tcp)
+                self.assertEqual((addresses(r), r.edns, bool(r.ednsflags & dns.flags.DO)), ([A_DB], 0, False))
+            r = yield self.ask(A_SVC, f"nobody.{NS}.svc.cluster.local", use_edns=0, want_dnssec=True, tcp=tcp)
+            self.assertEqual((r.rcode(), bool(r.ednsflags & dns.flags.DO)), (dns.rcode.NXDOMAIN, True))
+            reply = yield self.raw(A_SVC, _query("db", use_edns=1, want_dnssec=True), tcp=tcp)
+            message = dns.message.from_wire(reply)
+            self.assertEqual((message.rcode(), bool(message.ednsflags & dns.flags.DO)), (dns.rcode.BADVERS, True))
+
+
 class LookalikeDigitsTests(DNSServerTestCase):
     @defer.inlineCallbacks
     def test_ptr_question_with_a_superscript_digit_gets_a_reply(self):
@@ -129,7 +150,7 @@ class RefusingTCPUpstreamTests(DNSServerTestCase):
 
 
 # The same behaviour through the full twisted.names path alone (no wire fast path).
-for _case in (MalformedSectionsTests, LookalikeDigitsTests):
+for _case in (MalformedSectionsTests, DNSSECOkTests, LookalikeDigitsTests):
     _name = _case.__name__.replace("Tests", "FullPathTests")
     globals()[_name] = type(_name, (_case,), {"fast_path": False, "__doc__": "Full path only."})
 del _case, _name

@@ -85,8 +85,9 @@ def queries(draw, pods):
         suffix = draw(st.sampled_from(["", ".ns.svc.cluster.local", ".svc.cluster.local", ".cluster.local", "."]))
         name = base + suffix
         name = "".join(c.upper() if draw(st.booleans()) else c for c in name)
-    message = dns.message.make_query(name, qtype, use_edns=draw(st.sampled_from([False, 0])),
-                                     payload=draw(st.sampled_from([512, 1232, 4096])))
+    edns = draw(st.sampled_from([False, 0]))
+    message = dns.message.make_query(name, qtype, use_edns=edns, payload=draw(st.sampled_from([512, 1232, 4096])),
+                                     want_dnssec=edns is not False and draw(st.booleans()))
     message.id = draw(st.integers(0, 65535))
     if draw(st.booleans()):
         message.flags &= ~0x0100  # RD off

@@ -26,6 +26,7 @@ from kubedock_dns.dns.wire import (
     FLAG_RD,
     HEADER,
     OPT_RECORD,
+    OPT_RECORD_DO,
     TCP_LIMIT,
     TYPE_A,
     TYPE_AAAA,
@@ -149,19 +150,20 @@ class FastPath:
             return None, []
         if qclass != CLASS_IN or qtype not in (TYPE_A, TYPE_AAAA, TYPE_PTR):
             return None, []
-        edns = None
+        edns = dnssec_ok = None
         if arcount:
-            edns = read_opt(data, end)
-            if edns is None:
+            opt = read_opt(data, end)
+            if opt is None:
                 return None, []
+            edns, dnssec_ok = opt
         elif end != len(data):
             return None, []
         name = qname.decode("latin-1")
         facts = self.resolver.dependencies(source_ip, name, qtype)
-        return self._decide(data, source_ip, name, qtype, flags, end, edns, tcp), facts
+        return self._decide(data, source_ip, name, qtype, flags, end, edns, bool(dnssec_ok), tcp), facts
 
     def _decide(self, data: bytes, source_ip: str, name: str, qtype: int, flags: int, end: int,
-                edns: int | None, tcp: bool) -> object:
+                edns: int | None, dnssec_ok: bool, tcp: bool) -> object:
         decision = self.resolver.decide(source_ip, name, qtype, now=self.clock())
         if isinstance(decision, Forward):
             return FORWARD if decision.cacheable else None
@@ -171,7 +173,7 @@ class FastPath:
         head = HEADER.pack(0, FLAG_QR | FLAG_AA | FLAG_RA | (flags & FLAG_RD), 1, len(records), 0,
                            1 if edns is not None else 0)
         prefix = head[2:] + data[12:end]
-        suffix = OPT_RECORD if edns is not None else b""
+        suffix = b"" if edns is None else OPT_RECORD_DO if dnssec_ok else OPT_RECORD
         size = 12 + len(data[12:end]) + sum(map(len, records)) + len(suffix)
         if size > (TCP_LIMIT if tcp else (edns or UDP_PLAIN_LIMIT)):
             return None

@@ -42,10 +42,17 @@ def qtype_name(qtype: int) -> str:
     return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
 
 
-def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0) -> bytes:
+# The DNSSEC OK bit of an OPT record's TTL field (RFC 3225): a reply copies the query's.
+EDNS_FLAG_DO = 0x8000
+
+
+def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0,
+               dnssec_ok: bool = False) -> bytes:
     """An OPT pseudo-record (RFC 6891 6.1.2): root owner, our UDP payload size, the upper 8 bits
-    of an extended rcode and the EDNS version in the TTL field, no options."""
-    return b"\x00" + _RECORD_HEAD.pack(TYPE_OPT, payload, (extended_rcode << 24) | (version << 16), 0)
+    of an extended rcode, the EDNS version and the DO bit (RFC 3225 3: copied from the query) in
+    the TTL field, no options."""
+    flags = EDNS_FLAG_DO if dnssec_ok else 0
+    return b"\x00" + _RECORD_HEAD.pack(TYPE_OPT, payload, (extended_rcode << 24) | (version << 16) | flags, 0)
 
 
 def with_additional(message: bytes, record: bytes) -> bytes:
@@ -136,8 +143,10 @@ def parse_question(data: bytes) -> tuple[int, bytes, int, int]:
     return offset + 4, b".".join(labels).lower(), qtype, qclass
 
 
-# Our OPT record: root owner, type OPT, our UDP payload size, version 0, no flags, no options.
+# Our OPT record: root owner, type OPT, our UDP payload size, version 0, no options; without and
+# with the DO bit, as the query had it.
 OPT_RECORD = opt_record()
+OPT_RECORD_DO = opt_record(dnssec_ok=True)
 
 
 def question_section(message: bytes) -> bytes:
@@ -148,15 +157,15 @@ def question_section(message: bytes) -> bytes:
     return message[12 : skip_name(message, 12) + 4].lower()
 
 
-def read_opt(data: bytes, offset: int) -> int | None:
-    """The client's UDP payload size from a version-0 OPT record that ends the message at
-    ``offset``, or None when the additional record is anything else."""
+def read_opt(data: bytes, offset: int) -> tuple[int, bool] | None:
+    """The client's UDP payload size and DO bit from a version-0 OPT record that ends the message
+    at ``offset``, or None when the additional record is anything else."""
     if offset + 11 > len(data) or data[offset] != 0:
         return None
     rtype, payload, ttl, rdlength = struct.unpack_from("!HHIH", data, offset + 1)
     if rtype != TYPE_OPT or offset + 11 + rdlength != len(data) or (ttl >> 16) & 0xFF:
         return None  # a version above 0 gets BADVERS from the full path
-    return max(UDP_PLAIN_LIMIT, payload)
+    return max(UDP_PLAIN_LIMIT, payload), bool(ttl & EDNS_FLAG_DO)
 
 
 def encode_name(name: bytes, compression: dict[bytes, int], at: int) -> bytes:
