@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,16 +84,25 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
+    """A number of seconds: ``nan`` compares false with every bound, so it (and the infinities)
+    are refused here rather than slipping past the range checks."""
     value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number of seconds")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if value <= 0:
         raise ValueError(f"{text} must be greater than 0")
     return value
 
 
 def _drain_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:  # also refuses NaN
+    value = _finite_float(text)
+    if not 0 <= value <= 3600:
         raise ValueError(f"{text} must be 0 (stop at once) to 3600 seconds")
     return value
 
