@@ -32,6 +32,8 @@ class ResolverConfig:
     hold_seconds: float = 1.5
     miss_memory_seconds: float = 30.0
     miss_memory_size: int = 65536
+    # ... and at most this many bytes of (asker address, name), counted with MISS_OVERHEAD each.
+    miss_memory_bytes: int = 8 * 1024 * 1024
     # Let single-label names that no network of the asker holds through to the cluster DNS, so
     # the namespace's Services answer them.  Off: a Service must never stand in for a container.
     forward_single_label: bool = False
@@ -80,23 +82,34 @@ Decision = Union[Answer, ServFail, NotFound, Forward, Hold]
 NOT_SYNCED = ServFail("the pod index is not synced with the API server yet")
 
 
+# What one remembered (asker, name) costs beyond the two strings' characters: the key tuple, the
+# strings' headers, the expiry float and the ordered dictionary's slot and link.
+MISS_OVERHEAD = 300
+
+
 class MissMemory:
     """Remembers (asker address, name) pairs that were held and never appeared, for a while.
 
     glibc tries every search suffix of a name it cannot resolve; without this memory each suffix
-    would wait out the hold again.
+    would wait out the hold again.  At most ``size`` pairs and ``max_bytes`` bytes (the oldest go
+    first): an asker inventing names cannot grow it further.
     """
 
-    def __init__(self, seconds: float, size: int) -> None:
+    def __init__(self, seconds: float, size: int, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.seconds = seconds
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def remember(self, key: tuple[str, str], now: float) -> None:
+        if key not in self._expiry:
+            self.bytes += _miss_cost(key)
         self._expiry[key] = now + self.seconds
         self._expiry.move_to_end(key)
-        while len(self._expiry) > self.size:
-            self._expiry.popitem(last=False)
+        while len(self._expiry) > self.size or self.bytes > self.max_bytes:
+            forgotten, _ = self._expiry.popitem(last=False)
+            self.bytes -= _miss_cost(forgotten)
 
     def overlay(self) -> "MissOverlay":
         """A memory that reads this one and keeps its own additions (explain walks a pod's search
@@ -109,15 +122,20 @@ class MissMemory:
             return False
         if expiry < now:
             del self._expiry[key]
+            self.bytes -= _miss_cost(key)
             return False
         return True
+
+
+def _miss_cost(key: tuple[str, str]) -> int:
+    return MISS_OVERHEAD + len(key[0]) + len(key[1])
 
 
 class MissOverlay(MissMemory):
     """Remembers on its own, answers from its own and the underlying :class:`MissMemory`."""
 
     def __init__(self, base: MissMemory) -> None:
-        super().__init__(base.seconds, base.size)
+        super().__init__(base.seconds, base.size, base.max_bytes)
         self.base = base
         self._added: dict[tuple[str, str], float] = {}
 
@@ -135,7 +153,7 @@ class Resolver:
     def __init__(self, index: NetworkIndex, config: ResolverConfig, shuffle=random.shuffle) -> None:
         self.index = index
         self.config = config
-        self.misses = MissMemory(config.miss_memory_seconds, config.miss_memory_size)
+        self.misses = MissMemory(config.miss_memory_seconds, config.miss_memory_size, config.miss_memory_bytes)
         self._shuffle = shuffle
         domain = config.cluster_domain.strip(".").lower()
         self._svc_suffix = ".svc." + domain

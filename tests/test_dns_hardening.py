@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from tests.scripted_upstream import closed_port
-from tests.test_dns_server import A_DB, A_SVC, NS, DNSServerTestCase, addresses
+from tests.test_dns_server import A_DB, A_SVC, B_DB, B_SVC, NS, DNSServerTestCase, addresses
 
 
 def _query(name: str = "db", rdtype: str = "A", **make) -> bytes:
@@ -109,6 +109,33 @@ class DNSSECOkTests(DNSServerTestCase):
             self.assertEqual((message.rcode(), bool(message.ednsflags & dns.flags.DO)), (dns.rcode.BADVERS, True))
 
 
+def _padded(name: str, size: int) -> bytes:
+    """A query for ``name`` whose OPT record carries EDNS padding (RFC 7830) up to ``size`` bytes."""
+    import dns.edns
+
+    padding = size - len(_query(name, use_edns=0)) - 4
+    query = dns.message.make_query(name, "A", use_edns=0, options=[dns.edns.GenericOption(12, b"\x00" * padding)])
+    query.id = 0x4242
+    return query.to_wire(max_size=65535)
+
+
+class OversizeQueryTests(DNSServerTestCase):
+    @defer.inlineCallbacks
+    def test_a_query_longer_than_the_bound_is_refused_and_not_kept(self):
+        """A well-formed query of 5,000 bytes (a question and EDNS padding) is REFUSED over UDP
+        and TCP, held and relayed by nobody (a held or relayed query keeps its bytes); one of
+        4,000 bytes is answered as usual."""
+        for tcp in (False, True):
+            for name in ("db", "nobody", "kubernetes.default.svc.cluster.local"):
+                big = _padded(name, 5000)
+                self.assertEqual(len(big), 5000)
+                reply = yield self.raw(A_SVC, big, tcp=tcp)
+                self.assertEqual((reply[:2], reply[3] & 0xF), (b"\x42\x42", dns.rcode.REFUSED), (name, tcp))
+            reply = yield self.raw(A_SVC, _padded("db", 4000), tcp=tcp)
+            self.assertEqual(addresses(dns.message.from_wire(reply)), [A_DB])
+        self.assertEqual(self.server.dns.holding, 0)
+
+
 class LookalikeDigitsTests(DNSServerTestCase):
     @defer.inlineCallbacks
     def test_ptr_question_with_a_superscript_digit_gets_a_reply(self):
@@ -150,7 +177,7 @@ class RefusingTCPUpstreamTests(DNSServerTestCase):
 
 
 # The same behaviour through the full twisted.names path alone (no wire fast path).
-for _case in (MalformedSectionsTests, DNSSECOkTests, LookalikeDigitsTests):
+for _case in (MalformedSectionsTests, DNSSECOkTests, OversizeQueryTests, LookalikeDigitsTests):
     _name = _case.__name__.replace("Tests", "FullPathTests")
     globals()[_name] = type(_name, (_case,), {"fast_path": False, "__doc__": "Full path only."})
 del _case, _name
@@ -290,3 +317,56 @@ class BurstTests(DNSServerTestCase):
         after = factory.counts()
         self.assertEqual((after["queries_udp"] - before["queries_udp"], after["dropped"] - before["dropped"],
                           after["answered_local"] - before["answered_local"]), (150, 50, 100))
+
+
+def _cached_bytes(replies: dict) -> int:
+    """What the prepared replies hold in query and reply bytes (the test's own count)."""
+    return sum(len(key[2]) + (len(value) if isinstance(value, bytes) else 0) for key, value in replies.items())
+
+
+class JunkDoesNotFillMemoryTests(DNSServerTestCase):
+    """Queries the cache cannot answer are never stored: junk costs no memory after it is read."""
+
+    @defer.inlineCallbacks
+    def test_junk_datagrams_and_messages_are_not_kept(self):
+        """2,000 junk 8 KiB datagrams (random bytes, and a good question followed by junk) and 200
+        junk 60 KB TCP messages from one pod leave the prepared replies under 1 MiB, and another
+        pod's prepared answer is still there (answered without a new decision)."""
+        import os
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        if not self.fast_path:
+            self.skipTest("--no-fast-path: nothing is prepared")
+        fast = self.server.dns.fast_path
+        r = yield self.ask(B_SVC, "db")
+        self.assertEqual(addresses(r), [B_DB])
+        warm = [k for k in fast.replies if k[0].endswith(B_SVC)]
+        self.assertEqual(len(warm), 1)
+
+        def flood():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((A_SVC, 0))
+                for i in range(2000):
+                    junk = os.urandom(8192) if i % 2 else _query() + os.urandom(8192 - len(_query()))
+                    s.sendto(bytes([junk[0], junk[1], junk[2] & 0x7F]) + junk[3:], ("127.0.0.1", self.port))
+                    if i % 100 == 99:
+                        time.sleep(0.01)  # let the server read: a full socket buffer drops datagrams
+            with socket.create_connection(("127.0.0.1", self.port), source_address=(A_SVC, 0)) as s:
+                for i in range(200):
+                    junk = _query() + os.urandom(60_000)
+                    s.sendall(struct.pack("!H", len(junk)) + junk)
+                    length = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+                    s.recv(length, socket.MSG_WAITALL)
+
+        import time
+        before = self.server.dns.counts()
+        yield deferToThread(flood)
+        # Every junk TCP message was answered (FORMERR) before the next was sent; the datagrams
+        # are read by now too (positive control: they were counted).
+        after = self.server.dns.counts()
+        self.assertGreater(after["queries_udp"] - before["queries_udp"], 1000)
+        self.assertEqual(after["queries_tcp"] - before["queries_tcp"], 200)
+        self.assertLess(_cached_bytes(fast.replies), 1 << 20)
+        self.assertIn(warm[0], fast.replies)

@@ -262,3 +262,17 @@ def test_no_answer_ever_crosses_networks(pods, qtype, name):
                         assert name in owner.names
                     else:
                         assert value == owner.reverse_name
+
+
+def test_the_memory_of_held_names_is_bounded_in_bytes():
+    """An asker inventing long names cannot grow the memory of held names past its byte bound:
+    the oldest pairs go first, the newest are still remembered."""
+    from kubedock_dns.resolver import MissMemory
+
+    memory = MissMemory(30, 65536, max_bytes=1 << 20)
+    for i in range(20_000):
+        memory.remember(("10.0.0.1", f"{i}-" + "x" * 240), now=0.0)
+    assert memory.bytes <= 1 << 20
+    assert len(memory._expiry) * 240 < 1 << 20
+    assert memory.recently_missed(("10.0.0.1", "19999-" + "x" * 240), 1.0)
+    assert not memory.recently_missed(("10.0.0.1", "0-" + "x" * 240), 1.0)

@@ -37,6 +37,7 @@ from kubedock_dns.dns.wire import (
     CLASS_IN,
     FLAG_QR,
     HEADER,
+    MAX_QUERY_BYTES,
     OPCODE_QUERY,
     RCODE_FORMERR,
     RCODE_NOTIMP,
@@ -261,6 +262,9 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if (flags >> 11) & 0xF != OPCODE_QUERY:  # the opcode
             counters.notimp += 1
             return query.reply(error_reply(data, RCODE_NOTIMP))
+        if len(data) > MAX_QUERY_BYTES:
+            counters.refused += 1  # held or relayed, it would keep its bytes: see wire.MAX_QUERY_BYTES
+            return query.reply(error_reply(data, RCODE_REFUSED))
         if qdcount != 1:
             counters.formerr += 1
             return query.reply(error_reply(data, RCODE_FORMERR))

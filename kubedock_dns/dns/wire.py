@@ -26,6 +26,10 @@ QTYPE_NAMES = {TYPE_A: "A", TYPE_NS: "NS", TYPE_CNAME: "CNAME", TYPE_SOA: "SOA",
                TYPE_TXT: "TXT", TYPE_AAAA: "AAAA", TYPE_SRV: "SRV", TYPE_HTTPS: "HTTPS", TYPE_ANY: "ANY"}
 
 UDP_PLAIN_LIMIT = 512
+# The longest query answered at all (longer ones get REFUSED): a question and an OPT record with
+# cookies, client subnet or padding fit many times over.  A held or relayed query keeps its
+# bytes, so this bounds what held and forwarded questions can hold (4096 held, --max-forwards).
+MAX_QUERY_BYTES = 4096
 # The DNS flag day 2020 size: no IP fragmentation on common paths.
 SERVER_UDP_PAYLOAD = 1232
 TCP_LIMIT = 65535
