@@ -9,11 +9,14 @@ import struct
 
 import dns.message
 import dns.rcode
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
+from kubedock_dns.contract import Upserted
+from tests.podfactory import record
+
 from tests.scripted_upstream import closed_port
-from tests.test_dns_server import A_DB, A_SVC, B_DB, B_SVC, NS, DNSServerTestCase, addresses
+from tests.test_dns_server import A_DB, A_SVC, B_DB, B_SVC, NET_A, NET_B, NS, DNSServerTestCase, addresses
 
 
 def _query(name: str = "db", rdtype: str = "A", **make) -> bytes:
@@ -370,3 +373,84 @@ class JunkDoesNotFillMemoryTests(DNSServerTestCase):
         self.assertEqual(after["queries_tcp"] - before["queries_tcp"], 200)
         self.assertLess(_cached_bytes(fast.replies), 1 << 20)
         self.assertIn(warm[0], fast.replies)
+
+
+class TCPBuffersTests(DNSServerTestCase):
+    """What one TCP connection can make the server hold is bounded, whatever its client does."""
+
+    def setUp(self):
+        super().setUp()
+        self.index.apply([Upserted(record(f"m{i}", [NET_A], aliases=["many"], ip=f"127.10.5.{i}",
+                                          namespace=NS, uid=f"m{i}")) for i in range(1, 61)])
+
+    @defer.inlineCallbacks
+    def test_a_client_that_never_reads_stops_being_read(self):
+        """A client pipelining questions with large answers (60 addresses, about 1 KB each) and
+        never reading them: once its unread answers fill the connection's buffer, the server
+        stops reading from it, so neither the answers nor the questions pile up in memory."""
+        import socket
+        import time
+
+        from twisted.internet.threads import deferToThread
+
+        wire = _query("many")
+        framed = struct.pack("!H", len(wire)) + wire
+
+        def hog():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # no autotuning: it never reads
+                s.bind((A_SVC, 0))
+                s.connect(("127.0.0.1", self.port))
+                s.setblocking(False)
+                sent, deadline = 0, time.monotonic() + 3
+                while time.monotonic() < deadline and sent < 20_000:
+                    try:
+                        s.send(framed)
+                        sent += 1
+                    except BlockingIOError:
+                        time.sleep(0.05)
+                time.sleep(0.5)
+                return sent
+
+        before = self.server.dns.counts()["queries_tcp"]
+        sent = yield deferToThread(hog)
+        read = self.server.dns.counts()["queries_tcp"] - before
+        # 20,000 answers are 20 MB: the kernel's buffers on both sides take a few MB of them
+        # (the server's send buffer grows to tcp_wmem's 4 MB), the server's own 64 KiB more.
+        self.assertGreater(read, 10)  # positive control: it was served until its buffer filled
+        self.assertLess(read, sent / 2, f"the server read {read} of the {sent} questions it was sent")
+        r = yield self.ask(B_SVC, "db", tcp=True)  # and others are served meanwhile
+        self.assertEqual(addresses(r), [B_DB])
+
+    @defer.inlineCallbacks
+    def test_a_connection_has_a_bounded_number_of_questions_in_flight(self):
+        """50 pipelined questions that are held (an unknown asker while a pod awaits its address):
+        the server holds at most MAX_OUTSTANDING of them for the connection and reads the rest
+        only as those are answered; all 50 are answered in the end."""
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        from kubedock_dns.dns.server import QueryStreamProtocol
+
+        self.index.apply([Upserted(record("newbie", [NET_B], phase="Pending", namespace=NS, uid="newbie"))])
+        outsider = "127.10.9.9"
+
+        def pipeline():
+            with socket.create_connection(("127.0.0.1", self.port), source_address=(outsider, 0), timeout=20) as s:
+                for i in range(50):
+                    wire = _query(f"held{i}")
+                    s.sendall(struct.pack("!H", len(wire)) + wire)
+                replies = 0
+                while replies < 50:
+                    length = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+                    s.recv(length, socket.MSG_WAITALL)
+                    replies += 1
+                return replies
+
+        answering = deferToThread(pipeline)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        holding = self.server.dns.holding
+        replies = yield answering
+        self.assertEqual(replies, 50)
+        self.assertEqual(holding, QueryStreamProtocol.MAX_OUTSTANDING)

@@ -105,30 +105,72 @@ class QueryDatagramProtocol(dns.DNSDatagramProtocol):
 
 
 class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
-    """TCP: queries are attributed to the connection's peer address.  An idle connection is
-    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out), and one whose
-    started message is not whole within ``MESSAGE_SECONDS`` (however its bytes trickle in: the
-    idle timer restarts with every byte, this one does not) is closed too."""
+    """TCP: queries are attributed to the connection's peer address.
+
+    Time: an idle connection is closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle
+    clients out), and one whose started message is not whole within ``MESSAGE_SECONDS`` (however
+    its bytes trickle in: the idle timer restarts with every byte, this one does not) is closed too.
+
+    Memory: one connection holds at most one message being received (``MAX_LENGTH``), at most
+    ``MAX_OUTSTANDING`` questions being held or relayed (reading pauses until one is answered),
+    and its unread answers: once the transport's buffer passes its size (64 KiB) reading pauses
+    until the client reads, and a client that lets ``MAX_UNREAD_BYTES`` more pile up (answers to
+    questions already in flight) is disconnected.
+    """
 
     IDLE_SECONDS = 30
     MESSAGE_SECONDS = 10
+    MAX_LENGTH = 65535  # what a two-byte length prefix allows
+    MAX_OUTSTANDING = 16
+    MAX_UNREAD_BYTES = 128 * 1024
 
     _message_deadline: Any = None
     _buffered = 0  # bytes received and not yet handed on as whole messages (length prefixes included)
+    outstanding = 0  # questions read and not answered yet
+    _output_full = False  # the transport's buffer is past its size: the client is not reading
+    _unread = 0  # bytes of answers written while the output was full
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.setTimeout(self.IDLE_SECONDS)
+        transport: Any = self.transport
+        # The transport tells its producer when its buffer fills up and drains: this protocol,
+        # which then stops and resumes reading.
+        transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        if data:
+            self.resetTimeout()
         self._buffered += len(data)
         super().dataReceived(data)
-        if self._buffered:  # part of a message: it must be whole in time
+        if self._buffered and not self.paused:  # part of a message: it must be whole in time
             if self._message_deadline is None and self.transport is not None:
                 self._message_deadline = self.factory.reactor.callLater(self.MESSAGE_SECONDS, self._too_slow)
         else:
+            self._cancel_deadline()  # nothing started, or the rest waits for us, not the client
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: stop reading until the client reads."""
+        self._output_full = True
+        self._follow_limits()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        self._output_full = False
+        self._unread = 0
+        self._follow_limits()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def _follow_limits(self) -> None:
+        """Read while the client reads its answers and has few enough questions in flight."""
+        wanted = self._output_full or self.outstanding >= self.MAX_OUTSTANDING
+        if wanted and not self.paused:
+            super().pauseProducing()
             self._cancel_deadline()
+        elif not wanted and self.paused and getattr(self.transport, "connected", False):
+            super().resumeProducing()  # also hands on the messages read meanwhile
 
     def _cancel_deadline(self) -> None:
         deadline, self._message_deadline = self._message_deadline, None
@@ -155,7 +197,31 @@ class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
         self._buffered -= 2 + len(data)
         assert self.transport is not None
         peer: Any = self.transport.getPeer()
+        # Every message but one too short for a header or a response gets exactly one answer
+        # (the server drops those two): count it in flight until then.
+        answered = len(data) >= 12 and not data[2] & 0x80
+        if answered:
+            self.outstanding += 1
         self.controller.message_received(data, self, peer.host)
+        if answered and self.outstanding >= self.MAX_OUTSTANDING:
+            self._follow_limits()  # after the answers given at once: those resumed nothing
+
+    def sendString(self, string: bytes) -> None:
+        self.outstanding -= 1
+        transport: Any = self.transport
+        if self._output_full:
+            self._unread += len(string)
+            if self._unread > self.MAX_UNREAD_BYTES:
+                self.factory.limits_log.bite(
+                    "dns tcp unread answers",
+                    f"DNS over TCP: closed the connection of {transport.getPeer().host}: it left more "
+                    f"than {self.MAX_UNREAD_BYTES} bytes of answers unread",
+                )
+                transport.abortConnection()
+                return
+        super().sendString(string)
+        if self.paused and not self._output_full and self.outstanding < self.MAX_OUTSTANDING:
+            self.factory.reactor.callLater(0, self._follow_limits)  # not from within a read
 
 
 class KubedockDNSServerFactory(names_server.DNSServerFactory):
