@@ -231,8 +231,8 @@ class TCPLimitsTests(DNSServerTestCase):
 
     @defer.inlineCallbacks
     def test_connections_past_the_cap_are_closed_and_logged_once(self):
-        """With the cap at 3 open TCP connections, more are closed at once (logged once), and
-        the held ones are still answered."""
+        """With the cap at 3 open TCP connections, all from one address, more from that address
+        are closed at once (logged once), and the held ones are still answered."""
         import socket
 
         from twisted.internet.threads import deferToThread
@@ -244,8 +244,9 @@ class TCPLimitsTests(DNSServerTestCase):
                 import time
                 time.sleep(0.2)
                 refused = []
-                for _ in range(3):
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=5) as extra:
+                for _ in range(3):  # more from the address holding every slot
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                                  source_address=(A_SVC, 0)) as extra:
                         try:
                             extra.sendall(struct.pack("!H", len(_query())) + _query())
                             refused.append(extra.recv(2) == b"")
@@ -263,6 +264,53 @@ class TCPLimitsTests(DNSServerTestCase):
         self.assertEqual(refused, [True, True, True])
         self.assertEqual(addresses(dns.message.from_wire(reply)), [A_DB])
         self.assertEqual(sum("connections are open already" in w for w in self.warnings), 1)
+
+
+    @defer.inlineCallbacks
+    def test_another_address_gets_a_slot_while_one_address_holds_them_all(self):
+        """One address holds every slot (the cap is 3), each connection asking now and then; a
+        pod at another address still gets its TCP answer: the least recently active connection
+        of the busy address is closed for it, and the busy address's other connections keep
+        answering.  The cap holds throughout, and the eviction is logged."""
+        import socket
+        import time
+
+        from twisted.internet.threads import deferToThread
+
+        wire = struct.pack("!H", len(_query())) + _query()
+
+        def exchange(s):
+            s.sendall(wire)
+            length = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+            return dns.message.from_wire(s.recv(length, socket.MSG_WAITALL))
+
+        def scenario():
+            hog = [socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(A_SVC, 0))
+                   for _ in range(3)]
+            try:
+                for s in hog:  # the first is now the least recently active
+                    exchange(s)
+                    time.sleep(0.05)
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                              source_address=(B_SVC, 0)) as pod:
+                    answer = exchange(pod)
+                    open_now = len(self.server.listeners.tcp_cap.protocols)
+                    try:
+                        first = hog[0].recv(1)  # closed for the pod
+                    except ConnectionResetError:
+                        first = b""  # aborted: a reset
+                    others = [addresses(exchange(s)) for s in hog[1:]]
+                return answer, open_now, first, others
+            finally:
+                for s in hog:
+                    s.close()
+
+        answer, open_now, first, others = yield deferToThread(scenario)  # a reset of the pod's raises
+        self.assertEqual(addresses(answer), [B_DB])
+        self.assertEqual(open_now, 3)
+        self.assertEqual(first, b"")
+        self.assertEqual(others, [[A_DB], [A_DB]])
+        self.assertTrue(any("to make room for" in w for w in self.warnings), self.warnings)
 
 
 class BurstTests(DNSServerTestCase):

@@ -245,6 +245,38 @@ class SlowClientTests(TLSLimitsTests):
         assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+class FairShareTests(TLSLimitsTests):
+    limits = {"max_connections": 3}
+
+    async def test_the_api_server_gets_a_slot_while_a_pod_holds_them_all(self) -> None:
+        """A pod's address holds every webhook connection (the cap is 3); a review from another
+        address (the API server's) is still answered: the pod's least recently active connection
+        is closed for it."""
+        context = ssl.create_default_context(cadata=self.tls.ca_pem.decode())
+
+        def connect(source: str) -> ssl.SSLSocket:
+            plain = socket.create_connection(("127.0.0.1", self.service.port), timeout=5, source_address=(source, 0))
+            return context.wrap_socket(plain, server_hostname="127.0.0.1")
+
+        held = [await deferToThread(connect, "127.0.0.1") for _ in range(3)]
+        try:
+            def review_from(source: str) -> bytes:
+                with connect(source) as tls:
+                    tls.sendall(post(json.dumps(admission_review("CREATE", pod())).encode()))
+                    answer = b""
+                    while chunk := tls.recv(65536):
+                        answer += chunk
+                    return answer
+
+            answer = await deferToThread(review_from, "127.0.0.2")
+        finally:
+            for sock in held:
+                sock.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert json.loads(http_body(answer))["response"]["allowed"] is True
+        assert any("to make room for 127.0.0.2" in w for w in self.warnings), self.warnings
+
+
 def worst_review() -> bytes:
     """A well-formed review just under the body bound, made of what is costliest to decode:
     about two million tiny JSON values."""
