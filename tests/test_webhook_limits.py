@@ -433,3 +433,55 @@ def test_the_worker_starts_whatever_the_parent_main_is():
                           timeout=120, cwd=str(Path(__file__).resolve().parent.parent),
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert "status 200" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_names_that_cannot_be_dns_names_give_a_bounded_answer():
+    """A 0.13 MB review (a 100,000-character pod name, 1,000 aliases 'a:') is admitted with a few
+    short warnings, not one per alias carrying the pod name (that answer was 100 MB): at most
+    MAX_WARNINGS warnings of at most 256 characters (the API server cuts longer ones), the last
+    saying how many more names were refused, and the whole answer a few KB."""
+    from kubedock_dns.admission.review import MAX_WARNINGS, render_review
+
+    annotations = {f"kubedock.hostalias/{i}": "a:" for i in range(1, 1001)}
+    annotations.update({"kubedock.hostalias/0": "db", "kubedock.network/0": "0" * 64,
+                        "kubedock.containername": "/" + "c" * 300})
+    obj = pod(annotations=annotations)
+    obj["metadata"]["name"] = "p" * 100_000
+    document = admission_review("CREATE", obj)
+    del document["request"]["name"]  # the name is the pod's, as with generateName
+    body = json.dumps(document).encode()
+    assert len(body) < 140_000
+    rendered = render_review(body, CONFIG)
+    assert rendered.status == 200
+    response = json.loads(rendered.body)["response"]
+    assert response["allowed"] is True and "patch" in response
+    warnings = response["warnings"]
+    assert 2 <= len(warnings) <= MAX_WARNINGS
+    assert max(map(len, warnings)) <= 256, max(map(len, warnings))
+    assert "kubedock.hostalias/1='a:'" in warnings[0] and "ppp" in warnings[0]
+    assert f"{1001 - (MAX_WARNINGS - 1)} more" in warnings[-1], warnings[-1]  # 1,000 aliases and the container name
+    assert len(rendered.body) < 8_000, len(rendered.body)
+
+
+@pytest.mark.parametrize("operation", ["CREATE", "UPDATE"])
+def test_a_denial_carries_a_message_of_bounded_length(operation):
+    """A denial about a review with a 100,000-character pod name and 1,000 changed or invalid
+    annotations of 1,000 characters says what is wrong in at most MAX_MESSAGE characters."""
+    from kubedock_dns.admission.review import MAX_MESSAGE, render_review
+
+    annotations = {"kubedock.hostalias/0": "db", "kubedock.network/0": "bad network " * 100}
+    annotations.update({f"kubedock.hostalias/{i}": "x" * 1000 for i in range(1, 1001)})
+    obj = pod(annotations=annotations)
+    obj["metadata"]["name"] = "p" * 100_000
+    if operation == "UPDATE":
+        old = pod()
+        old["metadata"]["name"] = obj["metadata"]["name"]
+        document = admission_review("UPDATE", obj, old)
+    else:
+        document = admission_review("CREATE", obj)
+    rendered = render_review(json.dumps(document).encode(), CONFIG)
+    response = json.loads(rendered.body)["response"]
+    assert response["allowed"] is False
+    message = response["status"]["message"]
+    assert "kubedock.network/0" in message or "kubedock.hostalias" in message
+    assert len(message) <= MAX_MESSAGE and len(rendered.body) < MAX_MESSAGE + 1000
