@@ -66,6 +66,7 @@ class Config:
     kubedock_pod_selector: tuple[tuple[str, str], ...] = ()
     isolation_policy: str = "kubedock-dns-isolation"
     drain_seconds: float = 5.0
+    review_timeout: float = 4.0
 
     @property
     def webhook_enabled(self) -> bool:
@@ -158,6 +159,10 @@ class Options(usage.Options):
          "On SIGTERM/SIGINT, seconds to keep answering (DNS, webhook) while /readyz says not ready, "
          "so that the Service stops sending here first; 0: stop at once.  A second signal ends the "
          "drain.", _drain_seconds],
+        ["review-timeout", None, 4.0,
+         "Seconds an admission review may take; past it the review is answered 503 (the webhook's "
+         "failurePolicy applies) and the review worker is replaced.  Keep it below the webhook's "
+         "timeoutSeconds.", _positive_float],
         ["log-format", None, "text", "Log format: text, or json (twisted.logger's JSON, one event a line)."],
     ]
     optFlags = [
@@ -203,6 +208,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--hold-timeout {self['hold-timeout']}: must stay below the resolver's 5 s timeout"
             )
+        if self["review-timeout"] >= 30:
+            raise usage.UsageError(
+                f"--review-timeout {self['review-timeout']}: must stay below the API server's "
+                f"longest webhook timeout, 30 s")
         if self["dns-service-ip"]:
             try:
                 ipaddress.ip_address(self["dns-service-ip"])
@@ -284,6 +293,7 @@ class Options(usage.Options):
             kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
             isolation_policy=self["isolation-policy"],
             drain_seconds=self["drain-seconds"],
+            review_timeout=self["review-timeout"],
         )
 
 
