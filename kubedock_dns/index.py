@@ -1,12 +1,18 @@
 """The network index: who asks from which address, and which names each network holds.
 
 A pure data structure (no Twisted, no kubernetes) fed with the change types of
-:mod:`kubedock_dns.contract`.  It keeps three maps, updated in O(names x networks) of the one pod
+:mod:`kubedock_dns.contract`.  It keeps four maps, updated in O(names x networks) of the one pod
 that changed, whatever the number of pods:
 
 - asker address -> the pods claiming it (Pending or Running, with an IP, not hostNetwork);
 - (network, name) -> the answering pods (Running, with an IP);
+- (network, name) -> the pods that will answer to it soon (live, not answering yet: Pending, with
+  or without an address, or not Ready with ``require_ready``), which is what a question for a
+  missing name may be held for;
 - (network, address) -> the answering pods.
+
+``behind`` says that the watch lost changes (:class:`~kubedock_dns.contract.WatchInterrupted`)
+and the next complete list has not arrived: any name may be missing for now.
 
 Membership rules (DESIGN section 3): pods in phase Succeeded, Failed or Unknown are dropped at once,
 because the network plugin hands their IP to new pods; a pod being deleted still asks but no longer
@@ -28,7 +34,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted, ascii_decimal
+from kubedock_dns.contract import Change, Deleted, PodRecord, Relisted, Upserted, WatchInterrupted, ascii_decimal
 
 FAMILY_V4 = 4
 _EMPTY: dict = {}  # read-only stand-in for a network with no names
@@ -71,16 +77,15 @@ class Touched:
     - ``networks``: networks whose names, reverse names or members changed, including every network
       of a pod whose address became (or stopped being) shared with another pod, since a conflict
       changes that pod's answers;
-    - ``names``: names that some network started or stopped holding;
     - ``awaiting``: the namespaces of the pods awaiting their address changed;
-    - ``everything``: the index became synced (every earlier decision was "not synced").
+    - ``everything``: the index became synced (every earlier decision was "not synced"), or
+      ``behind`` changed.
 
     Conservative: an address, network or namespace may be named although it ended up as it was.
     """
 
     addresses: frozenset[str] = frozenset()
     networks: frozenset[str] = frozenset()
-    names: frozenset[str] = frozenset()
     awaiting: bool = False
     everything: bool = False
 
@@ -119,20 +124,17 @@ class NetworkIndex:
         # network rather than one (network, name) tuple key per entry (10,000 pods in 5,000
         # networks: 40,000 key tuples, 2.2 MiB, against 5,000 dicts).
         self._names: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._pending: dict[str, dict[str, tuple[str, ...]]] = {}  # network -> name -> pods not answering yet
         self._reverse: dict[str, dict[str, tuple[str, ...]]] = {}
         # network label (full ID or short ID) -> networks carrying it, for ``name.<network>``.
         self._labels: dict[str, tuple[str, ...]] = {}
         self._label_refs: dict[str, int] = {}
         self._awaiting_ip: set[str] = set()
-        # name -> how many (network, pod) entries carry it; address -> likewise: "some network
-        # holds it", which decides whether an unknown asker's question may become local.
-        self._name_refs: dict[str, int] = {}
-        self._address_refs: dict[str, int] = {}
+        self.behind = False
         self._subscribers: list[Callable[[Touched], None]] = []
         self._awaiting_namespaces: dict[str, int] = {}
         self._touched_addresses: set[str] = set()
         self._touched_networks: set[str] = set()
-        self._held_before: dict[str, bool] = {}  # name -> held before this apply, if it flipped
         self._touched_awaiting = False
         self.conflicts_seen = 0
 
@@ -140,7 +142,7 @@ class NetworkIndex:
 
     def apply(self, changes: Iterable[Change]) -> None:
         """Apply changes in order, then tell every subscriber what was touched."""
-        was_synced = self.synced
+        was_synced, was_behind = self.synced, self.behind
         for change in changes:
             if isinstance(change, Upserted):
                 self._upsert(change.record)
@@ -148,21 +150,21 @@ class NetworkIndex:
                 self._remove(change.uid)
             elif isinstance(change, Relisted):
                 self._replace_all(change.records)
+                self.behind = False
+            elif isinstance(change, WatchInterrupted):
+                self.behind = True
             else:
                 raise TypeError(f"not an index change: {change!r}")
-        if self.synced and not was_synced:
-            # Every earlier decision was "not synced": the details would be thrown away (and at
-            # the first list of 10,000 pods, copying them costs megabytes at the peak of memory).
+        if (self.synced and not was_synced) or self.behind != was_behind:
+            # Every earlier decision was "not synced", or read "behind" (rare: a watch failure
+            # and the list after it): the details would be thrown away (and at the first list of
+            # 10,000 pods, copying them costs megabytes at the peak of memory).
             touched = Touched(everything=True)
         else:
-            touched = Touched(
-                frozenset(self._touched_addresses), frozenset(self._touched_networks),
-                frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held),
-                self._touched_awaiting,
-            )
+            touched = Touched(frozenset(self._touched_addresses), frozenset(self._touched_networks),
+                              self._touched_awaiting)
         self._touched_addresses.clear()
         self._touched_networks.clear()
-        self._held_before.clear()
         self._touched_awaiting = False
         for subscriber in self._subscribers:
             subscriber(touched)
@@ -212,8 +214,14 @@ class NetworkIndex:
 
     def _footprint(self, record: PodRecord) -> tuple:
         """Everything of a record that the maps or a lookup read."""
-        return (record.is_asker, record.is_answer(self.require_ready), record.awaits_ip, record.ips,
-                record.networks, record.names, record.reverse_name, record.namespace)
+        return (record.is_asker, record.is_answer(self.require_ready), self._answers_later(record),
+                record.awaits_ip, record.ips, record.networks, record.names, record.reverse_name, record.namespace)
+
+    def _answers_later(self, record: PodRecord) -> bool:
+        """Alive and not answering yet, but it will unless it fails or is deleted first: Pending
+        (with or without an address), or Running and not Ready with ``require_ready``."""
+        return (record.phase in ("Pending", "Running") and not record.terminating and not record.host_network
+                and not record.is_answer(self.require_ready))
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)
@@ -239,11 +247,12 @@ class NetworkIndex:
             for network in record.networks:
                 for name in record.names:
                     _add(self._names.setdefault(network, {}), name, record.uid, alone)
-                    if _claim(self._name_refs, name):
-                        self._held_before.setdefault(name, False)
                 for ip in record.ips:
                     _add(self._reverse.setdefault(network, {}), ip, record.uid, alone)
-                    self._address_refs[ip] = self._address_refs.get(ip, 0) + 1
+        elif self._answers_later(record):
+            for network in record.networks:
+                for name in record.names:
+                    _add(self._pending.setdefault(network, {}), name, record.uid, alone)
         for network in record.networks:
             self._label_refs[network] = self._label_refs.get(network, 0) + 1
             if self._label_refs[network] == 1:
@@ -264,11 +273,12 @@ class NetworkIndex:
             for network in record.networks:
                 for name in record.names:
                     _discard_in(self._names, network, name, record.uid)
-                    if _release(self._name_refs, name):
-                        self._held_before.setdefault(name, True)
                 for ip in record.ips:
                     _discard_in(self._reverse, network, ip, record.uid)
-                    _release(self._address_refs, ip)
+        elif self._answers_later(record):
+            for network in record.networks:
+                for name in record.names:
+                    _discard_in(self._pending, network, name, record.uid)
         for network in record.networks:
             self._label_refs[network] -= 1
             if not self._label_refs[network]:
@@ -309,13 +319,20 @@ class NetworkIndex:
         """The namespaces of the pods awaiting their address (whose search suffixes they use)."""
         return {self._pods[uid].namespace for uid in self._awaiting_ip}
 
-    def holds_name(self, name: str) -> bool:
-        """Whether some network has a pod answering to ``name`` (lower case)."""
-        return name in self._name_refs
+    def answers_later(self, networks: tuple[str, ...], name: str) -> str | None:
+        """The first of ``networks`` with a pod that will answer to ``name`` soon (see the
+        module), or None."""
+        for network in networks:
+            if name in self._pending.get(network, _EMPTY):
+                return network
+        return None
 
-    def holds_address(self, ip: str) -> bool:
-        """Whether some network has a pod answering at ``ip``."""
-        return ip in self._address_refs
+    def answers_later_in_network(self, networks: tuple[str, ...], label: str, name: str) -> str | None:
+        """:meth:`answers_later` for ``name.<network>``: the network ``label`` designates."""
+        for network in self._labels.get(label, ()):
+            if network in networks:
+                return self.answers_later((network,), name)
+        return None
 
     def lookup(self, networks: tuple[str, ...], name: str) -> ForwardAnswer | None:
         """The first of ``networks`` (in order) holding ``name`` (lower case), with its addresses.
@@ -392,6 +409,7 @@ class NetworkIndex:
                 )
         return {
             "synced": self.synced,
+            "behind": self.behind,
             "pods": len(self._pods),
             "pods_awaiting_ip": len(self._awaiting_ip),
             "conflicted_addresses": self.conflicted_addresses(),

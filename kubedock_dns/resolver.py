@@ -236,22 +236,35 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
-        if "." in base and not index.holds_name(base):
-            # Multi-label names are almost always outside names (example.com, a Service): holding
-            # them would delay every outside lookup of every test container.
-            return Forward("name not in the asker's networks")
+        # Not in the asker's networks.  Held only while something there can still change that:
+        # a pod of one of them that will answer to this name soon, or a watch that lost changes.
+        # Never because of what other networks hold: how long a miss takes would tell the asker.
+        waiting = index.answers_later(asker.networks, base)
+        if waiting is None and "." in base:
+            head, _, label = base.rpartition(".")
+            waiting = index.answers_later_in_network(asker.networks, label, head)
+        if waiting is None and not index.behind:
+            if trace is not None:
+                trace.append(f"no pod of the asker's networks will answer to {base} soon, and the pod watch "
+                             "is current: answered at once")
+            return self._not_local(base, "name not in the asker's networks")
+        if trace is not None:
+            trace.append(f"a pod of network {waiting} does not answer yet and will answer to {base}"
+                         if waiting is not None else "the pod watch lost changes and has not listed the pods again yet")
         miss_key = (source_ip, base)
         if held or self.misses.recently_missed(miss_key, now):
             if trace is not None and not held:
                 trace.append(f"already held once for this asker within {self.config.miss_memory_seconds:g} s: "
                              "not held again")
             return self._not_local(base, "name did not appear while held", cacheable=False)
-        return Hold("name not known yet", miss_key)
+        return Hold("a pod of the asker's networks will answer to this name soon" if waiting is not None
+                    else "the pod watch is behind", miss_key)
 
     def dependencies(self, source_ip: str, name: str, qtype: int) -> list[tuple[str, str]]:
         """The index facts :meth:`decide` reads for this question, as ``(kind, key)`` pairs in the
-        vocabulary of :class:`~kubedock_dns.index.Touched` (``address``, ``network``, ``name``,
-        ``awaiting``): a decision stays what it was until an apply touches one of them.
+        vocabulary of :class:`~kubedock_dns.index.Touched` (``address``, ``network``,
+        ``awaiting``): a decision stays what it was until an apply touches one of them (or
+        ``everything``: the first sync, and the watch falling behind or catching up).
 
         Kept next to :meth:`decide` because the two must change together; a differential test
         (tests/test_fast_path.py) replays random churn against a cache that relies on this.
@@ -264,17 +277,9 @@ class Resolver:
             return facts  # it stays a conflict until a claim on this address changes
         if asker is None:
             facts.append(("awaiting", ""))
-            if qtype == TYPE_PTR:
-                address = reverse_name_to_ip(name.split("."))
-                if address is not None:
-                    facts.append(("address", address))
-            else:
-                facts.extend(("name", self.strip_search_suffix(name, namespace))
-                             for namespace in index.namespaces_awaiting_ip())
             return facts
+        # Names, addresses and pods that will answer soon, all of the asker's networks only.
         facts.extend(("network", network) for network in asker.networks)
-        if qtype != TYPE_PTR:
-            facts.append(("name", self.strip_search_suffix(name, asker.namespace)))
         return facts
 
     def _not_local(self, base: str, why: str, cacheable: bool = True) -> Decision:
@@ -287,24 +292,19 @@ class Resolver:
     def _decide_unknown(self, source_ip: str, name: str, qtype: int, held: bool, now: float,
                         trace: list[str] | None = None) -> Decision:
         """An address that is no pod's: a plain forwarder, except that while opted-in pods wait
-        for their address it may be one of them, so a question that could become local (a single
-        label, or a name or address some network holds) is held once per (asker, name)."""
+        for their address (or the watch is behind) it may be one of them, so its question is held
+        once per (asker, name), whatever the name: which names could become local would depend
+        on the networks' names, and how long a question takes must not tell them."""
         index = self.index
-        if held or not index.pods_awaiting_ip:
+        if held or not (index.pods_awaiting_ip or index.behind):
             return Forward("asker is not a known pod", cacheable=not held)
         if trace is not None:
-            trace.append(f"{index.pods_awaiting_ip} opted-in pod(s) wait for their address: the asker may be one")
+            trace.append(f"{index.pods_awaiting_ip} opted-in pod(s) wait for their address: the asker may be one"
+                         if index.pods_awaiting_ip else "the pod watch is behind: the asker may be a pod not seen yet")
         if qtype == TYPE_PTR:
-            address = reverse_name_to_ip(name.split("."))
-            if address is None or not index.holds_address(address):
-                return Forward("asker is not a known pod; the address is no network's")
             base = name
         else:
-            candidates = {self.strip_search_suffix(name, ns) for ns in index.namespaces_awaiting_ip()}
-            local = sorted(b for b in candidates if "." not in b or index.holds_name(b))
-            if not local:
-                return Forward("asker is not a known pod; the name is no network's")
-            base = local[0]
+            base = min(self.strip_search_suffix(name, namespace) for namespace in index.namespaces_awaiting_ip() or {""})
         miss_key = (source_ip, base)
         if self.misses.recently_missed(miss_key, now):
             return Forward("asker is not a known pod; held once already", cacheable=False)

@@ -192,7 +192,6 @@ class FastPath:
             return
         facts = [("address", a) for a in touched.addresses]
         facts += [("network", n) for n in touched.networks]
-        facts += [("name", n) for n in touched.names]
         if touched.awaiting:
             facts.append(("awaiting", ""))
         dependents = self._dependents

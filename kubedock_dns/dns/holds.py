@@ -90,7 +90,6 @@ class Holds:
         else:
             facts = [("address", a) for a in touched.addresses]
             facts += [("network", n) for n in touched.networks]
-            facts += [("name", n) for n in touched.names]
             if touched.awaiting:
                 facts.append(("awaiting", ""))
             found: dict[_Held, None] = {}
