@@ -17,7 +17,7 @@ Targets (each a function of the input bytes that raises only when a contract is 
   questions are answered from prepared bytes: nothing may raise, every reply is a message
   carrying its query's ID (none for junk shorter than a header or a response), every datagram
   is counted, and the prepared replies stay within their byte bounds, in all and per asker.
-- ``names``: the bytes become a pod's name (repeated up to 100,000 characters) and up to 2,000
+- ``names``: the bytes become a pod's name (repeated up to 100,000 characters) and up to 1,000
   aliases and a container name (most of them not DNS names): the review is admitted with at most
   MAX_WARNINGS warnings of at most 256 characters, in an answer of a few KB (at most the warnings'
   characters JSON-escaped, and the patch).
@@ -277,10 +277,10 @@ class NamesHarness:
         text = data[3:].decode("utf-8", "replace")
         parts = text.split("\x00") if text else [""]
         name = (parts[0] or "p") * min(100_000, 1 + data[0] * 400) if data[0] else parts[0]
-        aliases = (parts[1:] or ["a:"]) * (1 + data[1] * 8)
+        aliases = (parts[1:] or ["a:"]) * (1 + data[1] * 4)
         annotations = {"kubedock.hostalias/0": parts[0][:300], "kubedock.network/0": "0" * 64,
                        "kubedock.containername": "/" + name[: 1 + data[2] * 40]}
-        annotations.update({f"kubedock.hostalias/{i}": alias for i, alias in enumerate(aliases[:2000], 1)})
+        annotations.update({f"kubedock.hostalias/{i}": alias for i, alias in enumerate(aliases[:1000], 1)})
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
             "uid": "fuzz", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
             "namespace": "ns", "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {
