@@ -243,10 +243,14 @@ class Resolver:
         if waiting is None and "." in base:
             head, _, label = base.rpartition(".")
             waiting = index.answers_later_in_network(asker.networks, label, head)
-        if waiting is None and not index.behind:
+        # While the watch is behind, a container name (a single label) may be missing only here:
+        # held.  Dotted names are almost always outside names; holding them for a watch that
+        # may stay down for a while would slow every outside lookup of every pod.
+        if waiting is None and not (index.behind and "." not in base):
             if trace is not None:
-                trace.append(f"no pod of the asker's networks will answer to {base} soon, and the pod watch "
-                             "is current: answered at once")
+                trace.append(f"no pod of the asker's networks will answer to {base} soon"
+                             + (", and the pod watch is current" if not index.behind else "")
+                             + ": answered at once")
             return self._not_local(base, "name not in the asker's networks")
         if trace is not None:
             trace.append(f"a pod of network {waiting} does not answer yet and will answer to {base}"

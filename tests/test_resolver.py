@@ -248,8 +248,9 @@ def test_held_only_while_a_pod_of_the_askers_networks_will_answer_soon():
 
 
 def test_a_watch_that_lost_changes_holds_misses_until_the_next_list():
-    """After the watch failed (changes may be missing), a miss is held (anything may be about to
-    appear), for a known asker and an unknown one alike; the next complete list ends that."""
+    """After the watch failed (changes may be missing), a miss of a container name is held (it
+    may be about to appear), for a known asker and an unknown one alike; the next complete list
+    ends that."""
     from kubedock_dns.contract import WatchInterrupted
 
     r = two_runs()
@@ -258,6 +259,8 @@ def test_a_watch_that_lost_changes_holds_misses_until_the_next_list():
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), Hold)
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, held=True), NotFound)
     assert isinstance(r.decide("10.9.9.9", "cache", TYPE_A), Hold)
+    # Dotted names are outside names nearly always: forwarded at once, behind or not.
+    assert isinstance(r.decide("10.0.1.2", "example.com", TYPE_A), Forward)
     r.index.apply([Relisted(pods)])
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), NotFound)
     assert isinstance(r.decide("10.9.9.9", "cache", TYPE_A), Forward)
