@@ -182,6 +182,7 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
+            watch_behind=int(index.behind),
             holding=factory.holding, draining=int(top.draining),
             ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
             forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
