@@ -121,3 +121,19 @@ def test_full_is_reported_at_the_bound():
     assert not s.holds.full
     s.ask("10.0.0.2", "cache")
     assert s.holds.full
+
+
+def test_one_asker_cannot_take_every_hold():
+    """An address asking many questions that would be held (here an unknown one while a pod
+    awaits its address) holds at most max_held_per_asker of them: past that its own questions
+    are decided at once, while another asker's question is still held."""
+    s = Setting(max_held=100)
+    s.index.apply([Upserted(record("late", [NET_B], ip=None, uid="late", namespace="ns", phase="Pending"))])
+    for i in range(s.holds.max_held_per_asker):
+        s.ask("10.9.9.9", f"name{i}")
+    assert s.holds.full_for("10.9.9.9") and not s.holds.full
+    assert not s.holds.full_for("10.0.0.2")
+    s.ask("10.0.0.2", "db")
+    assert len(s.holds) == s.holds.max_held_per_asker + 1
+    s.clock.advance(2)
+    assert len(s.holds) == 0 and not s.holds.full_for("10.9.9.9")

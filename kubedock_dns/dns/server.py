@@ -362,7 +362,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         now = self.reactor.seconds()
         decision = self.resolver.decide(query.source_ip, query.name, query.qtype, now=now)
         if isinstance(decision, Hold):
-            if self.holds.full:
+            if self.holds.full or self.holds.full_for(query.source_ip):
                 self.counters.hold_overflow += 1
                 decision = self.resolver.decide(query.source_ip, query.name, query.qtype, held=True, now=now)
             else:
