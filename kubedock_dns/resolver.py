@@ -214,6 +214,7 @@ class Resolver:
         if not asker.networks:
             # On no (resolved) network: nothing can ever be local to it, so nothing is held.
             return self._not_local(base, "the asker is on no resolved network")
+        head = label = ""  # of name.<network>, when base has a dot
         try:
             found = index.lookup(asker.networks, base)
             if trace is not None:
@@ -240,8 +241,7 @@ class Resolver:
         # a pod of one of them that will answer to this name soon, or a watch that lost changes.
         # Never because of what other networks hold: how long a miss takes would tell the asker.
         waiting = index.answers_later(asker.networks, base)
-        if waiting is None and "." in base:
-            head, _, label = base.rpartition(".")
+        if waiting is None and label:
             waiting = index.answers_later_in_network(asker.networks, label, head)
         # While the watch is behind, a container name (a single label) may be missing only here:
         # held.  Dotted names are almost always outside names; holding them for a watch that
