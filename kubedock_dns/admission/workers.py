@@ -85,7 +85,7 @@ class _Worker(protocol.ProcessProtocol):
 
     def __init__(self, pool: "ReviewPool") -> None:
         self.pool = pool
-        self._buffer = b""
+        self._buffer = bytearray()  # appended in place: an answer of megabytes arrives in 64 KiB reads
         self._head: dict[str, Any] | None = None
         self.gone = False
         self._gone_waiters: list[Deferred[None]] = []
@@ -124,8 +124,8 @@ class _Worker(protocol.ProcessProtocol):
             (length,) = _LENGTH.unpack_from(self._buffer)
             if len(self._buffer) < _LENGTH.size + length:
                 return
-            frame = self._buffer[_LENGTH.size:_LENGTH.size + length]
-            self._buffer = self._buffer[_LENGTH.size + length:]
+            frame = bytes(self._buffer[_LENGTH.size:_LENGTH.size + length])
+            del self._buffer[:_LENGTH.size + length]
             if self._head is None:
                 self._head = json.loads(frame)
                 continue
