@@ -322,6 +322,8 @@ class NetworkIndex:
     def answers_later(self, networks: tuple[str, ...], name: str) -> str | None:
         """The first of ``networks`` with a pod that will answer to ``name`` soon (see the
         module), or None."""
+        if not self._pending:
+            return None  # nobody is starting: the common case, and the cheapest
         for network in networks:
             if name in self._pending.get(network, _EMPTY):
                 return network

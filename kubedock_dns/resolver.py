@@ -80,6 +80,8 @@ class Hold:
 Decision = Union[Answer, ServFail, NotFound, Forward, Hold]
 
 NOT_SYNCED = ServFail("the pod index is not synced with the API server yet")
+# Made once: the common outcome for an outside name (frozen, so it can be shared).
+NOT_LOCAL = Forward("name not in the asker's networks")
 
 
 # What one remembered (asker, name) costs beyond the two strings' characters: the key tuple, the
@@ -251,7 +253,7 @@ class Resolver:
                 trace.append(f"no pod of the asker's networks will answer to {base} soon"
                              + (", and the pod watch is current" if not index.behind else "")
                              + ": answered at once")
-            return self._not_local(base, "name not in the asker's networks")
+            return NOT_LOCAL if label else self._not_local(base, "name not in the asker's networks")
         if trace is not None:
             trace.append(f"a pod of network {waiting} does not answer yet and will answer to {base}"
                          if waiting is not None else "the pod watch lost changes and has not listed the pods again yet")
