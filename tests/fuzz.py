@@ -83,6 +83,9 @@ class _Proto:
 class _Forwarder:
     """Records what would be forwarded; never answers (the client would time out)."""
 
+    max_in_flight = 1024
+    in_flight = 0
+
     def __init__(self) -> None:
         self.forwarded: list[bytes] = []
 

@@ -555,6 +555,7 @@ class OverloadTests(DNSServerTestCase):
         self.addCleanup(self.silent.close)
         super().setUp()
         self.server.dns.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+        self.server.dns.max_forwards_per_asker = 100  # the global bound alone (ForwardShareTests: the share)
 
     @defer.inlineCallbacks
     def test_too_many_forwards_in_flight_are_refused(self):
@@ -564,6 +565,30 @@ class OverloadTests(DNSServerTestCase):
         self.assertEqual(rcodes.count(dns.rcode.REFUSED), 4)
         self.assertEqual(rcodes.count(dns.rcode.SERVFAIL), 2)
         self.assertEqual(self.server.dns.forwarder.refused_overload, 4)
+
+
+class ForwardShareTests(DNSServerTestCase):
+    max_forwards = 8  # a share of 2 per asker
+
+    def setUp(self):
+        self.silent = ScriptedUpstream(silent=True)
+        self.addCleanup(self.silent.close)
+        super().setUp()
+        self.server.dns.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+
+    @defer.inlineCallbacks
+    def test_one_asker_cannot_take_every_forward(self):
+        """An asker flooding outside names that take long to answer holds at most half of
+        --max-forwards (a quarter before they are counted per asker, a quarter after): its own
+        questions past that are REFUSED at once, and another pod's outside names are still
+        forwarded (here: SERVFAIL when the silent upstream times out), never REFUSED."""
+        flood = [self.ask(A_SVC, f"x{i}.example") for i in range(10)]
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        other = yield defer.gatherResults([self.ask(B_SVC, f"y{i}.example") for i in range(2)])
+        flooded = yield defer.gatherResults(flood)
+        self.assertEqual(sorted(r.rcode() for r in flooded).count(dns.rcode.REFUSED), 6)
+        self.assertEqual([r.rcode() for r in other], [dns.rcode.SERVFAIL] * 2)
+        self.assertEqual((self.server.dns.forwarding, self.server.dns.forwarder.refused_overload), (0, 0))
 
 
 class IdleTCPTests(DNSServerTestCase):

@@ -249,6 +249,13 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         # Bound once: a bound method made per forwarded query costs an allocation each time.
         self._on_relayed = self._relayed
         self._on_forward_failed = self._forward_failed
+        # One asker may not take every forwarding slot with a flood of slow outside names: once a
+        # quarter of the slots are taken, queries forwarded are counted per asker address (only
+        # then: counting every one costs the common case), and an asker holding a quarter of the
+        # slots among those is refused.  A flooder thus holds at most half, the others the rest.
+        self._forwarding: dict[str, int] = {}  # asker address -> its counted queries in flight
+        self._counted: set[Query] = set()  # the queries counted there
+        self.max_forwards_per_asker = max(1, forwarder.max_in_flight // 4) if forwarder is not None else 0
 
     def buildProtocol(self, addr):
         p = self.protocol(self, self.reactor)
@@ -259,6 +266,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     def holding(self) -> int:
         """Questions being held right now."""
         return len(self.holds)
+
+    @property
+    def forwarding(self) -> int:
+        """Questions being forwarded right now that are counted per asker (see __init__)."""
+        return len(self._counted)
 
     def counts(self) -> dict[str, int]:
         """Every counter under its exported name: the full path's, with the fast path's answers
@@ -435,6 +447,16 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         """Relay the query to the upstreams; their answer, or our failure, goes to the asker."""
         self.counters.forwarded += 1
         assert self.forwarder is not None, "a server without a forwarder answers only local names"
+        if self.forwarder.in_flight >= self.max_forwards_per_asker:  # busy: count per asker
+            forwarding, host = self._forwarding, query.host
+            count = forwarding.get(host, 0)
+            if count >= self.max_forwards_per_asker:
+                self.counters.refused += 1
+                self.limits_log.bite("forwards per asker", f"REFUSED a question of {host}: {count} of its "
+                                     f"questions are being forwarded already (its share of --max-forwards)")
+                return self._answer(query, RCODE_REFUSED, None)
+            forwarding[host] = count + 1
+            self._counted.add(query)
         if query.address is None:
             self.forwarder.forward(query.data, over_tcp=True).addCallbacks(
                 self._relayed, lambda failure: self._forward_failed(failure.value, query),
@@ -444,12 +466,26 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             # server's instructions for a relayed query (bench.cost).
             self.forwarder.forward_udp(query.data, self._on_relayed, self._on_forward_failed, query)
 
+    def _uncount(self, query: Query) -> None:
+        if query in self._counted:
+            self._counted.discard(query)
+            forwarding, host = self._forwarding, query.host
+            left = forwarding[host] - 1
+            if left:
+                forwarding[host] = left
+            else:
+                del forwarding[host]
+
     def _relayed(self, answer: bytes, query: Query) -> None:
+        if self._counted:
+            self._uncount(query)
         query.reply(answer)
         if query.started:
             self.sampler.forwarded(query.started)
 
     def _forward_failed(self, reason: Exception, query: Query) -> None:
+        if self._counted:
+            self._uncount(query)
         counters = self.counters
         if isinstance(reason, Overloaded):
             counters.refused += 1
