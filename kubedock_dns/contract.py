@@ -243,7 +243,13 @@ class Deleted:
     uid: str
 
 
-Change = Relisted | Upserted | Deleted
+@dataclass(frozen=True, slots=True)
+class WatchInterrupted:
+    """The watch lost changes (it failed, or its resourceVersion expired): until the next
+    :class:`Relisted`, the index may lack pods the API server has (or have some it deleted)."""
+
+
+Change = Relisted | Upserted | Deleted | WatchInterrupted
 
 
 @functools.lru_cache(maxsize=65536)

@@ -1,15 +1,21 @@
 """The network index: who asks from which address, and which names each network holds.
 
 A pure data structure (no Twisted, no kubernetes) fed with the change types of
-:mod:`kubedock_dns.contract`.  It keeps three maps, updated in O(names x networks) of the one pod
+:mod:`kubedock_dns.contract`.  It keeps four maps, updated in O(names x networks) of the one pod
 that changed, whatever the number of pods:
 
 - asker address -> the pods claiming it (Pending or Running, with an IP, not hostNetwork);
 - (network, name) -> the answering pods (Running, with an IP);
+- (network, name) -> the pods that will answer to it soon (live, not answering yet: Pending, with
+  or without an address, or not Ready with ``require_ready``), which is what a question for a
+  missing name may be held for;
 - (network, address) -> the answering pods;
 - Testcontainers session -> its answering sshd pods (the session annotation, and an image that
   one of ``sshd_images`` matches), whose addresses ``host.testcontainers.internal`` has for the
-  session's containers, whatever networks they are on.
+  session's containers, whatever networks they are on; and its sshd pods that will answer soon.
+
+``behind`` says that the watch lost changes (:class:`~kubedock_dns.contract.WatchInterrupted`)
+and the next complete list has not arrived: any name may be missing for now.
 
 Membership rules (DESIGN section 3): pods in phase Succeeded, Failed or Unknown are dropped at once,
 because the network plugin hands their IP to new pods; a pod being deleted still asks but no longer
@@ -33,13 +39,13 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 from kubedock_dns.contract import (
     DEFAULT_SSHD_IMAGE,
-    HOST_ACCESS_NAME,
     Change,
     Deleted,
     ImagePattern,
     PodRecord,
     Relisted,
     Upserted,
+    WatchInterrupted,
     ascii_decimal,
 )
 
@@ -86,19 +92,19 @@ class Touched:
     - ``networks``: networks whose names, reverse names or members changed, including every network
       of a pod whose address became (or stopped being) shared with another pod, since a conflict
       changes that pod's answers;
-    - ``names``: names that some network started or stopped holding, and
-      ``host.testcontainers.internal`` when a session's sshd pods changed;
+    - ``sessions``: Testcontainers sessions whose sshd pods (answering, or soon) changed;
     - ``awaiting``: the namespaces of the pods awaiting their address changed;
-    - ``everything``: the index became synced (every earlier decision was "not synced").
+    - ``everything``: the index became synced (every earlier decision was "not synced"), or
+      ``behind`` changed.
 
     Conservative: an address, network or namespace may be named although it ended up as it was.
     """
 
     addresses: frozenset[str] = frozenset()
     networks: frozenset[str] = frozenset()
-    names: frozenset[str] = frozenset()
     awaiting: bool = False
     everything: bool = False
+    sessions: frozenset[str] = frozenset()
 
 
 def family_of(ip: str) -> int:
@@ -137,23 +143,22 @@ class NetworkIndex:
         # network rather than one (network, name) tuple key per entry (10,000 pods in 5,000
         # networks: 40,000 key tuples, 2.2 MiB, against 5,000 dicts).
         self._names: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._pending: dict[str, dict[str, tuple[str, ...]]] = {}  # network -> name -> pods not answering yet
         self._reverse: dict[str, dict[str, tuple[str, ...]]] = {}
         # network label (full ID or short ID) -> networks carrying it, for ``name.<network>``.
         self._labels: dict[str, tuple[str, ...]] = {}
         self._label_refs: dict[str, int] = {}
         self._awaiting_ip: set[str] = set()
-        # Testcontainers session -> its answering sshd pods (host.testcontainers.internal).
+        # Testcontainers session -> its answering sshd pods (host.testcontainers.internal), and
+        # its sshd pods that will answer soon (a question for the name may be held for them).
         self._gateways: dict[str, tuple[str, ...]] = {}
-        # name -> how many (network, pod) entries carry it; address -> likewise: "some network
-        # holds it", which decides whether an unknown asker's question may become local.
-        self._name_refs: dict[str, int] = {}
-        self._address_refs: dict[str, int] = {}
+        self._pending_gateways: dict[str, tuple[str, ...]] = {}
+        self.behind = False
         self._subscribers: list[Callable[[Touched], None]] = []
         self._awaiting_namespaces: dict[str, int] = {}
         self._touched_addresses: set[str] = set()
         self._touched_networks: set[str] = set()
-        self._held_before: dict[str, bool] = {}  # name -> held before this apply, if it flipped
-        self._touched_names: set[str] = set()  # names touched otherwise (host access)
+        self._touched_sessions: set[str] = set()  # sessions whose sshd pods changed (host access)
         self._touched_awaiting = False
         self.conflicts_seen = 0
 
@@ -161,7 +166,7 @@ class NetworkIndex:
 
     def apply(self, changes: Iterable[Change]) -> None:
         """Apply changes in order, then tell every subscriber what was touched."""
-        was_synced = self.synced
+        was_synced, was_behind = self.synced, self.behind
         for change in changes:
             if isinstance(change, Upserted):
                 self._upsert(change.record)
@@ -169,23 +174,22 @@ class NetworkIndex:
                 self._remove(change.uid)
             elif isinstance(change, Relisted):
                 self._replace_all(change.records)
+                self.behind = False
+            elif isinstance(change, WatchInterrupted):
+                self.behind = True
             else:
                 raise TypeError(f"not an index change: {change!r}")
-        if self.synced and not was_synced:
-            # Every earlier decision was "not synced": the details would be thrown away (and at
-            # the first list of 10,000 pods, copying them costs megabytes at the peak of memory).
+        if (self.synced and not was_synced) or self.behind != was_behind:
+            # Every earlier decision was "not synced", or read "behind" (rare: a watch failure
+            # and the list after it): the details would be thrown away (and at the first list of
+            # 10,000 pods, copying them costs megabytes at the peak of memory).
             touched = Touched(everything=True)
         else:
-            touched = Touched(
-                frozenset(self._touched_addresses), frozenset(self._touched_networks),
-                frozenset(n for n, held in self._held_before.items() if (n in self._name_refs) != held)
-                | self._touched_names,
-                self._touched_awaiting,
-            )
+            touched = Touched(frozenset(self._touched_addresses), frozenset(self._touched_networks),
+                              self._touched_awaiting, sessions=frozenset(self._touched_sessions))
         self._touched_addresses.clear()
         self._touched_networks.clear()
-        self._held_before.clear()
-        self._touched_names.clear()
+        self._touched_sessions.clear()
         self._touched_awaiting = False
         for subscriber in self._subscribers:
             subscriber(touched)
@@ -235,15 +239,20 @@ class NetworkIndex:
 
     def _footprint(self, record: PodRecord) -> tuple:
         """Everything of a record that the maps or a lookup read."""
-        return (record.is_asker, record.is_answer(self.require_ready), record.awaits_ip, record.ips,
-                record.networks, record.names, record.reverse_name, record.namespace, record.session,
-                self._is_gateway(record))
+        return (record.is_asker, record.is_answer(self.require_ready), self._answers_later(record),
+                record.awaits_ip, record.ips, record.networks, record.names, record.reverse_name, record.namespace,
+                record.session, self._is_sshd(record))
 
-    def _is_gateway(self, record: PodRecord) -> bool:
-        """An answering sshd pod of a Testcontainers session: ``host.testcontainers.internal``
-        for that session's containers."""
-        return (bool(record.session) and record.is_answer(self.require_ready)
-                and any(pattern.matches(record.image) for pattern in self.sshd_images))
+    def _answers_later(self, record: PodRecord) -> bool:
+        """Alive and not answering yet, but it will unless it fails or is deleted first: Pending
+        (with or without an address), or Running and not Ready with ``require_ready``."""
+        return (record.phase in ("Pending", "Running") and not record.terminating and not record.host_network
+                and not record.is_answer(self.require_ready))
+
+    def _is_sshd(self, record: PodRecord) -> bool:
+        """A Testcontainers session's sshd pod (answering or not): ``host.testcontainers.internal``
+        for that session's containers once it answers."""
+        return bool(record.session) and any(pattern.matches(record.image) for pattern in self.sshd_images)
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)
@@ -265,18 +274,22 @@ class NetworkIndex:
                 if len(self._askers[ip]) > 1:
                     self.conflicts_seen += 1
                 self._touch_claimants(ip)
-        if self._is_gateway(record):
-            _add(self._gateways, record.session, record.uid, alone)
-            self._touched_names.add(HOST_ACCESS_NAME)
+        if self._is_sshd(record):
+            self._touched_sessions.add(record.session)
+            if record.is_answer(self.require_ready):
+                _add(self._gateways, record.session, record.uid, alone)
+            elif self._answers_later(record):
+                _add(self._pending_gateways, record.session, record.uid, alone)
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
                     _add(self._names.setdefault(network, {}), name, record.uid, alone)
-                    if _claim(self._name_refs, name):
-                        self._held_before.setdefault(name, False)
                 for ip in record.ips:
                     _add(self._reverse.setdefault(network, {}), ip, record.uid, alone)
-                    self._address_refs[ip] = self._address_refs.get(ip, 0) + 1
+        elif self._answers_later(record):
+            for network in record.networks:
+                for name in record.names:
+                    _add(self._pending.setdefault(network, {}), name, record.uid, alone)
         for network in record.networks:
             self._label_refs[network] = self._label_refs.get(network, 0) + 1
             if self._label_refs[network] == 1:
@@ -293,18 +306,20 @@ class NetworkIndex:
             for ip in record.ips:
                 self._touch_claimants(ip)
                 _discard(self._askers, ip, record.uid)
-        if self._is_gateway(record):
+        if self._is_sshd(record):
+            self._touched_sessions.add(record.session)
             _discard(self._gateways, record.session, record.uid)
-            self._touched_names.add(HOST_ACCESS_NAME)
+            _discard(self._pending_gateways, record.session, record.uid)
         if record.is_answer(self.require_ready):
             for network in record.networks:
                 for name in record.names:
                     _discard_in(self._names, network, name, record.uid)
-                    if _release(self._name_refs, name):
-                        self._held_before.setdefault(name, True)
                 for ip in record.ips:
                     _discard_in(self._reverse, network, ip, record.uid)
-                    _release(self._address_refs, ip)
+        elif self._answers_later(record):
+            for network in record.networks:
+                for name in record.names:
+                    _discard_in(self._pending, network, name, record.uid)
         for network in record.networks:
             self._label_refs[network] -= 1
             if not self._label_refs[network]:
@@ -324,8 +339,8 @@ class NetworkIndex:
             pod = self._pods.get(uid)  # a pod being removed is touched by its caller
             if pod is not None:
                 self._touched_networks.update(pod.networks)
-                if self._is_gateway(pod):
-                    self._touched_names.add(HOST_ACCESS_NAME)
+                if self._is_sshd(pod):
+                    self._touched_sessions.add(pod.session)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -348,14 +363,22 @@ class NetworkIndex:
         """The namespaces of the pods awaiting their address (whose search suffixes they use)."""
         return {self._pods[uid].namespace for uid in self._awaiting_ip}
 
-    def holds_name(self, name: str) -> bool:
-        """Whether some network has a pod answering to ``name`` (lower case)."""
-        return name in self._name_refs
+    def answers_later(self, networks: tuple[str, ...], name: str) -> str | None:
+        """The first of ``networks`` with a pod that will answer to ``name`` soon (see the
+        module), or None."""
+        if not self._pending:
+            return None  # nobody is starting: the common case, and the cheapest
+        for network in networks:
+            if name in self._pending.get(network, _EMPTY):
+                return network
+        return None
 
-    @property
-    def has_host_gateways(self) -> bool:
-        """Whether some Testcontainers session has an answering sshd pod."""
-        return bool(self._gateways)
+    def answers_later_in_network(self, networks: tuple[str, ...], label: str, name: str) -> str | None:
+        """:meth:`answers_later` for ``name.<network>``: the network ``label`` designates."""
+        for network in self._labels.get(label, ()):
+            if network in networks:
+                return self.answers_later((network,), name)
+        return None
 
     def host_gateway(self, session: str) -> tuple[str, ...] | None:
         """The addresses of the answering sshd pods of Testcontainers session ``session``, or None
@@ -364,9 +387,9 @@ class NetworkIndex:
         uids = self._gateways.get(session) if session else None
         return self._addresses(uids) if uids else None
 
-    def holds_address(self, ip: str) -> bool:
-        """Whether some network has a pod answering at ``ip``."""
-        return ip in self._address_refs
+    def host_gateway_later(self, session: str) -> bool:
+        """Whether Testcontainers session ``session`` has an sshd pod that will answer soon."""
+        return bool(session) and session in self._pending_gateways
 
     def lookup(self, networks: tuple[str, ...], name: str) -> ForwardAnswer | None:
         """The first of ``networks`` (in order) holding ``name`` (lower case), with its addresses.
@@ -449,6 +472,7 @@ class NetworkIndex:
         }
         return {
             "synced": self.synced,
+            "behind": self.behind,
             "pods": len(self._pods),
             "pods_awaiting_ip": len(self._awaiting_ip),
             "conflicted_addresses": self.conflicted_addresses(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Config:
     kubedock_pod_selector: tuple[tuple[str, str], ...] = ()
     isolation_policy: str = "kubedock-dns-isolation"
     drain_seconds: float = 5.0
+    review_timeout: float = 4.0
 
     @property
     def webhook_enabled(self) -> bool:
@@ -88,16 +90,25 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
+    """A number of seconds: ``nan`` compares false with every bound, so it (and the infinities)
+    are refused here rather than slipping past the range checks."""
     value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number of seconds")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if value <= 0:
         raise ValueError(f"{text} must be greater than 0")
     return value
 
 
 def _drain_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:  # also refuses NaN
+    value = _finite_float(text)
+    if not 0 <= value <= 3600:
         raise ValueError(f"{text} must be 0 (stop at once) to 3600 seconds")
     return value
 
@@ -153,6 +164,10 @@ class Options(usage.Options):
          "On SIGTERM/SIGINT, seconds to keep answering (DNS, webhook) while /readyz says not ready, "
          "so that the Service stops sending here first; 0: stop at once.  A second signal ends the "
          "drain.", _drain_seconds],
+        ["review-timeout", None, 4.0,
+         "Seconds an admission review may take; past it the review is answered 503 (the webhook's "
+         "failurePolicy applies) and the review worker is replaced.  Keep it below the webhook's "
+         "timeoutSeconds.", _positive_float],
         ["log-format", None, "text",
          "Log format: text (twistd's lines) or json (one object a line: time, level, logger, msg and "
          "the event's fields)."],
@@ -220,6 +235,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--hold-timeout {self['hold-timeout']}: must stay below the resolver's 5 s timeout"
             )
+        if self["review-timeout"] >= 30:
+            raise usage.UsageError(
+                f"--review-timeout {self['review-timeout']}: must stay below the API server's "
+                f"longest webhook timeout, 30 s")
         if self["dns-service-ip"]:
             try:
                 ipaddress.ip_address(self["dns-service-ip"])
@@ -321,6 +340,7 @@ class Options(usage.Options):
             kubedock_pod_selector=tuple(sorted(self["kubedock-pod-selector"].items())),
             isolation_policy=self["isolation-policy"],
             drain_seconds=self["drain-seconds"],
+            review_timeout=self["review-timeout"],
         )
 
 

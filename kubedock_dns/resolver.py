@@ -34,6 +34,8 @@ class ResolverConfig:
     hold_seconds: float = 1.5
     miss_memory_seconds: float = 30.0
     miss_memory_size: int = 65536
+    # ... and at most this many bytes of (asker address, name), counted with MISS_OVERHEAD each.
+    miss_memory_bytes: int = 8 * 1024 * 1024
     # Let single-label names that no network of the asker holds through to the cluster DNS, so
     # the namespace's Services answer them.  Off: a Service must never stand in for a container.
     forward_single_label: bool = False
@@ -90,25 +92,38 @@ class Hold:
 Decision = Union[Answer, ServFail, NotFound, Forward, Hold]
 
 NOT_SYNCED = ServFail("the pod index is not synced with the API server yet")
+# Made once: the common outcome for an outside name (frozen, so it can be shared).
+NOT_LOCAL = Forward("name not in the asker's networks")
+
+
+# What one remembered (asker, name) costs beyond the two strings' characters: the key tuple, the
+# strings' headers, the expiry float and the ordered dictionary's slot and link.
+MISS_OVERHEAD = 300
 
 
 class MissMemory:
     """Remembers (asker address, name) pairs that were held and never appeared, for a while.
 
     glibc tries every search suffix of a name it cannot resolve; without this memory each suffix
-    would wait out the hold again.
+    would wait out the hold again.  At most ``size`` pairs and ``max_bytes`` bytes (the oldest go
+    first): an asker inventing names cannot grow it further.
     """
 
-    def __init__(self, seconds: float, size: int) -> None:
+    def __init__(self, seconds: float, size: int, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.seconds = seconds
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def remember(self, key: tuple[str, str], now: float) -> None:
+        if key not in self._expiry:
+            self.bytes += _miss_cost(key)
         self._expiry[key] = now + self.seconds
         self._expiry.move_to_end(key)
-        while len(self._expiry) > self.size:
-            self._expiry.popitem(last=False)
+        while len(self._expiry) > self.size or self.bytes > self.max_bytes:
+            forgotten, _ = self._expiry.popitem(last=False)
+            self.bytes -= _miss_cost(forgotten)
 
     def overlay(self) -> "MissOverlay":
         """A memory that reads this one and keeps its own additions (explain walks a pod's search
@@ -121,15 +136,20 @@ class MissMemory:
             return False
         if expiry < now:
             del self._expiry[key]
+            self.bytes -= _miss_cost(key)
             return False
         return True
+
+
+def _miss_cost(key: tuple[str, str]) -> int:
+    return MISS_OVERHEAD + len(key[0]) + len(key[1])
 
 
 class MissOverlay(MissMemory):
     """Remembers on its own, answers from its own and the underlying :class:`MissMemory`."""
 
     def __init__(self, base: MissMemory) -> None:
-        super().__init__(base.seconds, base.size)
+        super().__init__(base.seconds, base.size, base.max_bytes)
         self.base = base
         self._added: dict[tuple[str, str], float] = {}
 
@@ -147,7 +167,7 @@ class Resolver:
     def __init__(self, index: NetworkIndex, config: ResolverConfig, shuffle=random.shuffle) -> None:
         self.index = index
         self.config = config
-        self.misses = MissMemory(config.miss_memory_seconds, config.miss_memory_size)
+        self.misses = MissMemory(config.miss_memory_seconds, config.miss_memory_size, config.miss_memory_bytes)
         self._shuffle = shuffle
         domain = config.cluster_domain.strip(".").lower()
         self._svc_suffix = ".svc." + domain
@@ -210,6 +230,7 @@ class Resolver:
                 return self._host_access(asker, source_ip, qtype, held, now, trace)
             # On no (resolved) network: nothing can ever be local to it, so nothing is held.
             return self._not_local(base, "the asker is on no resolved network")
+        head = label = ""  # of name.<network>, when base has a dot
         try:
             found = index.lookup(asker.networks, base)
             if trace is not None:
@@ -232,26 +253,42 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
-        if base == HOST_ACCESS_NAME:
-            # No network of the asker has it as an alias (testcontainers-go gives its sshd that
-            # alias in the container's network): the asker's session's sshd.
+        if base == HOST_ACCESS_NAME and index.answers_later(asker.networks, base) is None:
+            # No network of the asker has it as an alias, nor will soon (testcontainers-go gives
+            # its sshd that alias in the container's network): the asker's session's sshd.
             return self._host_access(asker, source_ip, qtype, held, now, trace)
-        if "." in base and not index.holds_name(base):
-            # Multi-label names are almost always outside names (example.com, a Service): holding
-            # them would delay every outside lookup of every test container.
-            return Forward("name not in the asker's networks")
+        # Not in the asker's networks.  Held only while something there can still change that:
+        # a pod of one of them that will answer to this name soon, or a watch that lost changes.
+        # Never because of what other networks hold: how long a miss takes would tell the asker.
+        waiting = index.answers_later(asker.networks, base)
+        if waiting is None and label:
+            waiting = index.answers_later_in_network(asker.networks, label, head)
+        # While the watch is behind, a container name (a single label) may be missing only here:
+        # held.  Dotted names are almost always outside names; holding them for a watch that
+        # may stay down for a while would slow every outside lookup of every pod.
+        if waiting is None and not (index.behind and "." not in base):
+            if trace is not None:
+                trace.append(f"no pod of the asker's networks will answer to {base} soon"
+                             + (", and the pod watch is current" if not index.behind else "")
+                             + ": answered at once")
+            return NOT_LOCAL if label else self._not_local(base, "name not in the asker's networks")
+        if trace is not None:
+            trace.append(f"a pod of network {waiting} does not answer yet and will answer to {base}"
+                         if waiting is not None else "the pod watch lost changes and has not listed the pods again yet")
         miss_key = (source_ip, base)
         if held or self.misses.recently_missed(miss_key, now):
             if trace is not None and not held:
                 trace.append(f"already held once for this asker within {self.config.miss_memory_seconds:g} s: "
                              "not held again")
             return self._not_local(base, "name did not appear while held", cacheable=False)
-        return Hold("name not known yet", miss_key)
+        return Hold("a pod of the asker's networks will answer to this name soon" if waiting is not None
+                    else "the pod watch is behind", miss_key)
 
     def dependencies(self, source_ip: str, name: str, qtype: int) -> list[tuple[str, str]]:
         """The index facts :meth:`decide` reads for this question, as ``(kind, key)`` pairs in the
-        vocabulary of :class:`~kubedock_dns.index.Touched` (``address``, ``network``, ``name``,
-        ``awaiting``): a decision stays what it was until an apply touches one of them.
+        vocabulary of :class:`~kubedock_dns.index.Touched` (``address``, ``network``,
+        ``awaiting``, ``session``): a decision stays what it was until an apply touches one of them (or
+        ``everything``: the first sync, and the watch falling behind or catching up).
 
         Kept next to :meth:`decide` because the two must change together; a differential test
         (tests/test_fast_path.py) replays random churn against a cache that relies on this.
@@ -264,25 +301,19 @@ class Resolver:
             return facts  # it stays a conflict until a claim on this address changes
         if asker is None:
             facts.append(("awaiting", ""))
-            if qtype == TYPE_PTR:
-                address = reverse_name_to_ip(name.split("."))
-                if address is not None:
-                    facts.append(("address", address))
-            else:
-                facts.extend(("name", self.strip_search_suffix(name, namespace))
-                             for namespace in index.namespaces_awaiting_ip())
             return facts
+        # Names, addresses and pods that will answer soon, all of the asker's networks only.
         facts.extend(("network", network) for network in asker.networks)
-        if qtype != TYPE_PTR:
-            facts.append(("name", self.strip_search_suffix(name, asker.namespace)))
+        if asker.session and qtype != TYPE_PTR and self.strip_search_suffix(name, asker.namespace) == HOST_ACCESS_NAME:
+            facts.append(("session", asker.session))  # its session's sshd pods
         return facts
 
     def _host_access(self, asker: Asker, source_ip: str, qtype: int, held: bool, now: float,
                      trace: list[str] | None) -> Decision:
         """``host.testcontainers.internal`` that no network of the asker holds: Testcontainers'
         sshd container of the asker's own session (its ``withAccessToHost``/``exposeHostPorts``
-        tunnel), an A record only; never another session's.  A session without one is held like a name not known yet, then
-        NXDOMAIN; an asker of no session gets NXDOMAIN at once."""
+        tunnel), an A record only; never another session's.  A session without one is NXDOMAIN, held
+        first only while its sshd is starting; an asker of no session gets NXDOMAIN at once."""
         if not asker.session:
             if trace is not None:
                 trace.append(f"{HOST_ACCESS_NAME}: the asker has no annotation {' or '.join(SESSION_ANNOTATIONS)} "
@@ -304,11 +335,17 @@ class Resolver:
             if len(values) > 1:
                 self._shuffle(values)
             return Answer(qtype, tuple(values), session=asker.session)
+        # Held only while the session's own sshd is starting (or the watch lost changes), as a
+        # name of the asker's networks is: never for what other sessions have.
+        starting = self.index.host_gateway_later(asker.session)
         miss_key = (source_ip, HOST_ACCESS_NAME)
-        if held or self.misses.recently_missed(miss_key, now):
+        if held or not (starting or self.index.behind) or self.misses.recently_missed(miss_key, now):
             return NotFound(f"{HOST_ACCESS_NAME}: Testcontainers session {asker.session} has no sshd "
                             "container running (withAccessToHost/exposeHostPorts starts one)")
-        return Hold("the session's sshd container is not known yet", miss_key)
+        if trace is not None:
+            trace.append("the session's sshd container is starting" if starting
+                         else "the pod watch lost changes and has not listed the pods again yet")
+        return Hold("the session's sshd container is starting" if starting else "the pod watch is behind", miss_key)
 
     def _not_local(self, base: str, why: str, cacheable: bool = True) -> Decision:
         """A name that is not in the asker's networks: NXDOMAIN for a single label (no Service
@@ -320,25 +357,19 @@ class Resolver:
     def _decide_unknown(self, source_ip: str, name: str, qtype: int, held: bool, now: float,
                         trace: list[str] | None = None) -> Decision:
         """An address that is no pod's: a plain forwarder, except that while opted-in pods wait
-        for their address it may be one of them, so a question that could become local (a single
-        label, or a name or address some network holds) is held once per (asker, name)."""
+        for their address (or the watch is behind) it may be one of them, so its question is held
+        once per (asker, name), whatever the name: which names could become local would depend
+        on the networks' names, and how long a question takes must not tell them."""
         index = self.index
-        if held or not index.pods_awaiting_ip:
+        if held or not (index.pods_awaiting_ip or index.behind):
             return Forward("asker is not a known pod", cacheable=not held)
         if trace is not None:
-            trace.append(f"{index.pods_awaiting_ip} opted-in pod(s) wait for their address: the asker may be one")
+            trace.append(f"{index.pods_awaiting_ip} opted-in pod(s) wait for their address: the asker may be one"
+                         if index.pods_awaiting_ip else "the pod watch is behind: the asker may be a pod not seen yet")
         if qtype == TYPE_PTR:
-            address = reverse_name_to_ip(name.split("."))
-            if address is None or not index.holds_address(address):
-                return Forward("asker is not a known pod; the address is no network's")
             base = name
         else:
-            candidates = {self.strip_search_suffix(name, ns) for ns in index.namespaces_awaiting_ip()}
-            local = sorted(b for b in candidates if "." not in b or index.holds_name(b)
-                           or (b == HOST_ACCESS_NAME and index.has_host_gateways))
-            if not local:
-                return Forward("asker is not a known pod; the name is no network's")
-            base = local[0]
+            base = min(self.strip_search_suffix(name, namespace) for namespace in index.namespaces_awaiting_ip() or {""})
         miss_key = (source_ip, base)
         if self.misses.recently_missed(miss_key, now):
             return Forward("asker is not a known pod; held once already", cacheable=False)

@@ -188,6 +188,7 @@ def build_server(config: Config, reactor, pod_source: Callable[[NetworkIndex], s
         values.update(
             pods=len(index), pods_awaiting_ip=index.pods_awaiting_ip,
             conflicted_addresses=len(index.conflicted_addresses()), synced=int(index.synced),
+            watch_behind=int(index.behind),
             holding=factory.holding, draining=int(top.draining),
             ip_conflicts_seen=index.conflicts_seen, forwards_in_flight=forwarder.in_flight,
             forwards_failed=forwarder.failed, forwards_refused_overload=forwarder.refused_overload,
@@ -271,7 +272,7 @@ def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.
                                    ndots=config.ndots, opt_in_label=config.opt_in_label,
                                    network_labels=config.network_policies)
     # Reviews are decoded and decided in a worker process: in this one they would stall DNS.
-    pool = ReviewPool(webhook_config, reactor)
+    pool = ReviewPool(webhook_config, reactor, deadline=config.review_timeout)
     app = WebhookApp(webhook_config, ready=ready, reviewer=pool.review)
     listener = webhook_service(app.resource(), config.webhook_port, config.webhook_interface,
                                config.tls_cert, config.tls_key, reactor)
@@ -285,14 +286,15 @@ def webhook_child(config: Config, nameserver: str, reactor, ready, top: service.
 
 
 class ReviewPoolService(service.Service):
-    """Stops the admission review worker process when the server stops."""
+    """Stops the admission review worker process when the server stops (waiting for it a
+    bounded time: see :meth:`ReviewPool.close`)."""
 
     def __init__(self, pool) -> None:
         self.pool = pool
 
     def stopService(self):
         super().stopService()
-        self.pool.close()
+        return self.pool.close()
 
 
 def makeService(options: Options) -> service.MultiService:

@@ -12,6 +12,16 @@ Targets (each a function of the input bytes that raises only when a contract is 
   bytes must equal the full path's; where it forwards, so must the full path.
 - ``review``: :func:`kubedock_dns.admission.review.render_review` must never raise and never answer 500;
   a 200 carries an AdmissionReview whose patch (if any) is a JSON patch; log lines stay bounded.
+- ``readloop``: the bytes are cut into datagrams (a length byte before each; the first byte of a
+  datagram picks its asker) and read by the real UDP port's read loop
+  (:class:`kubedock_dns.dns.udp.AnsweringPort`, on a stand-in socket) twice over, so that repeated
+  questions are answered from prepared bytes: nothing may raise, every reply is a message
+  carrying its query's ID (none for junk shorter than a header or a response), every datagram
+  is counted, and the prepared replies stay within their byte bounds, in all and per asker.
+- ``names``: the bytes become a pod's name (repeated up to 100,000 characters) and up to 1,000
+  aliases and a container name (most of them not DNS names): the review is admitted with at most
+  MAX_WARNINGS warnings of at most 256 characters, in an answer of a few KB (at most the warnings'
+  characters JSON-escaped, and the patch).
 
 Seeds and every crash found are kept in ``tests/fuzz_corpus/<target>/`` and replayed by
 ``tests/test_fuzz.py`` on every run.  On demand::
@@ -36,7 +46,7 @@ CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 def _imports() -> None:
     global dns_message, Relisted, NetworkIndex, Resolver, ResolverConfig, KubedockDNSServerFactory
     global FORWARD, FastPath, WebhookConfig, render_review, parse_question, scan_records, WireError
-    global record, network_id, Clock, defer
+    global record, network_id, Clock, defer, AnsweringPort, ReadLoopHook, QueryDatagramProtocol
     import dns.message as dns_message
     from twisted.internet import defer
     from twisted.internet.task import Clock
@@ -48,6 +58,8 @@ def _imports() -> None:
     from kubedock_dns.admission.review import WebhookConfig, render_review
     from kubedock_dns.dns.fastpath import FORWARD, FastPath
     from kubedock_dns.dns.wire import WireError, parse_question, scan_records
+    from kubedock_dns.dns.udp import AnsweringPort, ReadLoopHook
+    from kubedock_dns.dns.server import QueryDatagramProtocol
     from tests.podfactory import network_id, record
 
 
@@ -71,6 +83,9 @@ class _Proto:
 
 class _Forwarder:
     """Records what would be forwarded; never answers (the client would time out)."""
+
+    max_in_flight = 1024
+    in_flight = 0
 
     def __init__(self) -> None:
         self.forwarded: list[bytes] = []
@@ -184,7 +199,113 @@ class ReviewHarness:
             assert len(rendered.body) < 2000, len(rendered.body)
 
 
-HARNESSES = {"dns": DNSHarness, "review": ReviewHarness}
+class _FakeSocket:
+    """recvfrom hands out the scripted datagrams, then 'nothing more to read'; sendto records."""
+
+    def __init__(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        self.datagrams = list(datagrams)
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        import errno
+
+        if not self.datagrams:
+            raise BlockingIOError(errno.EAGAIN, "nothing more")
+        data, address = self.datagrams.pop(0)
+        return data[:size], address
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+class ReadLoopHarness:
+    """The UDP read loop over the DNS harness's topology, with small cache bounds."""
+
+    def __init__(self) -> None:
+        self.topology = DNSHarness()
+
+    def run(self, data: bytes) -> None:
+        datagrams, offset = [], 0
+        while offset < len(data) and len(datagrams) < 64:
+            length = data[offset]
+            chunk = data[offset + 1 : offset + 1 + length]
+            offset += 1 + length
+            if chunk:
+                source = DNSHarness.SOURCES[chunk[0] % len(DNSHarness.SOURCES)]
+                datagrams.append((chunk[1:], (source, 40000 + len(datagrams))))
+        clock = Clock()
+        resolver = Resolver(self.topology.index, ResolverConfig(), shuffle=_keep_order)
+        fast = FastPath(resolver, clock.seconds, shuffle=_keep_order, max_bytes=12_000, max_asker_bytes=3_000)
+        server = KubedockDNSServerFactory(clock, resolver, _Forwarder(), fast_path=fast)
+        failures: list[BaseException] = []
+
+        def missed(query) -> None:
+            try:
+                server._receive(query)
+            except BaseException as e:  # the loop would log it: here it is a broken contract
+                failures.append(e)
+                raise
+
+        real = server.read_loop_hook()
+        hook = ReadLoopHook(replies=real.replies, sampler=real.sampler, missed=missed, read=real.read)
+        protocol = QueryDatagramProtocol(server, clock)
+        port = AnsweringPort(0, protocol, "127.0.0.1", clock, hook)
+        protocol.transport = port
+        for _ in range(2):  # the second time, repeated questions are prepared already
+            port.socket = _FakeSocket(datagrams)
+            before = server.counters.queries_udp
+            port.doRead()
+            clock.advance(5)  # held questions are decided
+            assert not failures, failures
+            assert server.counters.queries_udp - before == len(datagrams)
+            queries = {address: query for query, address in datagrams}
+            for reply, address in port.socket.sent:
+                query = queries[address]
+                assert len(query) >= 12 and not query[2] & 0x80, "a reply to junk"
+                message = dns_message.from_wire(reply, ignore_trailing=False)
+                assert message.id == int.from_bytes(query[:2], "big")
+            assert fast.bytes <= fast.max_bytes
+            for host in {key[0] for key in fast.replies}:
+                assert sum(fast._shares[host].values()) <= fast.max_asker_bytes
+
+
+class NamesHarness:
+    """A review whose names are made of the input (see the module)."""
+
+    def __init__(self) -> None:
+        _imports()
+        from kubedock_dns.admission.review import MAX_WARNING_CHARS, MAX_WARNINGS
+
+        self.config = WebhookConfig(nameserver_ip="10.96.0.53")
+        self.max_warnings, self.max_chars = MAX_WARNINGS, MAX_WARNING_CHARS
+
+    def run(self, data: bytes) -> None:
+        if len(data) < 3:
+            return
+        text = data[3:].decode("utf-8", "replace")
+        parts = text.split("\x00") if text else [""]
+        name = (parts[0] or "p") * min(100_000, 1 + data[0] * 400) if data[0] else parts[0]
+        aliases = (parts[1:] or ["a:"]) * (1 + data[1] * 4)
+        annotations = {"kubedock.hostalias/0": parts[0][:300], "kubedock.network/0": "0" * 64,
+                       "kubedock.containername": "/" + name[: 1 + data[2] * 40]}
+        annotations.update({f"kubedock.hostalias/{i}": alias for i, alias in enumerate(aliases[:1000], 1)})
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "fuzz", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+            "namespace": "ns", "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "name": name, "namespace": "ns", "labels": {"kubedock": "true"}, "annotations": annotations},
+                "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+        rendered = render_review(json.dumps(review).encode(), self.config)
+        assert rendered.status == 200, rendered
+        response = json.loads(rendered.body)["response"]
+        assert response["allowed"] is True
+        warnings = response.get("warnings", [])
+        assert len(warnings) <= self.max_warnings and all(len(w) <= self.max_chars for w in warnings), warnings
+        # JSON writes a non-ASCII character as \uXXXX (up to 12 bytes for a surrogate pair).
+        assert len(rendered.body) < 12 * self.max_warnings * self.max_chars + 2_000, len(rendered.body)
+
+
+HARNESSES = {"dns": DNSHarness, "review": ReviewHarness, "readloop": ReadLoopHarness, "names": NamesHarness}
 
 
 def main(argv: list[str]) -> None:

@@ -49,6 +49,8 @@ RULES: list[tuple[str, set[str], set[str]]] = [
     ("kubedock_dns.admission.review", {"kubedock_dns.contract"}, THIRD_PARTY_SERVING),
     ("kubedock_dns.admission.workers", {"kubedock_dns.admission.review"},
      {"kubernetes", "klein", "treq", "OpenSSL", "cryptography", "prometheus_client"}),
+    # The worker process's main: the standard library and the review, nothing else.
+    ("kubedock_dns.admission.review_process", {"kubedock_dns.admission.review"}, THIRD_PARTY_SERVING),
     ("kubedock_dns.kube", {"kubedock_dns.contract", "kubedock_dns.kube"} | INSTRUMENTS,
      {"klein", "treq", "OpenSSL", "prometheus_client"}),
     ("kubedock_dns.kube.listing", set(), THIRD_PARTY_SERVING),
@@ -150,12 +152,13 @@ def test_only_the_kube_package_imports_kubernetes():
 
 
 def test_the_review_worker_loads_no_web_stack():
-    """The spawned review worker imports admission.review alone: importing it in a fresh
-    interpreter loads neither Twisted, klein nor OpenSSL (they cost the worker memory and start-up)."""
+    """The spawned review worker runs admission.review_process, which imports admission.review
+    alone: importing it in a fresh interpreter loads neither Twisted, klein nor OpenSSL (they
+    cost the worker memory and start-up)."""
     import subprocess
     import sys
 
-    probe = ("import sys, kubedock_dns.admission.review; "
+    probe = ("import sys, kubedock_dns.admission.review_process; "
              "print(sorted(m for m in ('twisted', 'klein', 'OpenSSL', 'cryptography') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

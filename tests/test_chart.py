@@ -44,6 +44,7 @@ PLUGIN_OPTIONS = {
     "--network-policies", "--isolation-policy", "--kubedock-pod-selector", "--drain-seconds",
     "--log-format", "--log-level",
     "--testcontainers-sshd-image",
+    "--review-timeout",
 }
 
 # The documented options (values.yaml / docs/install.md), each rendered and linted.
@@ -246,6 +247,22 @@ def test_deployment_stays_available(default: list[dict[str, Any]]) -> None:
         assert ports[c[probe]["httpGet"]["port"]] == 8080
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     assert spec["template"]["spec"]["dnsPolicy"] == "ClusterFirst"
+
+
+@pytest.mark.parametrize("timeout", [1, 5, 30])
+def test_a_review_is_answered_before_the_api_server_gives_up(helm: str, timeout: int) -> None:
+    """The server's review deadline (past it: 503, the failure policy applies, the worker is
+    replaced) is below the webhook's timeoutSeconds, whatever that is set to, and the server
+    accepts it."""
+    from kubedock_dns.options import Options
+
+    objects = render(helm, "--set", f"webhook.timeoutSeconds={timeout}")
+    (webhook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
+    [deadline] = args_of(objects)["--review-timeout"]
+    assert 0 < float(deadline) < webhook["timeoutSeconds"] == timeout
+    options = Options()
+    options.parseOptions(["--upstream", "10.0.0.1", "--namespace", "ns", "--review-timeout", deadline])
+    assert options.config().review_timeout == float(deadline)
 
 
 def test_arguments_wire_ports_tls_and_namespace(default: list[dict[str, Any]]) -> None:

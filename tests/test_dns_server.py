@@ -296,10 +296,15 @@ class TruncationTests(DNSServerTestCase):
 class HoldTests(DNSServerTestCase):
     hold_timeout = 1.5
 
+    def starting(self, name: str, network: str = NET_A, uid: str | None = None) -> None:
+        """A pod of ``network`` that will answer to ``name`` once it runs (Pending, no address)."""
+        self.index.apply([Upserted(record(name, [network], phase="Pending", namespace=NS, uid=uid or f"start-{name}"))])
+
     @defer.inlineCallbacks
-    def test_peer_created_a_moment_later_is_resolved_by_the_held_question(self):
-        """A container that looks up a peer before the peer's pod is Running gets its address
-        as soon as the index learns it, not an error."""
+    def test_a_peer_being_started_is_resolved_by_the_held_question(self):
+        """A container that looks up a peer whose pod is being started (not Running yet) gets the
+        peer's address as soon as the index learns it, not an error."""
+        self.starting("cache", uid="a-cache")
         started = time.monotonic()
         pending = self.ask(A_SVC, f"cache.{NS}.svc.cluster.local")
         yield task.deferLater(reactor, 0.4, lambda: None)
@@ -307,11 +312,24 @@ class HoldTests(DNSServerTestCase):
         r = yield pending
         self.assertEqual(addresses(r), ["127.10.1.7"])
         self.assertLess(time.monotonic() - started, 1.4)
+        self.assertEqual(self.server.dns.counters.held, 1)
+
+    @defer.inlineCallbacks
+    def test_a_miss_with_nothing_starting_is_answered_at_once(self):
+        """Nothing of the asker's networks will answer to the name: NXDOMAIN (or the upstream's
+        answer, for a dotted name) at once, never held, whatever other networks hold or start:
+        a name another run uses is answered exactly like one nobody uses."""
+        self.starting("queue", network=NET_B)
+        for name in ("nobody", "test_db_b", "queue", f"test_db_b.{NS}.svc.cluster.local"):
+            r = yield self.ask(A_SVC, name)
+            self.assertEqual((r.rcode(), r.answer), (dns.rcode.NXDOMAIN, []), name)
+        self.assertEqual(self.server.dns.counters.held, 0)
 
     @defer.inlineCallbacks
     def test_a_name_that_never_appears_costs_one_hold_not_one_per_suffix(self):
-        """After one bounded hold the name is forwarded (NXDOMAIN from the upstream); the next
-        search suffixes glibc tries are forwarded at once."""
+        """A peer that does not start in time: after one bounded hold the name is NXDOMAIN; the
+        next search suffixes glibc tries are answered at once."""
+        self.starting("ghost")
         started = time.monotonic()
         r = yield self.ask(A_SVC, f"ghost.{NS}.svc.cluster.local")
         first = time.monotonic() - started
@@ -326,11 +344,13 @@ class HoldTests(DNSServerTestCase):
     @defer.inlineCallbacks
     def test_a_peer_in_another_network_does_not_end_the_hold(self):
         """The name appearing in someone else's network is no answer for this asker."""
+        self.starting("late")
         pending = self.ask(A_SVC, "late")
         yield task.deferLater(reactor, 0.2, lambda: None)
         self.index.apply([Upserted(record("late", [NET_B], ip="127.10.2.9", namespace=NS, uid="b-late"))])
         r = yield pending
         self.assertEqual(r.rcode(), dns.rcode.NXDOMAIN)
+        self.assertEqual(self.server.dns.counters.hold_expired, 1)
 
     @defer.inlineCallbacks
     def test_unknown_asker_waits_for_its_own_pod_to_get_its_address(self):
@@ -346,8 +366,10 @@ class HoldTests(DNSServerTestCase):
 
     @defer.inlineCallbacks
     def test_holds_are_bounded_and_overflow_is_answered_at_once(self):
-        """Past the bound on held questions, a question for an unknown name is decided at once
-        (forwarded) instead of piling up."""
+        """Past the bound on held questions, a question that would be held is decided at once
+        (NXDOMAIN) instead of piling up."""
+        self.starting("nobody-1")
+        self.starting("nobody-2")
         self.server.dns.holds.max_held = 1
         started = time.monotonic()
         first = self.ask(A_SVC, "nobody-1")
@@ -452,12 +474,24 @@ class UnknownAskerTests(DNSServerTestCase):
         self.index.apply([Upserted(record("newbie", [NET_B], phase="Pending", namespace=NS, uid="newbie"))])
 
     @defer.inlineCallbacks
-    def test_outside_names_are_forwarded_at_once_while_a_pod_awaits_its_address(self):
-        """An unknown source's outside names are not held even while some pod awaits its IP."""
+    def test_outside_names_wait_for_the_askers_address_then_go_out(self):
+        """An unknown source's outside name is held like any name while some pod awaits its IP
+        (which names could become local would tell other networks' names): it is answered as soon
+        as the source's address is indexed (here: as a pod of B), by the cluster DNS; the same
+        name from a source that stays unknown is held once, then forwarded at once."""
+        pending = self.ask("127.10.2.50", "kubernetes.default.svc.cluster.local")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        started = time.monotonic()
+        self.index.apply([Upserted(record("newbie", [NET_B], ip="127.10.2.50", namespace=NS, uid="newbie"))])
+        r = yield pending
+        self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.index.apply([Upserted(record("other", [NET_B], phase="Pending", namespace=NS, uid="other"))])
         for _ in range(3):
             r = yield self.ask(OUTSIDER, "kubernetes.default.svc.cluster.local")
             self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
-        self.assertEqual(self.server.dns.counters.held, 0)
+        counters = self.server.dns.counters
+        self.assertEqual((counters.held, counters.hold_expired), (2, 1))
 
     @defer.inlineCallbacks
     def test_a_name_that_could_become_local_is_held_once_per_asker_and_name(self):
@@ -547,6 +581,7 @@ class OverloadTests(DNSServerTestCase):
         self.addCleanup(self.silent.close)
         super().setUp()
         self.server.dns.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+        self.server.dns.max_forwards_per_asker = 100  # the global bound alone (ForwardShareTests: the share)
 
     @defer.inlineCallbacks
     def test_too_many_forwards_in_flight_are_refused(self):
@@ -556,6 +591,30 @@ class OverloadTests(DNSServerTestCase):
         self.assertEqual(rcodes.count(dns.rcode.REFUSED), 4)
         self.assertEqual(rcodes.count(dns.rcode.SERVFAIL), 2)
         self.assertEqual(self.server.dns.forwarder.refused_overload, 4)
+
+
+class ForwardShareTests(DNSServerTestCase):
+    max_forwards = 8  # a share of 2 per asker
+
+    def setUp(self):
+        self.silent = ScriptedUpstream(silent=True)
+        self.addCleanup(self.silent.close)
+        super().setUp()
+        self.server.dns.forwarder.upstreams = (parse_upstream(self.silent.upstream_arg),)
+
+    @defer.inlineCallbacks
+    def test_one_asker_cannot_take_every_forward(self):
+        """An asker flooding outside names that take long to answer holds at most half of
+        --max-forwards (a quarter before they are counted per asker, a quarter after): its own
+        questions past that are REFUSED at once, and another pod's outside names are still
+        forwarded (here: SERVFAIL when the silent upstream times out), never REFUSED."""
+        flood = [self.ask(A_SVC, f"x{i}.example") for i in range(10)]
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        other = yield defer.gatherResults([self.ask(B_SVC, f"y{i}.example") for i in range(2)])
+        flooded = yield defer.gatherResults(flood)
+        self.assertEqual(sorted(r.rcode() for r in flooded).count(dns.rcode.REFUSED), 6)
+        self.assertEqual([r.rcode() for r in other], [dns.rcode.SERVFAIL] * 2)
+        self.assertEqual((self.server.dns.forwarding, self.server.dns.forwarder.refused_overload), (0, 0))
 
 
 class IdleTCPTests(DNSServerTestCase):

@@ -253,16 +253,34 @@ def test_outside_names_come_from_the_cluster_dns(bed: EndToEndBed) -> None:
     assert bed.metrics()["kubedock_dns_forwarded_total"] > forwarded
 
 
-def test_peer_created_a_moment_later_resolves(bed: EndToEndBed) -> None:
-    """A pod that looks up a peer which is created a moment later gets the peer's address, not
-    an error (the server holds the question until the name is known); a name that never appears
-    fails after the hold bound: seconds, not minutes.
+def dig_timed(bed: EndToEndBed, pod: BedPod, name: str) -> tuple[str, int]:
+    """``dig`` in the pod: the response status and dig's own "Query time" in milliseconds (the
+    round trip through the Service to kubedock-dns and back, without the exec around it)."""
+    rc, out, err = bed.exec(pod, ["dig", f"+time={DIG_SECONDS}", "+tries=1", "+noall", "+comments", "+stats", name])
+    assert rc == 0, context(bed, out + err)
+    status = next((line.split("status: ")[1].split(",")[0] for line in out.splitlines() if "status: " in line), "?")
+    msec = next((int(line.split("Query time:")[1].split()[0]) for line in out.splitlines() if "Query time:" in line), -1)
+    return status, msec
 
-    The hold is proven by an event, not by timing: the peer is created only once the server
-    reports the lookup held (its held counter rose and a question is being held), so the
-    lookup was in flight, unanswered, before the peer existed."""
+
+def test_peer_being_started_resolves_and_a_miss_is_answered_at_once(bed: EndToEndBed) -> None:
+    """A pod that looks up a peer kubedock is still starting (created, its ``setup`` not done
+    yet) gets the peer's address once it runs, not an error (the server holds the question);
+    a name nothing of its network will answer to is NXDOMAIN at once, as Docker answers (never
+    held, whatever another network holds), so a test checking that a name is absent waits
+    for nothing.
+
+    The hold is proven by an event, not by timing: the peer is let run only once the server
+    reports the lookup held (its held counter rose and a question is being held), so the lookup
+    was in flight, unanswered, before the peer could answer."""
     network = new_network_id()
     app = bed.create_kubedock_pod("app", [network])
+    late = bed.create_kubedock_pod("late-db", [network], wait=False)
+    bed.create_kubedock_pod("secret-db", [new_network_id()])  # another run's container
+    deadline = time.monotonic() + 10
+    while late.name not in {m["pod"] for m in bed.debug_networks()["networks"].get(network, [])}:
+        assert time.monotonic() < deadline, context(bed, "the server never saw late-db")
+        time.sleep(0.05)
     before = bed.metrics()
 
     def look_up() -> tuple[int, set[str], str, float]:
@@ -282,20 +300,21 @@ def test_peer_created_a_moment_later_resolves(bed: EndToEndBed) -> None:
                 break
             assert time.monotonic() < deadline, context(bed, "the server never held the lookup", now)
             time.sleep(0.02)
-        late = bed.create_kubedock_pod("late-db", [network])
+        late = bed.wait_running(late)
         rc, ips, out, seconds = asking.result(timeout=60)
     assert (rc, ips) == (0, {late.ip}), context(bed, out, f"after {seconds:.1f}s")
     after = bed.metrics()
     assert after["kubedock_dns_hold_expired_total"] == before["kubedock_dns_hold_expired_total"], (
         "the hold ran out before the peer appeared: the answer came from a later question")
 
-    began = time.monotonic()
-    rc, ips, out = ahosts(bed, app, "never-there")
-    elapsed = time.monotonic() - began
-    assert rc == 2 and not ips, context(bed, out)
-    # The hold bound plus glibc's other forms (answered at once) plus exec: seconds, not minutes,
-    # with room for a loaded machine.
-    assert elapsed < HOLD_SECONDS + 20, f"a name that never appears took {elapsed:.1f}s to fail"
+    held = bed.metrics()["kubedock_dns_held_total"]
+    times = {}
+    for name in ("never-there", "secret-db", f"never-there.{bed.namespace}.svc.cluster.local"):
+        status, times[name] = dig_timed(bed, app, name)
+        assert status == "NXDOMAIN", context(bed, name, status)
+    assert bed.metrics()["kubedock_dns_held_total"] == held, context(bed, "a miss was held")
+    print(f"misses answered in {times} ms (dig's query time)")
+    assert max(times.values()) < 1000, context(bed, times)  # far below the hold; docs/benchmarks.md has the figures
 
 
 def test_name_dot_network_answers_from_that_network_of_the_asker(bed: EndToEndBed) -> None:

@@ -148,18 +148,31 @@ class SemanticsTableTests(ExplainTestCase):
         self.assertIn("asker is not a known pod", report["forms"][0]["decision"]["why"])
 
     @defer.inlineCallbacks
-    def test_unknown_single_label_is_held_then_nxdomain(self):
-        """Rows 10 and 11: a container name nobody has is held, then NXDOMAIN, never forwarded; the
-        explanation says both, and that the next forms are not held again."""
-        report = yield self.both(A_SVC, "nosuch.", explain_first=True)
+    def test_unknown_single_label_is_nxdomain_at_once(self):
+        """Rows 10 and 11: a container name nobody of the asker's networks has, and no pod there
+        will answer to soon, is NXDOMAIN at once, never forwarded; the explanation says so."""
+        report = yield self.both(A_SVC, "nosuch.")
+        form = report["forms"][0]
+        self.assertEqual((form["decision"]["rule"], form["decision"]["rcode"]), ("NotFound", "NXDOMAIN"))
+        self.assertNotIn("upstream", form)
+        self.assertTrue(any("answered at once" in step for step in form["trace"]), form["trace"])
+        walk = yield self.explain(A_SVC, "nosuch2")
+        self.assertEqual([f["decision"]["rule"] for f in walk["forms"]], ["NotFound"] * 4)
+        self.assertEqual(walk["result"]["rcode"], "NXDOMAIN")
+
+    @defer.inlineCallbacks
+    def test_a_name_a_peer_will_answer_to_soon_is_held_then_nxdomain(self):
+        """A name a pod of the asker's network will answer to once it starts is held, then
+        NXDOMAIN if it does not start in time; the explanation says both, and that the next forms
+        are not held again."""
+        self.index.apply([Upserted(record("starting", [NET_A], phase="Pending", namespace=NS, uid="starting"))])
+        report = yield self.both(A_SVC, "starting.", explain_first=True)
         form = report["forms"][0]
         self.assertEqual(form["decision"]["rule"], "Hold")
         self.assertEqual(form["after_hold"]["rcode"], "NXDOMAIN")
-        self.assertNotIn("upstream", form)
-        walk = yield self.explain(A_SVC, "nosuch2")
-        rules = [f["decision"]["rule"] for f in walk["forms"]]
-        self.assertEqual(rules, ["Hold", "NotFound", "NotFound", "NotFound"])
-        self.assertEqual(walk["result"]["rcode"], "NXDOMAIN")
+        self.assertTrue(any("does not answer yet" in step for step in form["trace"]), form["trace"])
+        walk = yield self.explain(B_SVC, "starting")
+        self.assertEqual([f["decision"]["rule"] for f in walk["forms"]], ["NotFound"] * 4)  # not B's
 
     @defer.inlineCallbacks
     def test_outside_multi_label_name_is_forwarded_at_once(self):

@@ -58,7 +58,7 @@ def ahosts(bed: EndToEndBed, pod, name: str) -> tuple[int, set[str]]:
 
 def test_the_story_ends_with_what_glibc_got(bed: EndToEndBed) -> None:
     """Own network's db (answered at the first search form, never the decoy Service), the other
-    run's container (held, then NXDOMAIN on every form: glibc fails), an outside name (forwarded,
+    run's container (NXDOMAIN at once on every form, never held: glibc fails), an outside name (forwarded,
     the cluster DNS's address), a pod in two networks (the first network with the name wins) and a
     reverse lookup (the peer's name): explain's result equals glibc's every time."""
     net_a, net_b = new_network_id(), new_network_id()
@@ -78,7 +78,7 @@ def test_the_story_ends_with_what_glibc_got(bed: EndToEndBed) -> None:
     rc, ips = ahosts(bed, a_app, "run-b_db")
     assert (rc, ips) == (2, set())
     assert report["result"]["rcode"] == "NXDOMAIN" and report["result"]["records"] == []
-    assert report["forms"][0]["decision"]["rule"] == "Hold"
+    assert report["forms"][0]["decision"]["rule"] == "NotFound"
     assert {f["name"] for f in report["forms"]} >= {"run-b_db", f"run-b_db.{bed.namespace}.svc.cluster.local"}
 
     report = explain(bed, a_app, "kubernetes.default")

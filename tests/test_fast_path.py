@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 import dataclasses
 
-from kubedock_dns.contract import Deleted, Relisted, Upserted
+from kubedock_dns.contract import Deleted, Relisted, Upserted, WatchInterrupted
 from kubedock_dns.index import NetworkIndex
 from kubedock_dns.resolver import Resolver, ResolverConfig
 from kubedock_dns.dns.server import KubedockDNSServerFactory
-from kubedock_dns.dns.fastpath import FORWARD, FastPath
+from kubedock_dns.dns.fastpath import ENTRY_OVERHEAD, FORWARD, FastPath, _size
 from tests.podfactory import network_id, record
 
 
@@ -144,8 +144,9 @@ def queries(draw, pods):
         suffix = draw(st.sampled_from(["", ".ns.svc.cluster.local", ".svc.cluster.local", ".cluster.local", "."]))
         name = base + suffix
         name = "".join(c.upper() if draw(st.booleans()) else c for c in name)
-    message = dns.message.make_query(name, qtype, use_edns=draw(st.sampled_from([False, 0])),
-                                     payload=draw(st.sampled_from([512, 1232, 4096])))
+    edns = draw(st.sampled_from([False, 0]))
+    message = dns.message.make_query(name, qtype, use_edns=edns, payload=draw(st.sampled_from([512, 1232, 4096])),
+                                     want_dnssec=edns is not False and draw(st.booleans()))
     message.id = draw(st.integers(0, 65535))
     if draw(st.booleans()):
         message.flags &= ~0x0100  # RD off
@@ -274,17 +275,20 @@ def churn_queries(draw):
 @given(st.data())
 def test_cached_answers_follow_every_index_change(data):
     """Under random churn (phases, addresses shared by two pods, networks, names, deletions, pods
-    awaiting their address, relists, Testcontainers sessions and their sshd pods), every answer the
-    fast path gives from its cache is what the full path (the reference) does now: the same bytes,
-    or a relay where it relays; and whatever it gives, a fast path with nothing cached gives the same
-    (a stale "full path decides" costs no correctness, but the cache must still not outlive a
-    change).  A change drops every entry it can affect."""
+    awaiting their address or otherwise not answering yet, relists, a watch losing changes,
+    Testcontainers sessions and their sshd pods), with budgets small enough to evict, every answer
+    the fast path gives from its cache is what the full path (the reference) does now: the same
+    bytes, or a relay where it relays; and whatever it gives, a fast path with nothing cached gives
+    the same (a stale "full path decides" costs no correctness, but the cache must still not
+    outlive a change).  A change drops every entry it can affect."""
     uids = [f"p{i}" for i in range(6)]
     pods = {uid: data.draw(churn_pods(uid)) for uid in uids[:3]}
     index = NetworkIndex(require_ready=data.draw(st.booleans()))
     index.apply([Relisted(tuple(pods.values()))])
     resolver = Resolver(index, ResolverConfig(), shuffle=keep_order)
-    fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order)
+    # Small budgets sometimes, so that evictions interleave with invalidations.
+    budget = data.draw(st.sampled_from([(1 << 25, 1 << 18), (6000, 2500)]))
+    fast = FastPath(resolver, NoClock().seconds, shuffle=keep_order, max_bytes=budget[0], max_asker_bytes=budget[1])
     asked = data.draw(st.lists(churn_queries(), min_size=5, max_size=15))
 
     def check_against_the_references():
@@ -297,8 +301,10 @@ def test_cached_answers_follow_every_index_change(data):
 
     for _ in range(data.draw(st.integers(1, 8))):
         check_against_the_references()
-        kind = data.draw(st.sampled_from(["upsert", "upsert", "delete", "relist"]))
-        if kind == "upsert":
+        kind = data.draw(st.sampled_from(["upsert", "upsert", "delete", "relist", "interrupt"]))
+        if kind == "interrupt":
+            index.apply([WatchInterrupted()])
+        elif kind == "upsert":
             uid = data.draw(st.sampled_from(uids))
             pods[uid] = data.draw(churn_pods(uid))
             index.apply([Upserted(pods[uid])])
@@ -311,6 +317,9 @@ def test_cached_answers_follow_every_index_change(data):
             pods = {uid: pods.get(uid) or data.draw(churn_pods(uid)) for uid in kept}
             index.apply([Relisted(tuple(pods.values()))])
     check_against_the_references()
+    assert fast.bytes == sum(ENTRY_OVERHEAD + len(k[2]) + _size(v) for k, v in fast.replies.items()) <= budget[0]
+    assert set(fast._facts) == set(fast.replies)
+    assert all(key in fast.replies for keys in fast._dependents.values() for key in keys)
 
 
 def test_a_change_keeps_the_answers_of_other_networks_askers():
@@ -346,9 +355,10 @@ def test_a_second_claim_on_an_answer_address_drops_that_answer():
     assert fast.answer(query, "10.1.0.2", False) is None  # the full path answers SERVFAIL
 
 
-def test_a_dotted_name_appearing_elsewhere_stops_being_forwarded():
-    """A dotted name no network holds is forwarded; once some network holds it, the asker's
-    question may become local (held), so the cached FORWARD must go."""
+def test_a_dotted_name_elsewhere_stays_forwarded_one_starting_here_is_held():
+    """A dotted name no network of the asker holds is forwarded, and stays forwarded when another
+    network starts holding it (that network's names are none of the asker's business); once a pod
+    of the asker's own network will answer to it, the cached FORWARD goes (the question is held)."""
     pods = [record("app", [NETS[0]], ip="10.1.0.2", uid="app0", namespace="ns")]
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
@@ -356,25 +366,84 @@ def test_a_dotted_name_appearing_elsewhere_stops_being_forwarded():
     query = dns.message.make_query("api.internal", "A").to_wire()
     assert fast.answer(query, "10.1.0.2", False) is FORWARD
     index.apply([Upserted(record("api.internal", [NETS[1]], ip="10.1.1.1", uid="api", namespace="ns"))])
-    assert fast.answer(query, "10.1.0.2", False) is None
+    assert fast.answer(query, "10.1.0.2", False) is FORWARD and fast.invalidated == 0
+    index.apply([Upserted(record("api.internal", [NETS[0]], phase="Pending", uid="api0", namespace="ns"))])
+    assert fast.answer(query, "10.1.0.2", False) is None  # held by the full path
 
 
-def test_the_answer_cache_never_holds_more_than_its_cap():
-    """docs/design.md: the fast path's cache holds at most ``max_entries`` prepared replies (100,000
-    by default) and is emptied when full, so a client asking ever new questions cannot grow it
-    without bound; answers given after it was emptied are still the full path's."""
-    pods = [record("db", [NETS[0]], ip="10.1.0.1", uid="db", namespace="ns")]
-    pods += [record(f"app{i}", [NETS[0]], ip=f"10.1.0.{i + 10}", uid=f"app{i}", namespace="ns") for i in range(40)]
+def many_pods(count: int = 100):
+    """``count`` pods in 50 networks, each asking from its own address."""
+    nets = [network_id(f"mem{i}") for i in range(50)]
+    return [record("db", [nets[i % 50]], ip=f"10.1.{i // 250}.{i % 250 + 1}", uid=f"p{i}", namespace="ns")
+            for i in range(count)]
+
+
+def everyday_queries() -> list[bytes]:
+    return [dns.message.make_query(name, qtype, use_edns=edns).to_wire()
+            for name in ("db", "db.ns.svc.cluster.local", "ghost.example.com", "x.example")
+            for qtype in ("A", "AAAA") for edns in (False, 0)]
+
+
+def test_the_byte_count_covers_what_kept_entries_hold():
+    """The fast path's own byte count of its kept entries (the bound is stated in it) is no less
+    than the memory they take, measured with tracemalloc (every structure the entries keep alive:
+    keys, replies, fact lists and sets, the per-asker index), and not far above it."""
+    import gc
+    import tracemalloc
+
+    pods = many_pods()
     index = NetworkIndex()
     index.apply([Relisted(tuple(pods))])
-    resolver = Resolver(index, ResolverConfig())
-    fast = FastPath(resolver, NoClock().seconds, max_entries=8)
-    assert FastPath(resolver, NoClock().seconds).max_entries == 100_000
-    sizes = []
-    for i in range(40):
-        wire = dns.message.make_query("db", "A").to_wire()
-        reply = fast.answer(wire, f"10.1.0.{i + 10}", False)
-        assert reply == full_path_outcome(resolver, wire, f"10.1.0.{i + 10}", False)
-        sizes.append(len(fast.replies))
-    assert max(sizes) == 8 and sizes[-1] <= 8, sizes  # it filled up, and was emptied when full
-    assert sizes.count(1) >= 4, sizes  # emptied (and refilled) every 8 new questions
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
+    queries = everyday_queries()
+    hosts = [p.ips[0] for p in pods] + [f"10.2.0.{i}" for i in range(1, 100)]  # pods, and strangers
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for host in hosts:
+            for query in queries:
+                fast.answer(query, "".join(list(host)), False)  # a fresh string per query, as recvfrom gives
+        gc.collect()
+        measured = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(fast.replies) > 2000
+    assert measured <= fast.bytes <= 2 * measured, (measured, fast.bytes, len(fast.replies))
+
+
+def test_one_askers_questions_never_push_out_another_askers_answers():
+    """110,000 different forwarded names from one address (more entries than the old count bound
+    of 100,000, which then emptied the whole cache) leave another pod's prepared answer in place;
+    the flooding address holds at most its share, and the whole at most the budget."""
+    pods = many_pods(2)
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds)
+    warm = dns.message.make_query("db", "A").to_wire()
+    assert isinstance(fast.answer(warm, pods[0].ips[0], False), bytes)
+    flooder = pods[1].ips[0]
+    for i in range(110_000):
+        assert fast.answer(dns.message.make_query(f"x{i}.example", "A").to_wire(), flooder, False) is FORWARD
+    assert (pods[0].ips[0], False, warm[2:]) in fast.replies
+    own = sum(1 for key in fast.replies if key[0] == flooder)
+    assert 0 < own * ENTRY_OVERHEAD <= fast.max_asker_bytes
+    assert fast.bytes <= fast.max_bytes and fast.evicted > 0
+
+
+def test_past_the_whole_budget_the_first_askers_go_first():
+    """With a budget of a few shares, askers beyond it push out the askers that stored first, a
+    share at a time; the count never passes the budget and the newest askers stay warm."""
+    pods = many_pods(60)
+    index = NetworkIndex()
+    index.apply([Relisted(tuple(pods))])
+    fast = FastPath(Resolver(index, ResolverConfig()), NoClock().seconds, max_bytes=40 * 1024,
+                    max_asker_bytes=8 * 1024)
+    queries = everyday_queries()
+    for pod in pods:
+        for query in queries:
+            fast.answer(query, pod.ips[0], False)
+            assert fast.bytes <= fast.max_bytes
+    kept = {key[0] for key in fast.replies}
+    assert pods[-1].ips[0] in kept and pods[0].ips[0] not in kept
+    assert fast.bytes == sum(ENTRY_OVERHEAD + len(key[2]) + _size(value) for key, value in fast.replies.items())

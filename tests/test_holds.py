@@ -23,8 +23,12 @@ class Setting:
     def __init__(self, max_held: int = 4096) -> None:
         self.clock = Clock()
         self.index = NetworkIndex()
+        # db and cache are being started in network A (Pending, no address yet): app's questions
+        # for them are held until they run.
         self.index.apply([Relisted((record("app", [NET_A], ip="10.0.0.2", uid="app", namespace="ns"),
-                                    record("other", [NET_B], ip="10.0.1.2", uid="other", namespace="ns")))])
+                                    record("other", [NET_B], ip="10.0.1.2", uid="other", namespace="ns"),
+                                    record("db", [NET_A], phase="Pending", uid="db-a", namespace="ns"),
+                                    record("cache", [NET_A], phase="Pending", uid="cache-a", namespace="ns")))])
         self.resolver = Resolver(self.index, ResolverConfig(hold_seconds=1.5))
         self.decided: list[tuple[str, object]] = []
         self.decisions = 0
@@ -51,7 +55,8 @@ class Setting:
 
 
 def test_a_held_name_is_answered_when_its_pod_appears_in_the_askers_network():
-    """app (network A) asks for db before db exists: held; db starting in A answers it at once."""
+    """app (network A) asks for db while db is being started in A: held; db running answers it
+    at once."""
     s = Setting()
     s.ask("10.0.0.2", "db")
     assert len(s.holds) == 1 and s.decided == []
@@ -64,23 +69,24 @@ def test_a_held_name_is_answered_when_its_pod_appears_in_the_askers_network():
 
 
 def test_changes_elsewhere_do_not_decide_a_held_question_again():
-    """A pod starting in another network (whose name is not the one asked) re-decides nothing:
-    the question reads network A and the name db only."""
+    """Pods starting in another network, db among them, re-decide nothing: the question reads
+    network A only."""
     s = Setting()
     s.ask("10.0.0.2", "db")
     before = s.decisions
     for i in range(5):
         s.index.apply([Upserted(record(f"web{i}", [NET_B], ip=f"10.0.1.{10 + i}", uid=f"web{i}", namespace="ns"))])
-    assert s.decisions == before and s.decided == [] and len(s.holds) == 1
-    # Positive control: db starting in B touches the name db (B's db now exists somewhere), so the
-    # question is decided again; A still has no db, so it stays held.
     s.index.apply([Upserted(record("db", [NET_B], ip="10.0.1.1", uid="db-b", namespace="ns"))])
+    assert s.decisions == before and s.decided == [] and len(s.holds) == 1
+    # Positive control: a pod starting in A touches network A, so the question is decided again;
+    # A's db is still starting, so it stays held.
+    s.index.apply([Upserted(record("web", [NET_A], ip="10.0.0.5", uid="web-a", namespace="ns"))])
     assert s.decisions == before + 1 and s.decided == [] and len(s.holds) == 1
 
 
 def test_the_bound_ends_a_hold_with_the_decision_after_the_hold():
-    """Nothing appears: after hold_seconds the single-label name is NXDOMAIN, the expiry is
-    counted, and (asker, name) is remembered so the next search form is not held again."""
+    """db does not start in time: after hold_seconds the single-label name is NXDOMAIN, the
+    expiry is counted, and (asker, name) is remembered so the next search form is not held again."""
     s = Setting()
     s.ask("10.0.0.2", "db")
     s.clock.advance(1.4)
@@ -115,3 +121,19 @@ def test_full_is_reported_at_the_bound():
     assert not s.holds.full
     s.ask("10.0.0.2", "cache")
     assert s.holds.full
+
+
+def test_one_asker_cannot_take_every_hold():
+    """An address asking many questions that would be held (here an unknown one while a pod
+    awaits its address) holds at most max_held_per_asker of them: past that its own questions
+    are decided at once, while another asker's question is still held."""
+    s = Setting(max_held=100)
+    s.index.apply([Upserted(record("late", [NET_B], ip=None, uid="late", namespace="ns", phase="Pending"))])
+    for i in range(s.holds.max_held_per_asker):
+        s.ask("10.9.9.9", f"name{i}")
+    assert s.holds.full_for("10.9.9.9") and not s.holds.full
+    assert not s.holds.full_for("10.0.0.2")
+    s.ask("10.0.0.2", "db")
+    assert len(s.holds) == s.holds.max_held_per_asker + 1
+    s.clock.advance(2)
+    assert len(s.holds) == 0 and not s.holds.full_for("10.9.9.9")

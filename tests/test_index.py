@@ -55,7 +55,7 @@ def test_terminating_pod_no_longer_answers_but_still_asks():
                        record("app", [NET_A], ip="10.0.0.2"))
     assert index.lookup((NET_A,), "db") is None
     assert index.reverse((NET_A,), "10.0.0.1") is None
-    assert not index.holds_name("db")
+    assert index.answers_later((NET_A,), "db") is None  # and never will again
     assert index.asker("10.0.0.1").networks == (NET_A,)
     assert index.lookup(index.asker("10.0.0.1").networks, "app").addresses == ("10.0.0.2",)
 
@@ -223,7 +223,7 @@ def test_require_ready_option_waits_for_readiness():
 
 def test_subscribers_hear_of_every_apply_after_it_is_done():
     """Subscribers are told once per apply, after every change of the batch is in the index:
-    the first sync touches everything, a later pod its own address, networks and names."""
+    the first sync touches everything, a later pod its own address and networks."""
     index = NetworkIndex()
     heard = []
     index.subscribe(lambda touched: heard.append((touched, index.lookup((NET_A,), "db"))))
@@ -232,7 +232,7 @@ def test_subscribers_hear_of_every_apply_after_it_is_done():
     [(first, _), (second, found)] = heard
     assert first.everything
     assert not second.everything and second.addresses == {"10.0.0.1"} and second.networks == {NET_A}
-    assert "db" in second.names and found is not None  # the pod is indexed when the subscriber runs
+    assert found is not None  # the pod is indexed when the subscriber runs
 
 
 def test_ten_thousand_pods_in_five_thousand_networks():
@@ -275,8 +275,8 @@ def test_reverse_names(name, ip):
 
 
 def test_subscribers_learn_what_an_apply_touched():
-    """A pod's change names its addresses and networks, names some network starts or stops
-    holding, and nothing of the networks it is not in."""
+    """A pod's change names its addresses and networks, and nothing of the networks it is not
+    in."""
     db = record("db", [NET_A], ip="10.0.0.1", uid="db")
     other = record("svc", [NET_B], ip="10.0.0.9", uid="svc")
     index = index_with(db, other)
@@ -286,7 +286,6 @@ def test_subscribers_learn_what_an_apply_touched():
     (touched,) = seen
     assert touched.addresses == {"10.0.0.1"}
     assert touched.networks == {NET_A}
-    assert touched.names == {"cache.local"}  # "db" was held before and still is
     assert not touched.awaiting and not touched.everything
 
 
@@ -326,10 +325,49 @@ def test_a_change_no_answer_reads_touches_nothing():
     seen: list = []
     index.subscribe(seen.append)
     index.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
-    assert not (seen[-1].addresses or seen[-1].networks or seen[-1].names)
+    assert not (seen[-1].addresses or seen[-1].networks)
     assert next(index.pods()).ready is not db.ready
     strict = NetworkIndex(require_ready=True)
     strict.apply([Relisted((db,))])
     strict.subscribe(seen.append)
     strict.apply([Upserted(dataclasses.replace(db, ready=not db.ready))])
     assert seen[-1].networks == {NET_A}
+
+
+def test_pods_that_will_answer_soon_are_known_per_network_and_name():
+    """A pod that does not answer yet but will (Pending, with or without an address) is found
+    under each of its names in each of its networks, and leaves that map (touching its networks)
+    when it starts answering, finishes or is deleted."""
+    index = index_with(record("app", [NET_B], ip="10.0.1.2", uid="app"))
+    seen: list = []
+    index.subscribe(seen.append)
+    late = record("db", [NET_A, NET_B], aliases=["db.internal"], phase="Pending", uid="late")
+    index.apply([Upserted(late)])
+    assert seen[-1].networks == {NET_A, NET_B}
+    assert index.answers_later((NET_B,), "db.internal") == NET_B
+    assert index.answers_later((NET_A, NET_B), "db") == NET_A
+    assert index.answers_later_in_network((NET_B,), NET_B[:12], "db") == NET_B
+    assert index.answers_later((NET_B,), "app") is None
+    index.apply([Upserted(dataclasses.replace(late, ips=("10.0.1.9",)))])  # an address, still Pending
+    assert index.answers_later((NET_B,), "db") == NET_B
+    index.apply([Upserted(dataclasses.replace(late, ips=("10.0.1.9",), phase="Running"))])
+    assert seen[-1].networks == {NET_A, NET_B}
+    assert index.answers_later((NET_B,), "db") is None and index.lookup((NET_B,), "db").addresses == ("10.0.1.9",)
+    index.apply([Upserted(dataclasses.replace(late, phase="Pending", uid="late2")), Deleted("late2")])
+    assert index.answers_later((NET_A, NET_B), "db") is None
+
+
+def test_a_lost_watch_puts_the_index_behind_until_the_next_list():
+    """WatchInterrupted marks the index behind (every decision may change: everything touched
+    once), more of them change nothing, and the next Relisted catches it up (everything again)."""
+    from kubedock_dns.contract import WatchInterrupted
+
+    index = index_with(record("app", [NET_A], ip="10.0.1.2", uid="app"))
+    seen: list = []
+    index.subscribe(seen.append)
+    index.apply([WatchInterrupted()])
+    assert index.behind and seen[-1].everything
+    index.apply([WatchInterrupted()])
+    assert index.behind and not seen[-1].everything
+    index.apply([Relisted(tuple(index.pods()))])
+    assert not index.behind and seen[-1].everything

@@ -97,11 +97,12 @@ def test_not_synced_is_not_not_found():
     assert isinstance(r.decide("10.0.1.2", "db", TYPE_A, held=True), ServFail)
 
 
-def test_unknown_short_name_is_held_once_then_not_found():
-    """A single-label name that never appears costs one hold per asker, not one per search
-    suffix, and is then NXDOMAIN in every search form: never forwarded, so no Service of the
+def test_a_name_a_peer_will_answer_to_soon_is_held_once_then_not_found():
+    """A pod of the asker's network that will answer to ``cache`` (Pending, no address yet)
+    holds the question; if it does not start in time the name is NXDOMAIN in every search form,
+    after one hold per asker (not one per search suffix): never forwarded, so no Service of the
     namespace can stand in for the missing container."""
-    r = two_runs()
+    r = resolver_with(*two_runs().index.pods(), record("cache", [NET_A], phase="Pending", namespace="ci"))
     first = r.decide("10.0.1.2", "cache.ci.svc.cluster.local", TYPE_A, now=100.0)
     assert isinstance(first, Hold)
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, held=True, now=101.5), NotFound)
@@ -111,27 +112,36 @@ def test_unknown_short_name_is_held_once_then_not_found():
     assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, now=200.0), Hold)
 
 
+def test_a_name_nothing_of_the_askers_networks_will_answer_to_is_not_found_at_once():
+    """Nothing of the asker's networks carries ``cache`` and the watch is current: NXDOMAIN at
+    once in every search form, as Docker answers (no hold: a test checking that a name is absent
+    does not wait)."""
+    r = two_runs()
+    for name in ("cache.ci.svc.cluster.local", "cache.svc.cluster.local", "cache.cluster.local", "cache"):
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_A, now=100.0), NotFound), name
+
+
 def test_removed_container_name_is_not_found_not_forwarded():
-    """After ``docker rm -f db`` the name ``db`` is NXDOMAIN for the run that had it (after the
-    hold), whatever search form glibc sends, while the other run still resolves its own ``db``."""
+    """After ``docker rm -f db`` the name ``db`` is NXDOMAIN at once for the run that had it,
+    whatever search form glibc sends, while the other run still resolves its own ``db``."""
     r = two_runs()
     db_a = next(p for p in r.index.pods() if p.names[0] == "db" and p.networks == (NET_A,))
     from kubedock_dns.contract import Deleted
     r.index.apply([Deleted(db_a.uid)])
-    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Hold)
     for name in ("db", "db.ci.svc.cluster.local", "db.svc.cluster.local", "db.cluster.local"):
-        assert isinstance(r.decide("10.0.1.2", name, TYPE_A, held=True), NotFound), name
-        assert isinstance(r.decide("10.0.1.2", name, TYPE_AAAA, held=True), NotFound), name
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_A), NotFound), name
+        assert isinstance(r.decide("10.0.1.2", name, TYPE_AAAA), NotFound), name
     assert r.decide("10.0.2.2", "db", TYPE_A).values == ("10.0.2.1",)
 
 
 def test_option_lets_single_label_names_through_to_the_cluster_dns():
     """With ``forward_single_label`` a missing single-label name goes to the cluster DNS (where
-    a namespace Service may answer it), after the same hold."""
+    a namespace Service may answer it): at once, or after the hold when a peer will answer to it."""
     r = resolver_with(record("service", [NET_A], ip="10.0.1.2", namespace="ci"),
-                      forward_single_label=True)
-    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Hold)
-    assert isinstance(r.decide("10.0.1.2", "db.ci.svc.cluster.local", TYPE_A, held=True), Forward)
+                      record("cache", [NET_A], phase="Pending", namespace="ci"), forward_single_label=True)
+    assert isinstance(r.decide("10.0.1.2", "db", TYPE_A), Forward)
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), Hold)
+    assert isinstance(r.decide("10.0.1.2", "cache.ci.svc.cluster.local", TYPE_A, held=True), Forward)
 
 
 def test_asker_on_no_network_gets_not_found_without_holding():
@@ -154,7 +164,7 @@ def test_default_bridge_network_resolves_nothing():
     r = Resolver(index, ResolverConfig())
     assert isinstance(r.decide("10.0.4.1", "b", TYPE_A), NotFound)
     assert isinstance(r.decide("10.0.4.1", "2.4.0.10.in-addr.arpa", TYPE_PTR), Forward)
-    assert isinstance(r.decide("10.0.4.3", "a", TYPE_A), Hold)
+    assert isinstance(r.decide("10.0.4.3", "a", TYPE_A), NotFound)
     assert r.decide("10.0.4.3", "d", TYPE_A).values == ("10.0.4.4",)
     assert r.decide("10.0.4.4", "c", TYPE_A).values == ("10.0.4.3",)
 
@@ -176,25 +186,84 @@ def test_terminating_pod_is_not_found_but_still_asks():
     assert r.decide("10.0.1.1", "app", TYPE_A).values == ("10.0.1.2",)
 
 
-def test_unknown_asker_holds_only_names_that_could_become_local_once():
-    """While a pod awaits its address, an unknown asker's outside names are forwarded at once;
-    a single label, or a name some network holds, is held once per (asker, name), then
-    forwarded at once."""
+def test_unknown_asker_is_held_once_per_name_whatever_the_name():
+    """While a pod awaits its address, an unknown asker may be that pod: each of its questions
+    is held once per (asker, name), outside names and names no network holds alike (which names
+    could become local would tell other networks' names), then forwarded at once; with no pod
+    awaiting its address it is a plain forwarder."""
     r = resolver_with(record("db", [NET_A], aliases=["db.internal"], ip="10.0.1.1", namespace="ci"),
                       record("late", [NET_A], phase="Pending", namespace="ci"))
-    for outside in ("example.com", "kubernetes.default.svc.cluster.local", "example.com.ci.svc.cluster.local"):
-        assert r.decide("10.9.9.9", outside, TYPE_A, now=10.0) == Forward(
-            "asker is not a known pod; the name is no network's"), outside
-    assert isinstance(r.decide("10.9.9.9", "1.2.3.4.in-addr.arpa", TYPE_PTR, now=10.0), Forward)
-    for local in ("cache.ci.svc.cluster.local", "db.internal", "1.1.0.10.in-addr.arpa"):
-        qtype = TYPE_PTR if local.endswith("arpa") else TYPE_A
-        first = r.decide("10.9.9.9", local, qtype, now=10.0)
-        assert isinstance(first, Hold), local
+    asked = [("example.com", TYPE_A), ("kubernetes.default.svc.cluster.local", TYPE_A),
+             ("cache.ci.svc.cluster.local", TYPE_A), ("db.internal", TYPE_A), ("nothing.internal", TYPE_A),
+             ("1.1.0.10.in-addr.arpa", TYPE_PTR), ("4.3.2.1.in-addr.arpa", TYPE_PTR)]
+    for name, qtype in asked:
+        first = r.decide("10.9.9.9", name, qtype, now=10.0)
+        assert isinstance(first, Hold) and first.reason == "unknown asker while opted-in pods wait for their address"
         r.misses.remember(first.miss_key, 11.5)
-        again = r.decide("10.9.9.9", local, qtype, now=12.0)
-        assert isinstance(again, Forward) and not again.cacheable, local
+        again = r.decide("10.9.9.9", name, qtype, now=12.0)
+        assert isinstance(again, Forward) and not again.cacheable, name
     for other_suffix in ("cache", "cache.svc.cluster.local"):  # one hold per name, not per suffix
         assert isinstance(r.decide("10.9.9.9", other_suffix, TYPE_A, now=12.0), Forward)
+    plain = resolver_with(record("db", [NET_A], aliases=["db.internal"], ip="10.0.1.1", namespace="ci"))
+    for name, qtype in asked:
+        assert plain.decide("10.9.9.9", name, qtype) == Forward("asker is not a known pod"), name
+
+
+def test_how_a_miss_is_decided_does_not_depend_on_other_networks():
+    """The timing oracle: whether another network holds a name (or has a pod that will answer
+    to it soon) changes nothing for an asker outside that network: the same decision, at once,
+    as for a name nobody holds."""
+    quiet = resolver_with(record("app", [NET_A], ip="10.0.1.2", namespace="ci"))
+    busy = resolver_with(record("app", [NET_A], ip="10.0.1.2", namespace="ci"),
+                         record("secret.db", [NET_B], aliases=["vault"], ip="10.0.2.1", namespace="ci"),
+                         record("starting.db", [NET_B], aliases=["queue"], phase="Pending", namespace="ci"))
+    for name in ("secret.db", "vault", "starting.db", "queue", "vault.ci.svc.cluster.local",
+                 f"vault.{NET_B[:12]}", "nothing.db", "nothing"):
+        for qtype in (TYPE_A, TYPE_AAAA):
+            decided = busy.decide("10.0.1.2", name, qtype)
+            assert decided == quiet.decide("10.0.1.2", name, qtype), name
+            assert isinstance(decided, (NotFound, Forward)), (name, decided)
+        assert busy.dependencies("10.0.1.2", name, TYPE_A) == [("address", "10.0.1.2"), ("network", NET_A)]
+
+
+def test_held_only_while_a_pod_of_the_askers_networks_will_answer_soon():
+    """A pod of the asker's networks that does not answer yet but will (Pending without or with
+    an address, not Ready with require_ready) holds a question for any of its names, dotted
+    aliases and ``name.<network>`` included; a pod being deleted never answers again, so it
+    holds nothing."""
+    for late, config in ((record("cache", [NET_A], aliases=["cache.internal"], phase="Pending", namespace="ci"), {}),
+                         (record("cache", [NET_A], aliases=["cache.internal"], phase="Pending", ip="10.0.1.9",
+                                 namespace="ci"), {}),
+                         (record("cache", [NET_A], aliases=["cache.internal"], ip="10.0.1.9", ready=False,
+                                 namespace="ci"), {"require_ready": True})):
+        index = NetworkIndex(require_ready=config.get("require_ready", False))
+        index.apply([Relisted((record("app", [NET_A], ip="10.0.1.2", namespace="ci"), late))])
+        r = Resolver(index, ResolverConfig())
+        for name in ("cache", "cache.ci.svc.cluster.local", "cache.internal", f"cache.{NET_A[:12]}"):
+            assert isinstance(r.decide("10.0.1.2", name, TYPE_A), Hold), (name, late.phase)
+        assert isinstance(r.decide("10.0.1.2", "other", TYPE_A), NotFound)
+    r = resolver_with(record("app", [NET_A], ip="10.0.1.2", namespace="ci"),
+                      record("cache", [NET_A], phase="Pending", deleting=True, namespace="ci"))
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), NotFound)
+
+
+def test_a_watch_that_lost_changes_holds_misses_until_the_next_list():
+    """After the watch failed (changes may be missing), a miss of a container name is held (it
+    may be about to appear), for a known asker and an unknown one alike; the next complete list
+    ends that."""
+    from kubedock_dns.contract import WatchInterrupted
+
+    r = two_runs()
+    pods = tuple(r.index.pods())
+    r.index.apply([WatchInterrupted()])
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), Hold)
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A, held=True), NotFound)
+    assert isinstance(r.decide("10.9.9.9", "cache", TYPE_A), Hold)
+    # Dotted names are outside names nearly always: forwarded at once, behind or not.
+    assert isinstance(r.decide("10.0.1.2", "example.com", TYPE_A), Forward)
+    r.index.apply([Relisted(pods)])
+    assert isinstance(r.decide("10.0.1.2", "cache", TYPE_A), NotFound)
+    assert isinstance(r.decide("10.9.9.9", "cache", TYPE_A), Forward)
 
 
 def test_outside_names_are_forwarded_without_holding():
@@ -292,3 +361,17 @@ def test_the_reference_model_sees_answers_crossing_networks():
     assert expected_decision(pods, pods[3], "db", TYPE_A) == ("answer", {"10.0.0.3"})
     assert expected_decision(pods, pods[1], "lone", TYPE_A) == ("nxdomain", None)
     assert expected_decision(pods, pods[1], "3.0.0.10.in-addr.arpa", TYPE_PTR) == ("forward", None)
+
+
+def test_the_memory_of_held_names_is_bounded_in_bytes():
+    """An asker inventing long names cannot grow the memory of held names past its byte bound:
+    the oldest pairs go first, the newest are still remembered."""
+    from kubedock_dns.resolver import MissMemory
+
+    memory = MissMemory(30, 65536, max_bytes=1 << 20)
+    for i in range(20_000):
+        memory.remember(("10.0.0.1", f"{i}-" + "x" * 240), now=0.0)
+    assert memory.bytes <= 1 << 20
+    assert len(memory._expiry) * 240 < 1 << 20
+    assert memory.recently_missed(("10.0.0.1", "19999-" + "x" * 240), 1.0)
+    assert not memory.recently_missed(("10.0.0.1", "0-" + "x" * 240), 1.0)

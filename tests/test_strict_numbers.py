@@ -80,3 +80,12 @@ def test_numeric_flags_refuse_lookalike_digits(flag):
     """Every whole-number flag is parsed strictly and answers with a usage error."""
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--upstream", "10.0.0.1", "--namespace", "ns", flag, "٥"])
+
+
+@pytest.mark.parametrize("flag", ["--hold-timeout", "--forward-timeout", "--drain-seconds"])
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_second_flags_refuse_values_that_are_not_finite(flag, text):
+    """``nan`` compares false with every bound, so a check ``value <= 0`` lets it through; the
+    timers would then never fire (nan) or never end (inf).  Every duration flag refuses them."""
+    with pytest.raises(usage.UsageError, match="finite|must be"):
+        Options().parseOptions(["--upstream", "10.0.0.1", "--namespace", "ns", flag, text])

@@ -20,7 +20,7 @@ import pytest
 import urllib3
 from twisted.internet.task import Clock
 
-from kubedock_dns.contract import Deleted, Relisted, Upserted, pod_record_from_dict
+from kubedock_dns.contract import Deleted, Relisted, Upserted, WatchInterrupted, pod_record_from_dict
 from kubedock_dns.kube.client import (
     LIST_CHUNK, Aborted, ApiError, KubernetesPodApi, api_client_from,
 )
@@ -220,7 +220,7 @@ def test_expired_event_relists_and_the_new_list_replaces_the_state():
         ("watch", "40", []),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted((rec(a), rec(b))),), (Relisted((rec(b2),)),)]
+    assert deliveries == [(Relisted((rec(a), rec(b))),), (WatchInterrupted(),), (Relisted((rec(b2),)),)]
     assert pauses == []
     assert (watcher.relists, watcher.errors) == (2, 0)
 
@@ -234,7 +234,7 @@ def test_changes_before_an_expired_event_in_the_same_read_are_delivered():
         ("list", None, page([x], "50")),
     )
     deliveries, _, _ = run(api)
-    assert deliveries == [(Relisted(()),), (Upserted(rec(x)),), (Relisted((rec(x),)),)]
+    assert deliveries == [(Relisted(()),), (Upserted(rec(x)),), (WatchInterrupted(),), (Relisted((rec(x),)),)]
 
 
 def test_http_410_on_the_watch_request_relists_at_once():
@@ -246,7 +246,7 @@ def test_http_410_on_the_watch_request_relists_at_once():
         ("watch", "99", []),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted(()),), (Relisted(()),)]
+    assert deliveries == [(Relisted(()),), (WatchInterrupted(),), (Relisted(()),)]
     assert pauses == [] and watcher.errors == 0
 
 
@@ -260,9 +260,25 @@ def test_connection_drop_backs_off_then_relists():
         ("watch", "20", []),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted((rec(x),)),), (Relisted(()),)]
+    assert deliveries == [(Relisted((rec(x),)),), (WatchInterrupted(),), (Relisted(()),)]
     assert pauses == [0.2]
     assert (watcher.errors, watcher.relists) == (1, 2)
+
+
+def test_a_lost_watch_is_told_once_until_the_next_list():
+    """However many failures in a row, the index hears WatchInterrupted once, then the Relisted
+    that recovers; a quiet end of a watch (its timeout) is no interruption."""
+    api = ScriptedApi(
+        ("list", None, page([], "10")),
+        ("watch", "10", []),  # ended quietly: resumed from 10, nothing lost
+        ("watch", "10", [Drop("reset")]),
+        ("list", None, Drop("refused")),
+        ("list", None, Drop("refused")),
+        ("list", None, page([], "20")),
+    )
+    deliveries, pauses, watcher = run(api)
+    assert deliveries == [(Relisted(()),), (WatchInterrupted(),), (Relisted(()),)]
+    assert watcher.errors == 3
 
 
 def test_repeated_failures_back_off_exponentially_up_to_the_cap_with_jitter():
@@ -290,7 +306,7 @@ def test_error_event_other_than_410_is_a_failure():
         ("list", None, page([], "11")),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted(()),), (Relisted(()),)]
+    assert deliveries == [(Relisted(()),), (WatchInterrupted(),), (Relisted(()),)]
     assert pauses == [0.2] and watcher.errors == 1
 
 
@@ -303,7 +319,7 @@ def test_watch_ending_inside_an_event_is_a_failure():
         ("list", None, page([], "11")),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted(()),), (Relisted(()),)]
+    assert deliveries == [(Relisted(()),), (WatchInterrupted(),), (Relisted(()),)]
     assert watcher.errors == 1
 
 
@@ -315,7 +331,7 @@ def test_undecodable_json_is_a_failure():
         ("list", None, page([], "11")),
     )
     deliveries, _, watcher = run(api)
-    assert deliveries == [(Relisted(()),), (Relisted(()),)] and watcher.errors == 1
+    assert deliveries == [(Relisted(()),), (WatchInterrupted(),), (Relisted(()),)] and watcher.errors == 1
 
 
 def test_paged_list_is_delivered_as_one_relisted():
@@ -354,7 +370,7 @@ def test_list_without_resource_version_is_a_failure():
         ("list", None, page([], "3")),
     )
     deliveries, pauses, watcher = run(api)
-    assert deliveries == [(Relisted(()),)] and watcher.errors == 1 and pauses == [0.2]
+    assert deliveries == [(WatchInterrupted(),), (Relisted(()),)] and watcher.errors == 1 and pauses == [0.2]
 
 
 def test_pods_that_cannot_be_decoded_are_skipped_and_counted():

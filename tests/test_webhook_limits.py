@@ -9,6 +9,7 @@ huge review does not stall DNS answers served by the same process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -299,6 +300,38 @@ class SlowClientTests(TLSLimitsTests):
         assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+class FairShareTests(TLSLimitsTests):
+    limits = {"max_connections": 3}
+
+    async def test_the_api_server_gets_a_slot_while_a_pod_holds_them_all(self) -> None:
+        """A pod's address holds every webhook connection (the cap is 3); a review from another
+        address (the API server's) is still answered: the pod's least recently active connection
+        is closed for it."""
+        context = ssl.create_default_context(cadata=self.tls.ca_pem.decode())
+
+        def connect(source: str) -> ssl.SSLSocket:
+            plain = socket.create_connection(("127.0.0.1", self.service.port), timeout=5, source_address=(source, 0))
+            return context.wrap_socket(plain, server_hostname="127.0.0.1")
+
+        held = [await deferToThread(connect, "127.0.0.1") for _ in range(3)]
+        try:
+            def review_from(source: str) -> bytes:
+                with connect(source) as tls:
+                    tls.sendall(post(json.dumps(admission_review("CREATE", pod())).encode()))
+                    answer = b""
+                    while chunk := tls.recv(65536):
+                        answer += chunk
+                    return answer
+
+            answer = await deferToThread(review_from, "127.0.0.2")
+        finally:
+            for sock in held:
+                sock.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert json.loads(http_body(answer))["response"]["allowed"] is True
+        assert any("to make room for 127.0.0.2" in w for w in self.warnings), self.warnings
+
+
 class ReviewDoesNotStallDNSTests(DNSServerTestCase):
     timeout = 120
 
@@ -363,24 +396,34 @@ class ReviewDoesNotStallDNSTests(DNSServerTestCase):
         assert decided - handed_over >= 1, "no DNS answer while the review was decided: the reactor waited for it"
 
     async def test_a_lost_worker_answers_503_and_is_replaced(self) -> None:
-        """When the worker process dies (say, killed for memory), the review in flight gets 503
-        with a reason (the API server retries or applies its failure policy), and the next
-        review is served by a new worker."""
-        pool = ReviewPool(CONFIG, reactor)
+        """When the worker process dies (say, killed for memory) while deciding a review, that
+        review gets 503 with a reason (the API server applies its failure policy) at once, not at
+        its deadline; a worker that dies idle is replaced too; the next reviews are served by new
+        workers."""
+        import signal
+
+        pool = ReviewPool(CONFIG, reactor, deadline=30)
         self.addCleanup(pool.close)
         service = self.serve(pool.review)
         small = json.dumps(admission_review("CREATE", pod())).encode()
         answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
         assert answer.startswith(b"HTTP/1.1 200 ")
-        executor = pool._executor
-        assert executor is not None
-        for process in list(executor._processes.values()):  # type: ignore[attr-defined]
-            process.kill()
-        answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
-        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert pool.worker_pid is not None
+        os.kill(pool.worker_pid, signal.SIGKILL)  # idle
         answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
-        assert pool.worker_restarts == 1
+        assert pool.worker_pid is not None
+        worker = pool.worker_pid
+        os.kill(worker, signal.SIGSTOP)  # so that the next review is surely in flight when it dies
+        posting = deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
+        await deferToThread(wait_until, lambda: pool.pending == 1, 5, "the review is in flight")
+        os.kill(worker, signal.SIGKILL)
+        answer, took = await posting
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"lost while deciding" in answer and took < 10, (answer[-200:], took)
+        answer, _ = await deferToThread(https_exchange, service.port, self.tls.ca_pem, post(small))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert pool.worker_restarts == 2
 
 
 @pytest.mark.parametrize("annotations", [None, {"kubedock.hostalias/0": "db", "kubedock.network/0": "n" * 300_000}])
@@ -433,3 +476,193 @@ def test_the_worker_starts_whatever_the_parent_main_is():
                           timeout=120, cwd=str(Path(__file__).resolve().parent.parent),
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert "status 200" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_names_that_cannot_be_dns_names_give_a_bounded_answer():
+    """A 0.13 MB review (a 100,000-character pod name, 1,000 aliases 'a:') is admitted with a few
+    short warnings, not one per alias carrying the pod name (that answer was 100 MB): at most
+    MAX_WARNINGS warnings of at most 256 characters (the API server cuts longer ones), the last
+    saying how many more names were refused, and the whole answer a few KB."""
+    from kubedock_dns.admission.review import MAX_WARNINGS, render_review
+
+    annotations = {f"kubedock.hostalias/{i}": "a:" for i in range(1, 1001)}
+    annotations.update({"kubedock.hostalias/0": "db", "kubedock.network/0": "0" * 64,
+                        "kubedock.containername": "/" + "c" * 300})
+    obj = pod(annotations=annotations)
+    obj["metadata"]["name"] = "p" * 100_000
+    document = admission_review("CREATE", obj)
+    del document["request"]["name"]  # the name is the pod's, as with generateName
+    body = json.dumps(document).encode()
+    assert len(body) < 140_000
+    rendered = render_review(body, CONFIG)
+    assert rendered.status == 200
+    response = json.loads(rendered.body)["response"]
+    assert response["allowed"] is True and "patch" in response
+    warnings = response["warnings"]
+    assert 2 <= len(warnings) <= MAX_WARNINGS
+    assert max(map(len, warnings)) <= 256, max(map(len, warnings))
+    assert "kubedock.hostalias/1='a:'" in warnings[0] and "ppp" in warnings[0]
+    assert f"{1001 - (MAX_WARNINGS - 1)} more" in warnings[-1], warnings[-1]  # 1,000 aliases and the container name
+    assert len(rendered.body) < 8_000, len(rendered.body)
+
+
+@pytest.mark.parametrize("operation", ["CREATE", "UPDATE"])
+def test_a_denial_carries_a_message_of_bounded_length(operation):
+    """A denial about a review with a 100,000-character pod name and 1,000 changed or invalid
+    annotations of 1,000 characters says what is wrong in at most MAX_MESSAGE characters."""
+    from kubedock_dns.admission.review import MAX_MESSAGE, render_review
+
+    annotations = {"kubedock.hostalias/0": "db", "kubedock.network/0": "bad network " * 100}
+    annotations.update({f"kubedock.hostalias/{i}": "x" * 1000 for i in range(1, 1001)})
+    obj = pod(annotations=annotations)
+    obj["metadata"]["name"] = "p" * 100_000
+    if operation == "UPDATE":
+        old = pod()
+        old["metadata"]["name"] = obj["metadata"]["name"]
+        document = admission_review("UPDATE", obj, old)
+    else:
+        document = admission_review("CREATE", obj)
+    rendered = render_review(json.dumps(document).encode(), CONFIG)
+    response = json.loads(rendered.body)["response"]
+    assert response["allowed"] is False
+    message = response["status"]["message"]
+    assert "kubedock.network/0" in message or "kubedock.hostalias" in message
+    assert len(message) <= MAX_MESSAGE and len(rendered.body) < MAX_MESSAGE + 1000
+
+
+def children_of(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (from /proc), zombies left out."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    alive = set()
+    for child in found:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(child)
+    return alive
+
+
+def workers_of(pid: int) -> set[int]:
+    """The review worker processes among the live children of ``pid``."""
+    found = set()
+    for child in children_of(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"review_process" in command or b"spawn_main" in command:
+            found.add(child)
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+class StuckWorkerTests(TestCase):
+    """The review worker stopped outright (SIGSTOP, as a debugger or a frozen cgroup would):
+    reviews are still answered by the deadline, and the worker is replaced."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        import signal
+
+        self.dir = Path(tempfile.mkdtemp(prefix="kubedock-dns-stuck-"))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.tls = generate_ca_and_cert(["127.0.0.1"], self.dir)
+        self.pool = ReviewPool(CONFIG, reactor, deadline=1.0)
+        self.addCleanup(self.pool.close)
+        app = WebhookApp(CONFIG, reviewer=self.pool.review)
+        self.service = webhook_service(app.resource(), 0, "127.0.0.1", str(self.tls.cert_path),
+                                       str(self.tls.key_path), reactor, check_interval=0)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        stopped: list[int] = []
+        self.stopped = stopped
+
+        def let_go() -> None:  # never leave a stopped process behind, whatever failed
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.addCleanup(let_go)
+
+    def post(self) -> Any:
+        small = json.dumps(admission_review("CREATE", pod())).encode()
+        return deferToThread(https_exchange, self.service.port, self.tls.ca_pem, post(small), timeout=20)
+
+    async def test_a_stopped_worker_is_killed_and_replaced_at_the_deadline(self) -> None:
+        """With the worker SIGSTOPped, the next review is answered 503 with the reason when its
+        1 s deadline passes (the API server then applies the webhook's failure policy, well
+        within its timeoutSeconds), the stopped worker is killed, and the review after is
+        answered 200 by a new worker."""
+        import signal
+
+        answer, _ = await self.post()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        [worker] = workers_of(os.getpid())
+        os.kill(worker, signal.SIGSTOP)
+        self.stopped.append(worker)
+        answer, took = await self.post()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert b"did not answer within 1 s" in answer, answer[-300:]
+        assert 0.9 < took < 5, took
+        await deferToThread(wait_until, lambda: worker not in workers_of(os.getpid()), 5, "the stopped worker is gone")
+        answer, _ = await self.post()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert json.loads(http_body(answer))["response"]["allowed"] is True
+        assert len(workers_of(os.getpid())) == 1 and worker not in workers_of(os.getpid())
+        assert self.pool.worker_restarts == 1
+
+    async def test_closing_never_waits_for_a_stopped_worker(self) -> None:
+        """close() with the worker SIGSTOPped and a review in flight: the review is answered 503
+        and the worker is gone within the close's bound (a stopped process ignores everything
+        but SIGKILL)."""
+        import signal
+
+        answer, _ = await self.post()
+        [worker] = workers_of(os.getpid())
+        os.kill(worker, signal.SIGSTOP)
+        self.stopped.append(worker)
+        pending = self.post()
+        await deferToThread(time.sleep, 0.3)
+        started = time.monotonic()
+        await self.pool.close()
+        assert time.monotonic() - started < 3
+        answer, _ = await pending
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        await deferToThread(wait_until, lambda: not workers_of(os.getpid()), 5, "no worker left")
+
+
+def test_twistd_exits_promptly_on_sigterm_with_a_stopped_worker(tmp_path: Path) -> None:
+    """``twistd kubedock-dns`` whose review worker is SIGSTOPped exits within seconds of SIGTERM
+    (a pod would otherwise be killed at its grace period, exit 137), and leaves no worker behind."""
+    import signal
+
+    from tests.test_drain import _mutate, _server
+
+    with _server(tmp_path, "0") as (proc, log_path, ports, ca_pem):
+        assert _mutate(ports["webhook"], ca_pem)["allowed"] is True
+        [worker] = workers_of(proc.pid)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(timeout=15)
+            wait_until(lambda: not Path(f"/proc/{worker}").exists()
+                       or "Z" in Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1][:3], 5,
+                       "the worker is gone")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    assert returncode == 0, log_path.read_text()[-3000:]

@@ -71,6 +71,10 @@ from kubedock_dns.contract import (
 
 __all__ = [
     "ADMISSION_API_VERSION",
+    "MAX_ANSWER_BYTES",
+    "MAX_MESSAGE",
+    "MAX_WARNINGS",
+    "MAX_WARNING_CHARS",
     "MalformedReview",
     "Rendered",
     "WebhookConfig",
@@ -84,6 +88,16 @@ __all__ = [
 ]
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
+# Bounds on an answer, whatever the request holds (docs/design.md, "Bounds").  The API server
+# shows warnings to the client and cuts long or many ones itself ("limit warnings to 120
+# characters if possible; warnings over 256 characters and large numbers of warnings may be
+# truncated"), so at most MAX_WARNINGS of at most MAX_WARNING_CHARS, the last one saying how many
+# more there were; a denial's message has at most MAX_MESSAGE characters; and an answer (the
+# patch copies the pod's dnsConfig, so it grows with the request) at most MAX_ANSWER_BYTES.
+MAX_WARNINGS = 10
+MAX_WARNING_CHARS = 256
+MAX_MESSAGE = 1024
+MAX_ANSWER_BYTES = 6 * 1024 * 1024
 _LABEL_KEY_PREFIX = "label "  # how contract_view names the opt-in label among annotation keys
 
 
@@ -255,11 +269,13 @@ def _namespace(request: Mapping[str, Any]) -> str:
 
 
 def _describe(request: Mapping[str, Any]) -> str:
+    """``pod <namespace>/<name>``, each cut to a DNS label's length (the API server validates
+    names only after mutating webhooks: here a name may still be 100,000 characters)."""
     metadata = (request.get("object") or request.get("oldObject") or {}).get("metadata") or {}
     name = request.get("name") or metadata.get("name")
     if not name:
-        name = (metadata.get("generateName") or "") + "<generated>"
-    return f"pod {_namespace(request) or '?'}/{name}"
+        name = _shorten(metadata.get("generateName") or "", 63) + "<generated>"
+    return f"pod {_shorten(_namespace(request) or '?', 63)}/{_shorten(name, 63)}"
 
 
 # -- decisions -------------------------------------------------------------------------------------
@@ -320,6 +336,7 @@ def _pointer(key: str) -> str:
 
 
 def _deny(uid: str, code: int, message: str) -> dict[str, Any]:
+    message = _shorten(message, MAX_MESSAGE)
     return {
         "uid": uid,
         "allowed": False,
@@ -332,38 +349,45 @@ def _deny(uid: str, code: int, message: str) -> dict[str, Any]:
     }
 
 
-def _describe_changes(old: Mapping[str, str], new: Mapping[str, str]) -> str:
+def _describe_changes(old: Mapping[str, str], new: Mapping[str, str], shown_at_most: int = 5) -> str:
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     changes = []
-    for key in sorted(old.keys() | new.keys()):
-        if old.get(key) == new.get(key):
-            continue
+    for key in changed[:shown_at_most]:
         what = (
-            f"label {key[len(_LABEL_KEY_PREFIX):]!r}"
+            f"label {_shorten(key[len(_LABEL_KEY_PREFIX):])!r}"
             if key.startswith(_LABEL_KEY_PREFIX)
-            else f"annotation {key!r}"
+            else f"annotation {_shorten(key)!r}"
         )
         if key not in old:
-            changes.append(f"{what} added ({new[key]!r})")
+            changes.append(f"{what} added ({_shorten(new[key])!r})")
         elif key not in new:
-            changes.append(f"{what} removed (was {old[key]!r})")
+            changes.append(f"{what} removed (was {_shorten(old[key])!r})")
         else:
-            changes.append(f"{what} changed from {old[key]!r} to {new[key]!r}")
+            changes.append(f"{what} changed from {_shorten(old[key])!r} to {_shorten(new[key])!r}")
+    if len(changed) > shown_at_most:
+        changes.append(f"{len(changed) - shown_at_most} more")
     return "; ".join(changes)
 
 
 def _name_warnings(request: Mapping[str, Any], annotations: Mapping[str, str],
-                   labels: Mapping[str, str]) -> list[str]:
-    """One warning per name that cannot be a DNS name: the pod runs, that name does not resolve."""
-    # Names shortened: the API server cuts every warning to 256 characters once all exceed 4 KiB.
+                   labels: Mapping[str, str], room: int) -> list[str]:
+    """A warning per name that cannot be a DNS name (the pod runs, that name does not resolve),
+    at most ``room`` of them: past that, the last one counts the rest."""
     container = annotations.get(CONTAINER_NAME_ANNOTATION)
     who = _describe(request)
     if container:
-        who = f"container {_shorten(container.lstrip('/'))!r} ({who})"
-    return [
-        f"{who}: {key}={_shorten(value)!r} cannot be a DNS name: {reason}; the container runs, but "
-        f"nothing can resolve it by this name: rename it to make it resolvable"
-        for key, value, reason in sort_names(annotations, labels).refused
+        who = f"container {_shorten(container.lstrip('/'), 40)!r} ({who})"
+    refused = sort_names(annotations, labels).refused
+    shown = refused if len(refused) <= room else refused[: room - 1]
+    warnings = [
+        _shorten(f"{who}: {_shorten(key, 40)}={_shorten(value, 44)!r} cannot be a DNS name: {reason}; the "
+                 f"container runs, but nothing can resolve it by this name", MAX_WARNING_CHARS)
+        for key, value, reason in shown
     ]
+    if len(shown) < len(refused):
+        warnings.append(_shorten(f"{who}: {len(refused) - len(shown)} more names cannot be DNS names; "
+                                 "`kubedock-dns networks` lists every one", MAX_WARNING_CHARS))
+    return warnings
 
 
 def _shorten(value: str, limit: int = 48) -> str:
@@ -405,8 +429,9 @@ def admit(request: Mapping[str, Any], config: WebhookConfig) -> dict[str, Any]:
         if patch:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
-        warnings = _name_warnings(request, annotations, labels)
-        if not any(key.startswith(NETWORK_PREFIX) for key in annotations):
+        on_no_network = not any(key.startswith(NETWORK_PREFIX) for key in annotations)
+        warnings = _name_warnings(request, annotations, labels, MAX_WARNINGS - on_no_network)
+        if on_no_network:
             warnings.append(
                 f"{_describe(request)} has no {NETWORK_PREFIX}N annotation, so it is on no "
                 f"kubedock network and no other pod can resolve its names"
@@ -507,6 +532,11 @@ def render_review(request_body: bytes, config: WebhookConfig) -> Rendered:
         body = json.dumps(document).encode()
     except (RecursionError, ValueError) as e:
         message = f"cannot encode the answer ({type(e).__name__}); a field of the pod is nested too deeply"
+        return Rendered(400, b"text/plain; charset=utf-8", (message + "\n").encode(), "warn",
+                        f"rejected an admission request: HTTP 400: {message}")
+    if len(body) > MAX_ANSWER_BYTES:
+        message = (f"the answer would be {len(body)} bytes, more than the {MAX_ANSWER_BYTES} a review "
+                   f"is answered with: the pod's dnsConfig is too large")
         return Rendered(400, b"text/plain; charset=utf-8", (message + "\n").encode(), "warn",
                         f"rejected an admission request: HTTP 400: {message}")
     if not response["allowed"]:

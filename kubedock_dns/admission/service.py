@@ -21,7 +21,6 @@ from klein.resource import KleinResource
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -30,7 +29,7 @@ from twisted.web.server import Request, Site
 from kubedock_dns.admission.review import REVIEW_OUTCOMES, Rendered, WebhookConfig, render_review
 from kubedock_dns.admission.tls import ReloadingServerTLS
 from kubedock_dns.ops.latency import REVIEW_BUCKETS, LatencyHistogram
-from kubedock_dns.ops.limits import ConnectionCap, RateLimitedLog
+from kubedock_dns.ops.limits import ConnectionCap, CountedConnection, RateLimitedLog
 
 __all__ = [
     "MAX_BUFFERED_BYTES",
@@ -276,7 +275,7 @@ class _Site(Site):
         pass
 
 
-class _TrackedProtocol(ProtocolWrapper):
+class _TrackedProtocol(CountedConnection):
     """Wraps one connection so that the service can close it and know when it is closed."""
 
     def __init__(self, factory: Any, wrappedProtocol: Any) -> None:
@@ -289,7 +288,7 @@ class _TrackedProtocol(ProtocolWrapper):
 
 
 class _ConnectionTracker(ConnectionCap):
-    protocol = _TrackedProtocol  # type: ignore[assignment]
+    protocol = _TrackedProtocol
 
 
 class WebhookService(Service):

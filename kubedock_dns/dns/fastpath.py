@@ -28,7 +28,9 @@ from kubedock_dns.dns.wire import (
     FLAG_RA,
     FLAG_RD,
     HEADER,
+    MAX_QUERY_BYTES,
     OPT_RECORD,
+    OPT_RECORD_DO,
     TCP_LIMIT,
     TYPE_A,
     TYPE_AAAA,
@@ -54,6 +56,21 @@ TYPES = len(TYPE_SLOT_NAMES)
 ANSWERED, NODATA, RELAYED, OVER_TCP = 0, TYPES, 2 * TYPES, 3 * TYPES
 
 
+Key = tuple[str, bool, bytes]  # (asker address as received, over TCP, query after its ID)
+Fact = tuple[str, str]
+
+# Bounds of the prepared replies (docs/design.md, "Bounds"), in bytes: a query, its reply and
+# what keeps them (key tuple, dictionary slots, the fact lists and sets; ENTRY_OVERHEAD, measured
+# with tracemalloc in tests/test_fast_path.py) count against one budget for the whole server and
+# a share per asker, so that one asker's questions never push out another's.
+MAX_CACHE_BYTES = 32 * 1024 * 1024
+MAX_ASKER_BYTES = 256 * 1024
+ENTRY_OVERHEAD = 850
+# A common query is a question and at most an OPT record: a few dozen bytes.  Longer ones (EDNS
+# padding, options) are answered all the same, from a fresh decision each time, never kept.
+MAX_KEPT_QUERY = 512
+
+
 class FastPath:
     """Answers the common query from prepared wire bytes, without twisted.names' objects.
 
@@ -67,23 +84,35 @@ class FastPath:
     :data:`FORWARD` (relayed without a parse); anything else returns None and the full path
     decides (holds, NXDOMAIN, SERVFAIL, truncation, malformed or unusual queries).  A differential test
     holds its bytes equal to the full path's.
+
+    Only what a later query can be answered (or relayed) from is kept: never a None, never a query
+    longer than :data:`MAX_KEPT_QUERY`.  What is kept is bounded in bytes: ``max_bytes`` in all and
+    ``max_asker_bytes`` per asker address; an asker past its share loses its own entries (oldest
+    first), and past the whole budget the askers that stored first lose theirs, a whole share at a
+    time.
     """
 
     def __init__(self, resolver: Resolver, clock: Callable[[], float],
-                 shuffle: Callable[[list], Any] = random.shuffle, max_entries: int = 100_000) -> None:
+                 shuffle: Callable[[list], Any] = random.shuffle, max_bytes: int = MAX_CACHE_BYTES,
+                 max_asker_bytes: int = MAX_ASKER_BYTES) -> None:
         self.resolver = resolver
         self.index = resolver.index
         self.ttl = resolver.config.ttl
         self.clock = clock
-        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_asker_bytes = min(max_asker_bytes, max_bytes)
         self._shuffle = shuffle
-        # (asker, tcp, query after its ID) -> (the reply after its ID, counter index), a
-        # _Shuffled reply, a _Relay (relay unparsed), or None (the full path answers).
-        self._cache: dict[tuple[str, bool, bytes], object] = {}
-        # (kind, key) of an index fact -> the cache keys whose decision read it.
-        self._dependents: dict[tuple[str, str], set[tuple[str, bool, bytes]]] = {}
-        self._links = 0  # members of all _dependents sets, stale ones included
+        # key -> the reply after its ID (bytes), a _Shuffled reply, or FORWARD.
+        self._cache: dict[Key, object] = {}
+        # key -> the index facts its decision read; (kind, key) of a fact -> the keys that read it.
+        self._facts: dict[Key, tuple[Fact, ...]] = {}
+        self._dependents: dict[Fact, set[Key]] = {}
+        # asker address -> its keys (oldest first) and what each costs; the bytes of all of them.
+        self._shares: dict[str, dict[Key, int]] = {}
+        self._share_bytes: dict[str, int] = {}
+        self.bytes = 0  # what every kept entry costs, by the count above
         self.invalidated = 0  # entries dropped because a fact they read was touched
+        self.evicted = 0  # entries dropped to stay within the byte bounds
         # Questions answered from prepared bytes (the UDP read loop adds its hits here too) and
         # relayed unparsed, by transport, outcome and type (see ANSWERED): its own counters.
         self.counts = [0] * (2 * OVER_TCP)
@@ -115,14 +144,10 @@ class FastPath:
         entry = self._cache.get(key, _MISSING)
         if entry is _MISSING:
             entry, facts = self._prepare(data, host, tcp)
-            # Entries dropped by one fact stay listed under the others until those fire: bound
-            # the lists as well as the entries.
-            if len(self._cache) >= self.max_entries or self._links >= 8 * self.max_entries:
-                self._forget_all()
-            self._cache[key] = entry
-            for fact in facts:
-                self._dependents.setdefault(fact, set()).add(key)
-            self._links += len(facts)
+            if entry is None:
+                return None
+            if len(data) <= MAX_KEPT_QUERY:
+                self._keep(key, entry, facts)
         kind = entry.__class__
         if kind is tuple:
             wire: bytes
@@ -133,40 +158,84 @@ class FastPath:
         if kind is _Shuffled:
             self.counts[entry.counter] += 1  # type: ignore[attr-defined]
             return data[:2] + entry.build(self._shuffle)  # type: ignore[attr-defined]
-        if kind is _Relay:
-            self.counts[entry.counter] += 1  # type: ignore[attr-defined]
-            return FORWARD
-        return None
+        self.counts[entry.counter] += 1  # type: ignore[attr-defined]  # a _Relay
+        return FORWARD
+
+    def _keep(self, key: Key, entry: object, facts: list[Fact]) -> None:
+        cost = ENTRY_OVERHEAD + len(key[2]) + _size(entry)
+        host = key[0]
+        if self._share_bytes.get(host, 0) + cost > self.max_asker_bytes:
+            self._shrink_share(host, self.max_asker_bytes - cost)
+        while self.bytes + cost > self.max_bytes and self._shares:
+            self._drop_share(next(iter(self._shares)))
+        self._cache[key] = entry
+        self._facts[key] = tuple(facts)
+        for fact in facts:
+            self._dependents.setdefault(fact, set()).add(key)
+        self._shares.setdefault(host, {})[key] = cost
+        self._share_bytes[host] = self._share_bytes.get(host, 0) + cost
+        self.bytes += cost
+
+    def _shrink_share(self, host: str, target: int) -> None:
+        """Drop ``host``'s oldest entries until its share is at most ``target`` bytes."""
+        share = self._shares.get(host)
+        while share and self._share_bytes[host] > target:
+            self._forget(next(iter(share)))
+            self.evicted += 1
+            share = self._shares.get(host)
+
+    def _drop_share(self, host: str) -> None:
+        for key in list(self._shares.get(host, ())):
+            self._forget(key)
+            self.evicted += 1
+
+    def _forget(self, key: Key) -> None:
+        """Drop one entry and everything that refers to it."""
+        del self._cache[key]
+        for fact in self._facts.pop(key):
+            keys = self._dependents.get(fact)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._dependents[fact]
+        host = key[0]
+        share = self._shares[host]
+        cost = share.pop(key)
+        self.bytes -= cost
+        if share:
+            self._share_bytes[host] -= cost
+        else:
+            del self._shares[host], self._share_bytes[host]
 
     def _touched(self, touched: Touched) -> None:
         """Drop the entries whose decision read a fact the index just touched."""
         if touched.everything:
             self.invalidated += len(self._cache)
-            self._forget_all()
+            self._cache.clear()
+            self._facts.clear()
+            self._dependents.clear()
+            self._shares.clear()
+            self._share_bytes.clear()
+            self.bytes = 0
             return
         facts = [("address", a) for a in touched.addresses]
         facts += [("network", n) for n in touched.networks]
-        facts += [("name", n) for n in touched.names]
+        facts += [("session", s) for s in touched.sessions]
         if touched.awaiting:
             facts.append(("awaiting", ""))
-        cache, dependents = self._cache, self._dependents
+        dependents = self._dependents
         for fact in facts:
             keys = dependents.pop(fact, None)
             if keys:
-                self._links -= len(keys)
                 for key in keys:
-                    if cache.pop(key, _MISSING) is not _MISSING:
+                    if key in self._facts:
+                        self._forget(key)
                         self.invalidated += 1
-
-    def _forget_all(self) -> None:
-        self._cache.clear()
-        self._dependents.clear()
-        self._links = 0
 
     def _prepare(self, data: bytes, host: str, tcp: bool) -> tuple[object, list[tuple[str, str]]]:
         """Read the query strictly and decide: what to cache for it (see ``_cache``) and the
         index facts that decision read (none when the query alone decided)."""
-        if len(data) < 12:
+        if not 12 <= len(data) <= MAX_QUERY_BYTES:
             return None, []
         _qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
         if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
@@ -178,19 +247,20 @@ class FastPath:
             return None, []
         if qclass != CLASS_IN or qtype not in (TYPE_A, TYPE_AAAA, TYPE_PTR):
             return None, []
-        edns = None
+        edns = dnssec_ok = None
         if arcount:
-            edns = read_opt(data, end)
-            if edns is None:
+            opt = read_opt(data, end)
+            if opt is None:
                 return None, []
+            edns, dnssec_ok = opt
         elif end != len(data):
             return None, []
         name = qname.decode("latin-1")
         facts = self.resolver.dependencies(source_ip, name, qtype)
-        return self._decide(data, source_ip, name, qtype, flags, end, edns, tcp), facts
+        return self._decide(data, source_ip, name, qtype, flags, end, edns, bool(dnssec_ok), tcp), facts
 
     def _decide(self, data: bytes, source_ip: str, name: str, qtype: int, flags: int, end: int,
-                edns: int | None, tcp: bool) -> object:
+                edns: int | None, dnssec_ok: bool, tcp: bool) -> object:
         decision = self.resolver.decide(source_ip, name, qtype, now=self.clock())
         slot = TYPE_SLOTS[qtype] + (OVER_TCP if tcp else 0)  # A, AAAA or PTR: all counted by name
         if isinstance(decision, Forward):
@@ -201,7 +271,7 @@ class FastPath:
         head = HEADER.pack(0, FLAG_QR | FLAG_AA | FLAG_RA | (flags & FLAG_RD), 1, len(records), 0,
                            1 if edns is not None else 0)
         prefix = head[2:] + data[12:end]
-        suffix = OPT_RECORD if edns is not None else b""
+        suffix = b"" if edns is None else OPT_RECORD_DO if dnssec_ok else OPT_RECORD
         size = 12 + len(data[12:end]) + sum(map(len, records)) + len(suffix)
         if size > (TCP_LIMIT if tcp else (edns or UDP_PLAIN_LIMIT)):
             return None
@@ -232,6 +302,9 @@ class _Shuffled:
     def __init__(self, prefix: bytes, records: tuple[bytes, ...], suffix: bytes, counter: int) -> None:
         self.prefix, self.records, self.suffix, self.counter = prefix, records, suffix, counter
 
+    def size(self) -> int:
+        return len(self.prefix) + sum(map(len, self.records)) + len(self.suffix) + 40 * len(self.records)
+
     def build(self, shuffle: Callable[[list], Any]) -> bytes:
         records = list(self.records)
         shuffle(records)
@@ -249,4 +322,15 @@ class _Relay:
 
 # By type slot, OVER_TCP added for TCP.
 _RELAYS = {offset + slot: _Relay(offset + RELAYED + slot) for offset in (0, OVER_TCP) for slot in range(TYPES)}
+
+
+def _size(entry: object) -> int:
+    """The bytes of a kept reply beyond :data:`ENTRY_OVERHEAD` (a _Relay keeps none)."""
+    if entry.__class__ is tuple:
+        return len(entry[0])
+    if entry.__class__ is _Shuffled:
+        return entry.size()
+    return 0
+
+
 _MISSING = object()

@@ -9,8 +9,9 @@ in one network re-decides only the questions that could read it.  After ``hold_s
 question is decided as if it had been held to the end (``held=True``) and its (asker, name) is
 remembered, so the next form of the name glibc tries is not held again.
 
-At most ``max_held`` questions wait at once; past that a question is decided at once as if its
-hold had already expired (a flood of questions for names that do not exist must not pile up).
+At most ``max_held`` questions wait at once, and at most ``max_held_per_asker`` of one asker
+address; past either, a question is decided at once as if its hold had already expired (a flood
+of questions that would be held must not pile up, nor one asker's take every pod's holds).
 Everything runs in the reactor thread.
 """
 
@@ -43,12 +44,15 @@ class Holds:
     """
 
     def __init__(self, reactor: Any, resolver: Resolver, decided: Callable[[Query, Decision], None],
-                 expired: Callable[[], None] = lambda: None, max_held: int = 4096) -> None:
+                 expired: Callable[[], None] = lambda: None, max_held: int = 4096,
+                 max_held_per_asker: int = 64) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.decided = decided
         self.expired = expired
         self.max_held = max_held
+        self.max_held_per_asker = max_held_per_asker
+        self._per_asker: dict[str, int] = {}  # asker address -> its questions held
         self._waiting: dict[Fact, dict[_Held, None]] = {}  # fact -> held questions reading it
         self._held: dict[_Held, None] = {}
         resolver.index.subscribe(self._touched)
@@ -60,10 +64,15 @@ class Holds:
     def full(self) -> bool:
         return len(self._held) >= self.max_held
 
+    def full_for(self, source_ip: str) -> bool:
+        """Whether ``source_ip`` holds its share of questions already."""
+        return self._per_asker.get(source_ip, 0) >= self.max_held_per_asker
+
     def hold(self, query: Query, first: Hold) -> None:
         """Wait for the index on ``query``'s behalf; ``first`` is the decision that held it."""
         held = _Held(query, first)
         self._held[held] = None
+        self._per_asker[query.source_ip] = self._per_asker.get(query.source_ip, 0) + 1
         self._watch(held)
         held.timer = self.reactor.callLater(self.resolver.config.hold_seconds, self._expire, held)
 
@@ -90,7 +99,7 @@ class Holds:
         else:
             facts = [("address", a) for a in touched.addresses]
             facts += [("network", n) for n in touched.networks]
-            facts += [("name", n) for n in touched.names]
+            facts += [("session", n) for n in touched.sessions]
             if touched.awaiting:
                 facts.append(("awaiting", ""))
             found: dict[_Held, None] = {}
@@ -108,11 +117,20 @@ class Holds:
                 self._watch(held)  # what it reads may have changed (the asker became known)
                 continue
             held.timer.cancel()
-            del self._held[held]
+            self._release(held)
             self.decided(query, decision)
 
-    def _expire(self, held: _Held) -> None:
+    def _release(self, held: _Held) -> None:
         del self._held[held]
+        source = held.query.source_ip
+        left = self._per_asker[source] - 1
+        if left:
+            self._per_asker[source] = left
+        else:
+            del self._per_asker[source]
+
+    def _expire(self, held: _Held) -> None:
+        self._release(held)
         self._unwatch(held)
         now = self.reactor.seconds()
         if held.first.miss_key is not None:

@@ -14,7 +14,9 @@ from kubedock_dns.dns.wire import (
     CLASS_IN,
     FLAG_QR,
     HEADER,
+    EDNS_FLAG_DO,
     OPT_RECORD,
+    OPT_RECORD_DO,
     RCODE_BADVERS,
     RCODE_NXDOMAIN,
     TYPE_A,
@@ -39,6 +41,11 @@ def edns_payload_size(message: dns.Message) -> int | None:
         if record.type == TYPE_OPT:
             return max(UDP_PLAIN_LIMIT, record.cls)
     return None
+
+
+def dnssec_ok(message: dns.Message) -> bool:
+    """Whether the query's OPT record sets the DO bit, which a reply copies (RFC 3225 3)."""
+    return any(record.type == TYPE_OPT and record.ttl & EDNS_FLAG_DO for record in message.additional)
 
 
 def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, decision: Answer | None,
@@ -66,7 +73,7 @@ def encode_answer(query: dns.Message, edns_payload: int | None, rcode: int, deci
             else:
                 payload = dns.Record_PTR(value.encode("ascii"), ttl)
             response.answers.append(dns.RRHeader(owner, decision.qtype, CLASS_IN, ttl, payload, auth=True))
-    opt = OPT_RECORD if edns_payload is not None else b""
+    opt = b"" if edns_payload is None else OPT_RECORD_DO if dnssec_ok(query) else OPT_RECORD
     wire = response.toStr()
     if len(wire) + len(opt) > limit:
         response.answers = []
@@ -84,4 +91,5 @@ def badvers_reply(query: dns.Message) -> bytes:
     response = dns.Message(id=query.id, answer=True, opCode=dns.OP_QUERY, recDes=query.recDes,
                            recAv=1, rCode=RCODE_BADVERS & 0xF, maxSize=0)
     response.queries = list(query.queries)
-    return with_additional(response.toStr(), opt_record(extended_rcode=RCODE_BADVERS >> 4))
+    return with_additional(response.toStr(), opt_record(extended_rcode=RCODE_BADVERS >> 4,
+                                                        dnssec_ok=dnssec_ok(query)))

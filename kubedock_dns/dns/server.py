@@ -37,6 +37,7 @@ from kubedock_dns.dns.wire import (
     CLASS_IN,
     FLAG_QR,
     HEADER,
+    MAX_QUERY_BYTES,
     OPCODE_QUERY,
     OTHER_TYPE_SLOT,
     RCODE_BADVERS,
@@ -131,30 +132,72 @@ class QueryDatagramProtocol(dns.DNSDatagramProtocol):
 
 
 class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
-    """TCP: queries are attributed to the connection's peer address.  An idle connection is
-    closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle clients out), and one whose
-    started message is not whole within ``MESSAGE_SECONDS`` (however its bytes trickle in: the
-    idle timer restarts with every byte, this one does not) is closed too."""
+    """TCP: queries are attributed to the connection's peer address.
+
+    Time: an idle connection is closed after ``IDLE_SECONDS`` (RFC 7766 asks servers to time idle
+    clients out), and one whose started message is not whole within ``MESSAGE_SECONDS`` (however
+    its bytes trickle in: the idle timer restarts with every byte, this one does not) is closed too.
+
+    Memory: one connection holds at most one message being received (``MAX_LENGTH``), at most
+    ``MAX_OUTSTANDING`` questions being held or relayed (reading pauses until one is answered),
+    and its unread answers: once the transport's buffer passes its size (64 KiB) reading pauses
+    until the client reads, and a client that lets ``MAX_UNREAD_BYTES`` more pile up (answers to
+    questions already in flight) is disconnected.
+    """
 
     IDLE_SECONDS = 30
     MESSAGE_SECONDS = 10
+    MAX_LENGTH = 65535  # what a two-byte length prefix allows
+    MAX_OUTSTANDING = 16
+    MAX_UNREAD_BYTES = 128 * 1024
 
     _message_deadline: Any = None
     _buffered = 0  # bytes received and not yet handed on as whole messages (length prefixes included)
+    outstanding = 0  # questions read and not answered yet
+    _output_full = False  # the transport's buffer is past its size: the client is not reading
+    _unread = 0  # bytes of answers written while the output was full
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.setTimeout(self.IDLE_SECONDS)
+        transport: Any = self.transport
+        # The transport tells its producer when its buffer fills up and drains: this protocol,
+        # which then stops and resumes reading.
+        transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        if data:
+            self.resetTimeout()
         self._buffered += len(data)
         super().dataReceived(data)
-        if self._buffered:  # part of a message: it must be whole in time
+        if self._buffered and not self.paused:  # part of a message: it must be whole in time
             if self._message_deadline is None and self.transport is not None:
                 self._message_deadline = self.factory.reactor.callLater(self.MESSAGE_SECONDS, self._too_slow)
         else:
+            self._cancel_deadline()  # nothing started, or the rest waits for us, not the client
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: stop reading until the client reads."""
+        self._output_full = True
+        self._follow_limits()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        self._output_full = False
+        self._unread = 0
+        self._follow_limits()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def _follow_limits(self) -> None:
+        """Read while the client reads its answers and has few enough questions in flight."""
+        wanted = self._output_full or self.outstanding >= self.MAX_OUTSTANDING
+        if wanted and not self.paused:
+            super().pauseProducing()
             self._cancel_deadline()
+        elif not wanted and self.paused and getattr(self.transport, "connected", False):
+            super().resumeProducing()  # also hands on the messages read meanwhile
 
     def _cancel_deadline(self) -> None:
         deadline, self._message_deadline = self._message_deadline, None
@@ -181,7 +224,31 @@ class QueryStreamProtocol(dns.DNSProtocol, TimeoutMixin):
         self._buffered -= 2 + len(data)
         assert self.transport is not None
         peer: Any = self.transport.getPeer()
+        # Every message but one too short for a header or a response gets exactly one answer
+        # (the server drops those two): count it in flight until then.
+        answered = len(data) >= 12 and not data[2] & 0x80
+        if answered:
+            self.outstanding += 1
         self.controller.message_received(data, self, peer.host)
+        if answered and self.outstanding >= self.MAX_OUTSTANDING:
+            self._follow_limits()  # after the answers given at once: those resumed nothing
+
+    def sendString(self, string: bytes) -> None:
+        self.outstanding -= 1
+        transport: Any = self.transport
+        if self._output_full:
+            self._unread += len(string)
+            if self._unread > self.MAX_UNREAD_BYTES:
+                self.factory.limits_log.bite(
+                    "dns tcp unread answers",
+                    f"DNS over TCP: closed the connection of {transport.getPeer().host}: it left more "
+                    f"than {self.MAX_UNREAD_BYTES} bytes of answers unread",
+                )
+                transport.abortConnection()
+                return
+        super().sendString(string)
+        if self.paused and not self._output_full and self.outstanding < self.MAX_OUTSTANDING:
+            self.factory.reactor.callLater(0, self._follow_limits)  # not from within a read
 
 
 class KubedockDNSServerFactory(names_server.DNSServerFactory):
@@ -214,6 +281,13 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         # Bound once: a bound method made per forwarded query costs an allocation each time.
         self._on_relayed = self._relayed
         self._on_forward_failed = self._forward_failed
+        # One asker may not take every forwarding slot with a flood of slow outside names: once a
+        # quarter of the slots are taken, queries forwarded are counted per asker address (only
+        # then: counting every one costs the common case), and an asker holding a quarter of the
+        # slots among those is refused.  A flooder thus holds at most half, the others the rest.
+        self._forwarding: dict[str, int] = {}  # asker address -> its counted queries in flight
+        self._counted: set[Query] = set()  # the queries counted there
+        self.max_forwards_per_asker = max(1, forwarder.max_in_flight // 4) if forwarder is not None else 0
 
     def buildProtocol(self, addr):
         p = self.protocol(self, self.reactor)
@@ -224,6 +298,11 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
     def holding(self) -> int:
         """Questions being held right now."""
         return len(self.holds)
+
+    @property
+    def forwarding(self) -> int:
+        """Questions being forwarded right now that are counted per asker (see __init__)."""
+        return len(self._counted)
 
     def _with_fast_path(self) -> dict[str, int]:
         """The full path's counters with the fast path's answers added to ``answered_local``
@@ -336,6 +415,9 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         if (flags >> 11) & 0xF != OPCODE_QUERY:  # the opcode
             counters.notimp += 1
             return query.reply(error_reply(data, RCODE_NOTIMP))
+        if len(data) > MAX_QUERY_BYTES:
+            counters.refused += 1  # held or relayed, it would keep its bytes: see wire.MAX_QUERY_BYTES
+            return query.reply(error_reply(data, RCODE_REFUSED))
         if qdcount != 1:
             counters.formerr += 1
             return query.reply(error_reply(data, RCODE_FORMERR))
@@ -369,7 +451,7 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         now = self.reactor.seconds()
         decision = self.resolver.decide(query.source_ip, query.name, query.qtype, now=now)
         if isinstance(decision, Hold):
-            if self.holds.full:
+            if self.holds.full or self.holds.full_for(query.source_ip):
                 self.counters.hold_overflow += 1
                 decision = self.resolver.decide(query.source_ip, query.name, query.qtype, held=True, now=now)
             else:
@@ -442,6 +524,16 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
         """Relay the query to the upstreams; their answer, or our failure, goes to the asker."""
         self.counters.forwarded += 1
         assert self.forwarder is not None, "a server without a forwarder answers only local names"
+        if self.forwarder.in_flight >= self.max_forwards_per_asker:  # busy: count per asker
+            forwarding, host = self._forwarding, query.host
+            count = forwarding.get(host, 0)
+            if count >= self.max_forwards_per_asker:
+                self.counters.refused += 1
+                self.limits_log.bite("forwards per asker", f"REFUSED a question of {host}: {count} of its "
+                                     f"questions are being forwarded already (its share of --max-forwards)")
+                return self._answer(query, RCODE_REFUSED, None)
+            forwarding[host] = count + 1
+            self._counted.add(query)
         if query.address is None:
             self.forwarder.forward(query.data, over_tcp=True).addCallbacks(
                 self._relayed, lambda failure: self._forward_failed(failure.value, query),
@@ -451,13 +543,27 @@ class KubedockDNSServerFactory(names_server.DNSServerFactory):
             # server's instructions for a relayed query (bench.cost).
             self.forwarder.forward_udp(query.data, self._on_relayed, self._on_forward_failed, query)
 
+    def _uncount(self, query: Query) -> None:
+        if query in self._counted:
+            self._counted.discard(query)
+            forwarding, host = self._forwarding, query.host
+            left = forwarding[host] - 1
+            if left:
+                forwarding[host] = left
+            else:
+                del forwarding[host]
+
     def _relayed(self, answer: bytes, query: Query) -> None:
+        if self._counted:
+            self._uncount(query)
         self.relayed_rcodes[answer[3] & 0x0F] += 1  # the forwarder passes only whole headers on
         query.reply(answer)
         if query.started:
             self.sampler.forwarded(query.started)
 
     def _forward_failed(self, reason: Exception, query: Query) -> None:
+        if self._counted:
+            self._uncount(query)
         counters = self.counters
         if isinstance(reason, Overloaded):
             counters.refused += 1

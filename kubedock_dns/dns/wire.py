@@ -37,6 +37,10 @@ OTHER_TYPE_SLOT = len(COUNTED_TYPES)
 TYPE_SLOT_NAMES = tuple(QTYPE_NAMES[qtype] for qtype in COUNTED_TYPES) + ("other",)
 
 UDP_PLAIN_LIMIT = 512
+# The longest query answered at all (longer ones get REFUSED): a question and an OPT record with
+# cookies, client subnet or padding fit many times over.  A held or relayed query keeps its
+# bytes, so this bounds what held and forwarded questions can hold (4096 held, --max-forwards).
+MAX_QUERY_BYTES = 4096
 # The DNS flag day 2020 size: no IP fragmentation on common paths.
 SERVER_UDP_PAYLOAD = 1232
 TCP_LIMIT = 65535
@@ -58,10 +62,17 @@ def rcode_name(rcode: int) -> str:
     return RCODE_NAMES.get(rcode) or f"RCODE{rcode}"
 
 
-def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0) -> bytes:
+# The DNSSEC OK bit of an OPT record's TTL field (RFC 3225): a reply copies the query's.
+EDNS_FLAG_DO = 0x8000
+
+
+def opt_record(payload: int = SERVER_UDP_PAYLOAD, extended_rcode: int = 0, version: int = 0,
+               dnssec_ok: bool = False) -> bytes:
     """An OPT pseudo-record (RFC 6891 6.1.2): root owner, our UDP payload size, the upper 8 bits
-    of an extended rcode and the EDNS version in the TTL field, no options."""
-    return b"\x00" + _RECORD_HEAD.pack(TYPE_OPT, payload, (extended_rcode << 24) | (version << 16), 0)
+    of an extended rcode, the EDNS version and the DO bit (RFC 3225 3: copied from the query) in
+    the TTL field, no options."""
+    flags = EDNS_FLAG_DO if dnssec_ok else 0
+    return b"\x00" + _RECORD_HEAD.pack(TYPE_OPT, payload, (extended_rcode << 24) | (version << 16) | flags, 0)
 
 
 def with_additional(message: bytes, record: bytes) -> bytes:
@@ -152,8 +163,10 @@ def parse_question(data: bytes) -> tuple[int, bytes, int, int]:
     return offset + 4, b".".join(labels).lower(), qtype, qclass
 
 
-# Our OPT record: root owner, type OPT, our UDP payload size, version 0, no flags, no options.
+# Our OPT record: root owner, type OPT, our UDP payload size, version 0, no options; without and
+# with the DO bit, as the query had it.
 OPT_RECORD = opt_record()
+OPT_RECORD_DO = opt_record(dnssec_ok=True)
 
 
 def question_section(message: bytes) -> bytes:
@@ -164,15 +177,15 @@ def question_section(message: bytes) -> bytes:
     return message[12 : skip_name(message, 12) + 4].lower()
 
 
-def read_opt(data: bytes, offset: int) -> int | None:
-    """The client's UDP payload size from a version-0 OPT record that ends the message at
-    ``offset``, or None when the additional record is anything else."""
+def read_opt(data: bytes, offset: int) -> tuple[int, bool] | None:
+    """The client's UDP payload size and DO bit from a version-0 OPT record that ends the message
+    at ``offset``, or None when the additional record is anything else."""
     if offset + 11 > len(data) or data[offset] != 0:
         return None
     rtype, payload, ttl, rdlength = struct.unpack_from("!HHIH", data, offset + 1)
     if rtype != TYPE_OPT or offset + 11 + rdlength != len(data) or (ttl >> 16) & 0xFF:
         return None  # a version above 0 gets BADVERS from the full path
-    return max(UDP_PLAIN_LIMIT, payload)
+    return max(UDP_PLAIN_LIMIT, payload), bool(ttl & EDNS_FLAG_DO)
 
 
 def encode_name(name: bytes, compression: dict[bytes, int], at: int) -> bytes:

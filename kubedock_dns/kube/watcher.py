@@ -10,7 +10,10 @@ change reaches the reactor as one call ``reactor.callFromThread(deliver, changes
 - after every complete list: ``(Relisted(records),)``, alone.  It replaces the whole state, so
   pods deleted while the watch was down disappear; the first one marks the index synced;
 - ``ADDED``/``MODIFIED`` -> ``Upserted(record)``; ``DELETED`` -> ``Deleted(uid)``.  Events that
-  arrived in one network read are delivered in one tuple, in order; nothing waits for company.
+  arrived in one network read are delivered in one tuple, in order; nothing waits for company;
+- when the watch loses changes (any failure, or ``410 Gone``): ``(WatchInterrupted(),)``, once,
+  before the list that recovers, so that a miss is held meanwhile instead of answered from a
+  state that may be behind.
 
 The thread touches nothing but ``callFromThread``; the counters on the watcher (``relists``,
 ``watch_restarts``, ``errors``, ``events``, ``skipped``) are plain ints it alone writes.
@@ -62,6 +65,7 @@ from kubedock_dns.contract import (
     PodRecord,
     Relisted,
     Upserted,
+    WatchInterrupted,
     pod_record_from_dict,
 )
 from kubedock_dns.kube.client import (
@@ -184,6 +188,7 @@ class PodWatcher:
         self._failures = 0  # consecutive failures: the backoff exponent
         self._watch_unproductive = False  # the last failure: a watch that broke with nothing
         self._watch_progressed = False  # the current watch delivered something
+        self._interrupted = False  # WatchInterrupted delivered, and no Relisted since
         self._exited = False  # reactor thread only
         self._exit_waiters: list[Deferred[None]] = []  # reactor thread only
         self.relists = 0
@@ -243,6 +248,12 @@ class PodWatcher:
         if changes:
             self._reactor.callFromThread(self._deliver, tuple(changes))
 
+    def _interrupt(self) -> None:
+        """Tell the index that changes were lost (once until the next list)."""
+        if not self._interrupted:
+            self._interrupted = True
+            self._emit((WatchInterrupted(),))
+
     def backoff_delay(self) -> float:
         """The pause before the next attempt after ``self._failures`` consecutive failures:
         doubling from ``backoff_initial`` up to ``backoff_max``, then jittered to 50-100%."""
@@ -267,6 +278,7 @@ class PodWatcher:
                         break
                     self._failures += 1
                     self.errors += 1
+                    self._interrupt()
                     delay = self.backoff_delay()
                     log.warn(
                         "pod watch in namespace {namespace} failed ({error}); "
@@ -300,6 +312,7 @@ class PodWatcher:
         )
         if not self._watch_unproductive:
             self._failures = 0  # the API server answers again: the backoff starts over
+        self._interrupted = False
         self._emit((Relisted(records),))
         while not self._stopping.is_set():
             started = self._monotonic()
@@ -315,6 +328,7 @@ class PodWatcher:
                     namespace=self._config.namespace,
                     error=e,
                 )
+                self._interrupt()
                 return
             except _Expired:
                 log.info(
@@ -322,6 +336,7 @@ class PodWatcher:
                     namespace=self._config.namespace,
                     rv=resource_version,
                 )
+                self._interrupt()
                 return
             except Exception:
                 self._watch_unproductive = not self._watch_progressed

@@ -10,11 +10,19 @@ networks``), ``/`` (the same as a small read-only HTML page) and ``/explain?from
 (:mod:`kubedock_dns.ops.explain`, for ``kubedock-dns explain``).  Bad requests get HTTP 400 or 404
 with ``{"error": ...}`` saying what to give instead.
 
+Who may read what: the probes and ``/metrics`` answer every address (the kubelet probes the pod's
+address, Prometheus scrapes it).  Everything that reveals networks' names and addresses (the
+page, ``/debug/networks``, ``/networks*``, ``/explain``: more than DNS would tell any one pod)
+answers only connections from a loopback address, which is where ``kubectl exec`` (the
+``kubedock-dns`` command inside the container) and ``kubectl port-forward`` arrive; from anywhere
+else, another pod included, 403 with how to ask instead.
+
 :class:`OpsService` listens for it on plain TCP and logs ``ops listening on HOST:PORT``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Callable
 
@@ -63,6 +71,31 @@ class OpsService(Service):
         return defer.maybeDeferred(listening.stopListening) if listening is not None else defer.succeed(None)
 
 
+_NOT_HERE = ("this endpoint shows every network's names and addresses, so it answers only on the loopback "
+             "address: ask inside the server's pod (kubectl exec deploy/kubedock-dns -- kubedock-dns networks, "
+             "or ... explain --from <pod> <name>) or through kubectl port-forward deploy/kubedock-dns 8080")
+
+
+def from_loopback(request: Any) -> bool:
+    """Whether the request's connection comes from a loopback address (IPv4-mapped included)."""
+    try:
+        address = ipaddress.ip_address(str(getattr(request.getClientAddress(), "host", "")).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _refused_here(request: Any, html: bool = False) -> bytes:
+    request.setResponseCode(403)
+    if html:
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        return (_NOT_HERE + "\n").encode()
+    request.setHeader("Content-Type", "application/json")
+    return _json({"error": _NOT_HERE})
+
+
 class OpsApp:
     app = Klein()
 
@@ -101,16 +134,22 @@ class OpsApp:
 
     @app.route("/debug/networks", methods=["GET"])
     def networks(self, request):
+        if not from_loopback(request):
+            return _refused_here(request)
         request.setHeader("Content-Type", "application/json")
         return json.dumps(self.index.describe(), indent=2).encode()
 
     @app.route("/", methods=["GET"])
     def page(self, request):
+        if not from_loopback(request):
+            return _refused_here(request, html=True)
         request.setHeader("Content-Type", "text/html; charset=utf-8")
         return views.render_html(self.index.describe()).encode()
 
     @app.route("/networks", methods=["GET"])
     def network_list(self, request):
+        if not from_loopback(request):
+            return _refused_here(request)
         request.setHeader("Content-Type", "application/json")
         described = self.index.describe()
         return _json({"synced": described["synced"], "conflicted_addresses": described["conflicted_addresses"],
@@ -118,6 +157,8 @@ class OpsApp:
 
     @app.route("/networks/<network>", methods=["GET"])
     def network_inspect(self, request, network: str):
+        if not from_loopback(request):
+            return _refused_here(request)
         request.setHeader("Content-Type", "application/json")
         try:
             return _json([views.inspect(self.index.describe(), network)])
@@ -127,6 +168,8 @@ class OpsApp:
 
     @app.route("/explain", methods=["GET"])
     def explain(self, request):
+        if not from_loopback(request):
+            return _refused_here(request)
         request.setHeader("Content-Type", "application/json")
         args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items() if v}
         missing = [k for k in ("from", "name") if not args.get(k)]

@@ -79,6 +79,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "pods_awaiting_ip": (GAUGE, "Opted-in pods without an address yet."),
     "conflicted_addresses": (GAUGE, "Addresses claimed by more than one live pod (answered SERVFAIL)."),
     "synced": (GAUGE, "1 once the index holds a complete list of pods, else 0 (local names get SERVFAIL)."),
+    "watch_behind": (GAUGE, "1 while the pod watch has lost changes and the pods are not listed again yet "
+                            "(misses of container names are held meanwhile), else 0."),
     "forwards_in_flight": (GAUGE, "Forwarded queries waiting for an upstream."),
     "holding": (GAUGE, "Queries being held right now."),
     "draining": (GAUGE, "1 while the replica drains before stopping (/readyz 503, still answering), else 0."),

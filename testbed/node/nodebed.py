@@ -133,6 +133,13 @@ class NodeBed:
                                              condition="ContainersReady" if readiness_gate else "Ready")
         return replace(pod, ip=running["status"]["podIP"])
 
+    def wait_running(self, pod: BedPod, timeout: float = 90.0) -> BedPod:
+        """Start a pod created with ``wait=False`` as kubedock would (its ``setup`` init container
+        released) and wait until the kubelet runs it; returns it with its IP."""
+        self._release_init_container(pod.name, timeout)
+        running = self.node.wait_pod_running(self.namespace, pod.name, timeout)
+        return replace(pod, ip=running["status"]["podIP"])
+
     def _release_init_container(self, name: str, timeout: float) -> None:
         """Do what kubedock does once it has copied files into the pod: ``touch /tmp/done`` in
         the running ``setup`` init container."""
