@@ -248,7 +248,8 @@ class ReadLoopHarness:
                 raise
 
         real = server.read_loop_hook()
-        hook = ReadLoopHook(replies=real.replies, sampler=real.sampler, missed=missed, read=real.read)
+        hook = ReadLoopHook(replies=real.replies, sampler=real.sampler, missed=missed, read=real.read,
+                            counts=real.counts)
         protocol = QueryDatagramProtocol(server, clock)
         port = AnsweringPort(0, protocol, "127.0.0.1", clock, hook)
         protocol.transport = port

@@ -72,6 +72,9 @@ class HoldingClock(NoClock):
 class RecordingForwarder:
     """Stands in for the upstream relay: only whether the full path relayed matters here."""
 
+    max_in_flight = 1024
+    in_flight = 0
+
     def __init__(self):
         self.forwarded = []
 

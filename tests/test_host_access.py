@@ -186,17 +186,26 @@ def test_no_session_is_not_found_at_once():
     assert isinstance(decision, NotFound) and "no Testcontainers session" in decision.reason
 
 
-def test_a_session_without_sshd_is_held_then_not_found():
-    """The session's sshd not running (yet): held like a container not started yet, then NXDOMAIN;
-    the other session's sshd is never the answer."""
+def test_a_session_without_sshd_is_not_found_at_once_and_held_while_its_sshd_starts():
+    """The session's sshd not running: NXDOMAIN at once (nothing of the session will answer, so
+    nothing to wait for: a test checking the name is absent waits for nothing); while the
+    session's own sshd is starting (Pending), held like a container being started, then answered
+    once it runs, or NXDOMAIN after the hold.  The other session's sshd is never the answer, and
+    whether a question is held never depends on it."""
     pods = [p for p in two_sessions() if p.uid != "s1-sshd"]
     r = resolver_with(pods)
+    at_once = r.decide("10.0.1.2", HOST_ACCESS_NAME, TYPE_A)
+    assert isinstance(at_once, NotFound) and S1 in at_once.reason
+    sshd = next(p for p in two_sessions() if p.uid == "s1-sshd")
+    r.index.apply([Upserted(dataclasses.replace(sshd, phase="Pending"))])
     first = r.decide("10.0.1.2", HOST_ACCESS_NAME, TYPE_A)
     assert isinstance(first, Hold) and first.miss_key == ("10.0.1.2", HOST_ACCESS_NAME)
     after = r.decide("10.0.1.2", HOST_ACCESS_NAME, TYPE_A, held=True)
     assert isinstance(after, NotFound) and S1 in after.reason
     r.misses.remember(first.miss_key, 0.0)
     assert isinstance(r.decide("10.0.1.2", f"{HOST_ACCESS_NAME}.cluster.local", TYPE_A), NotFound)
+    r.index.apply([Upserted(sshd)])
+    assert r.decide("10.0.1.2", HOST_ACCESS_NAME, TYPE_A).values == ("10.0.1.9",)
 
 
 def test_a_sshd_that_does_not_run_or_is_deleted_is_no_answer():
@@ -239,9 +248,10 @@ def test_a_conflicted_sshd_address_is_servfail():
     assert isinstance(resolver_with(pods).decide("10.0.1.2", HOST_ACCESS_NAME, TYPE_A), ServFail)
 
 
-def test_an_unknown_asker_is_held_only_while_pods_wait_and_some_session_has_a_host():
+def test_an_unknown_asker_is_held_only_while_pods_wait():
     """An address that is no pod's is a forwarder; while a pod waits for its address it may be
-    that pod, so host.testcontainers.internal is held (then re-decided) if some session has one."""
+    that pod, so its question is held once (then re-decided), whatever sessions have: which
+    names could become local must not depend on what others hold."""
     r = resolver_with(two_sessions())
     assert isinstance(r.decide("10.0.9.9", HOST_ACCESS_NAME, TYPE_A), Forward)
     waiting = record("starting", [NET_1], uid="s1-starting", session=S1, phase="Pending")
@@ -249,7 +259,7 @@ def test_an_unknown_asker_is_held_only_while_pods_wait_and_some_session_has_a_ho
     assert isinstance(r.decide("10.0.9.9", HOST_ACCESS_NAME, TYPE_A), Hold)
     assert isinstance(r.decide("10.0.9.9", HOST_ACCESS_NAME, TYPE_A, held=True), Forward)
     r.index.apply([Deleted("s1-sshd"), Deleted("s2-sshd")])
-    assert isinstance(r.decide("10.0.9.8", HOST_ACCESS_NAME, TYPE_A), Forward)
+    assert isinstance(r.decide("10.0.9.8", HOST_ACCESS_NAME, TYPE_A), Hold)  # the same, sshds or not
 
 
 def test_the_trace_says_which_session_and_sshd():
@@ -265,23 +275,25 @@ def test_the_trace_says_which_session_and_sshd():
 # -- the index and the fast path's cache ---------------------------------------------------------
 
 
-def test_an_sshd_change_touches_the_name_and_nothing_else():
-    """An sshd appearing, leaving or changing its session touches host.testcontainers.internal
-    (so cached answers of that name are dropped) and its own address; another pod's change does
-    not touch the name."""
+def test_an_sshd_change_touches_its_session_and_nothing_else():
+    """An sshd appearing, leaving, starting or changing its session touches that session (so
+    cached answers of host.testcontainers.internal for its containers are dropped) and its own
+    address; another pod's change touches no session."""
     index = NetworkIndex()
     index.apply([Relisted(tuple(two_sessions()))])
     seen: list[Touched] = []
     index.subscribe(seen.append)
     index.apply([Upserted(record("sshd", [BRIDGE], ip="10.0.4.9", uid="s4-sshd", session="s4", image=SSHD))])
-    assert HOST_ACCESS_NAME in seen[-1].names and "10.0.4.9" in seen[-1].addresses
+    assert seen[-1].sessions == {"s4"} and "10.0.4.9" in seen[-1].addresses
     index.apply([Upserted(record("db2", [NET_1], ip="10.0.1.5", uid="s1-db2", session=S1))])
-    assert HOST_ACCESS_NAME not in seen[-1].names
+    assert seen[-1].sessions == frozenset()
     moved = dataclasses.replace(index._pods["s4-sshd"], session="s5")
     index.apply([Upserted(moved)])
-    assert HOST_ACCESS_NAME in seen[-1].names
+    assert seen[-1].sessions == {"s4", "s5"}
+    index.apply([Upserted(record("sshd", [BRIDGE], uid="s6-sshd", session="s6", image=SSHD, phase="Pending"))])
+    assert seen[-1].sessions == {"s6"} and index.host_gateway_later("s6") and index.host_gateway("s6") is None
     index.apply([Deleted("s4-sshd")])
-    assert HOST_ACCESS_NAME in seen[-1].names
+    assert seen[-1].sessions == {"s5"}
     assert index.host_gateway("s4") is None and index.host_gateway("s5") is None
 
 
