@@ -544,12 +544,18 @@ class EndToEndBed:
         64 hex) the Docker container's. ``opt_in=False`` leaves out the label ``kubedock=true``
         (an ordinary workload). ``ip`` pins the pod IP (e.g. one just released). With ``wait``,
         returns once the kubelet stand-in reports it Running, with ``ip`` filled in.  With
-        ``readiness_gate`` it runs but is not Ready until :meth:`open_readiness_gate`.
+        ``readiness_gate`` it runs but is not Ready until :meth:`open_readiness_gate`.  Without
+        ``wait``, a pod with its init container stays Pending (init container running, with its
+        IP) until :meth:`wait_running`, as kubedock's pods do until their files are copied in.
         """
         assert self.kubelet is not None
         pod = BedPod.new(name, network_ids, aliases, container_name, container_id, hostname, opt_in)
         if ip is not None:
             self.kubelet.pin_ip(pod.name, ip)
+        if not wait and init_container:
+            # As kubedock's pods and the real node's: Pending, its ``setup`` init container
+            # waiting, until wait_running lets it finish (kubedock: once files are copied in).
+            self.kubelet.hold_init(pod.name)
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -569,8 +575,10 @@ class EndToEndBed:
         return pod
 
     def wait_running(self, pod: BedPod, timeout: float = 30.0) -> BedPod:
-        """Wait until the kubelet stand-in runs ``pod``; returns it with its IP."""
+        """Start a pod created with ``wait=False`` as kubedock would (its ``setup`` init
+        container released) and wait until the kubelet stand-in runs it; returns it with its IP."""
         assert self.kubelet is not None
+        self.kubelet.release_init(pod.name)
         started = self.kubelet.wait_running(pod.name, timeout)
         return replace(pod, ip=started.ip)
 

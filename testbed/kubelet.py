@@ -21,6 +21,9 @@ pool (one pod is never handled by two threads at once):
   period 0 (the kubelet's final delete); a pod that disappears loses its sandbox; a pod named in
   :meth:`linger` first keeps running (sandbox, IP, status) for that many seconds, as a container
   that ignores SIGTERM does for its grace period: the pod stays Terminating in the API meanwhile;
+- a pod named in :meth:`hold_init` (created later) stays ``Pending`` with its IP and its init
+  containers running, as kubedock's pods do until kubedock has copied their files into the
+  ``setup`` container, until :meth:`release_init` lets the init containers finish;
 - :meth:`finish` ends a pod the way a container that exits 0 under ``restartPolicy: Never``
   does: sandbox removed, status ``Succeeded`` (``podIP`` stays set, as a real kubelet leaves it)
   and its IP released, so the IPAM may hand it to another pod.
@@ -198,6 +201,8 @@ class KubeletStandIn:
         self._deleted_at: dict[str, float] = {}  # uid -> when its deletion was first seen
         self._released: list[str] = []
         self._finished: set[str] = set()  # uids finished by finish(): never restarted
+        self._held_init: set[str] = set()  # pod names whose init containers wait for release_init
+        self._init_waiting: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {}  # name -> (pod, ip, base)
         self.errors: list[str] = []
 
     # -- life cycle
@@ -251,6 +256,35 @@ class KubeletStandIn:
         period, spent by a container that ignores SIGTERM) before its sandbox goes."""
         with self._lock:
             self._linger[pod_name] = seconds
+
+    def hold_init(self, pod_name: str) -> None:
+        """The pod called ``pod_name`` (created later) stays Pending, its init containers running,
+        until :meth:`release_init` (what kubedock's ``setup`` container does until kubedock has
+        copied files into it)."""
+        with self._lock:
+            self._held_init.add(pod_name)
+
+    def release_init(self, pod_name: str) -> None:
+        """Let the init containers of ``pod_name`` finish: it goes on to Running (now, or as soon
+        as its sandbox exists)."""
+        with self._lock:
+            self._held_init.discard(pod_name)
+            waiting = self._init_waiting.pop(pod_name, None)
+        if waiting is not None:
+            pod, ip, base = waiting
+            uid = pod["metadata"]["uid"]
+
+            def run() -> None:
+                with self._pod_lock(uid):
+                    with self._lock:
+                        if uid not in self._sandboxes:
+                            return  # deleted meanwhile
+                    try:
+                        self._run_containers(pod, ip, base)
+                    except Exception as e:  # noqa: BLE001 - recorded, the test sees it
+                        self._record_error(f"pod {pod_name}: {e}")
+
+            self._pool.submit(run)
 
     def wait_running(self, pod_name: str, timeout: float = 30.0) -> StartedPod:
         """Block until the stand-in reported ``pod_name`` Running; raise KubeletError on timeout
@@ -479,6 +513,19 @@ class KubeletStandIn:
                                               self._container_status(c, {"waiting": {"reason": "PodInitializing"}},
                                                                      ready=False)
                                               for c in spec.get("containers", [])]))
+            with self._lock:
+                if name in self._held_init:
+                    self._init_waiting[name] = (pod, ip, base)
+                    self._progress(f"{name} Pending with IP {ip}: its init containers wait")
+                    return
+        self._run_containers(pod, ip, base)
+
+    def _run_containers(self, pod: dict[str, Any], ip: str, base: dict[str, Any]) -> None:
+        """The init containers done, the containers running: phase Running."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        name, uid = meta["name"], meta["uid"]
+        init = spec.get("initContainers") or []
+        now = _now()
         done = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}}
         # A readiness gate keeps the pod not Ready until its condition is True, as a kubelet
         # does; the stand-in does not watch for it: the bed sets Ready with the gate's condition.

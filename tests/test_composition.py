@@ -116,13 +116,13 @@ def admission_counts(bed) -> dict[str, float]:
 
 
 def review_worker_pid(server_pid: int) -> int:
-    """The spawned review worker among the server's child processes (not multiprocessing's
-    resource tracker)."""
+    """The review worker among the server's child processes (it runs
+    kubedock_dns.admission.review_process)."""
     import pathlib
 
     children = pathlib.Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
     workers = [int(pid) for pid in children
-               if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+               if b"kubedock_dns.admission.review_process" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 1, (children, workers)
     return workers[0]
 
@@ -130,8 +130,8 @@ def review_worker_pid(server_pid: int) -> int:
 def test_admission_metrics_count_each_answer_the_api_server_gets(bed):
     """Each review the API server sends is counted once in the replica, from the answer the
     worker process rendered: patched pods, a warning, denials, an unchanged UPDATE, a body that is
-    no review (posted straight to the webhook), and a 503 while the killed review worker is
-    replaced (the API server then refuses the pod); the next pod is admitted by a new worker."""
+    no review (posted straight to the webhook), and a 503 when the review worker is stuck (the API
+    server then refuses the pod); the next pod is admitted by a new worker."""
     import os
     import signal
     import ssl
@@ -154,7 +154,10 @@ def test_admission_metrics_count_each_answer_the_api_server_gets(bed):
             urllib.request.Request(f"https://127.0.0.1:{bed.webhook_port}/mutate", data=b"not a review",
                                    headers={"content-type": "application/json"}), timeout=10)
     assert rejected.value.code == 400
-    os.kill(review_worker_pid(bed.server.popen.pid), signal.SIGKILL)
+    # A stuck worker (stopped): the review in flight misses its deadline and is answered 503,
+    # the worker is killed and replaced.  (A worker that dies between reviews is replaced before
+    # the next one, which no review notices.)
+    os.kill(review_worker_pid(bed.server.popen.pid), signal.SIGSTOP)
     with pytest.raises(BedError) as refused:
         bed.create_kubedock_pod("refused", [new_network_id()], wait=False)
     assert "failed to call webhook: the server is currently unable to handle the request" in str(refused.value)

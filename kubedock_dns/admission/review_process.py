@@ -13,8 +13,8 @@ start).
   review goes, the worker dies before the DNS process it serves.
 - Frames: a 4-byte big-endian length and that many bytes.  In: one frame per review, the request
   body.  Out: per review, one frame of JSON (``status``, ``content_type``, ``log_level``,
-  ``log_text``: a :class:`~kubedock_dns.admission.review.Rendered` without its body) and one
-  frame with the body.  Reviews are answered in order, one at a time.
+  ``log_text``, ``outcome``, ``warnings``: a :class:`~kubedock_dns.admission.review.Rendered`
+  without its body) and one frame with the body.  Reviews are answered in order, one at a time.
 - A review that runs out of memory is answered 400 saying so, and the worker goes on.
 - End of input (the server closed the pipe, or died) ends the process.
 """
@@ -57,7 +57,8 @@ def read_frame(stream: BinaryIO) -> bytes | None:
 
 def write_answer(stream: BinaryIO, rendered: Rendered) -> None:
     head = json.dumps({"status": rendered.status, "content_type": rendered.content_type.decode("latin-1"),
-                       "log_level": rendered.log_level, "log_text": rendered.log_text}).encode()
+                       "log_level": rendered.log_level, "log_text": rendered.log_text,
+                       "outcome": rendered.outcome, "warnings": rendered.warnings}).encode()
     stream.write(_LENGTH.pack(len(head)) + head + _LENGTH.pack(len(rendered.body)) + rendered.body)
     stream.flush()
 

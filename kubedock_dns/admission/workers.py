@@ -131,7 +131,8 @@ class _Worker(protocol.ProcessProtocol):
                 continue
             head, self._head = self._head, None
             rendered = Rendered(int(head["status"]), str(head["content_type"]).encode("latin-1"), frame,
-                                str(head["log_level"]), str(head["log_text"]))
+                                str(head["log_level"]), str(head["log_text"]), str(head["outcome"]),
+                                int(head["warnings"]))
             self.pool._answered(self, rendered)
 
     def childConnectionLost(self, childFD: int) -> None:

@@ -4,8 +4,11 @@ Contract: :func:`cluster_dns_objects` returns the objects a cluster installer (k
 addon) creates, adapted to this bed: the image is the static CoreDNS binary packed here
 (:func:`testbed.node.images.coredns_image`), it runs as an unprivileged user and so listens on
 port 1053 (the Service maps 53 to it: no capability needed), with the ``kubernetes`` plugin for
-``cluster.local`` and reverse zones, ``ready`` on 8181 as the readiness probe, and everything else
-forwarded to the node's resolvers (``dnsPolicy: Default``).  The ``log`` plugin writes one line per
+``cluster.local`` and reverse zones, ``ready`` on 8181 as the readiness probe, and every other
+name answered NXDOMAIN at once (``template``): the bed is an island, so names outside the cluster
+get the answer a healthy cluster DNS gives for a name that does not exist, and no query leaves
+this machine (forwarding to the host's resolvers would send test traffic to them, and their
+timeouts would look like a broken upstream to kubedock-dns' forward-failure alert).  The ``log`` plugin writes one line per
 query with the client's address, so a test can tell who asked the cluster DNS
 (:func:`askers_in_log`).  The Service has the fixed ClusterIP
 the kubelet's ``clusterDNS`` names.
@@ -36,8 +39,8 @@ COREFILE = """.:1053 {
         fallthrough in-addr.arpa ip6.arpa
         ttl 30
     }
-    forward . /etc/resolv.conf {
-        max_concurrent 1000
+    template ANY ANY {
+        rcode NXDOMAIN
     }
     cache 30
 }
