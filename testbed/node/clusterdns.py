@@ -29,20 +29,27 @@ def askers_in_log(log: str) -> set[str]:
     """The client addresses of the queries in a CoreDNS log (the ``log`` plugin's lines)."""
     return {m["client"] for m in _LOG_LINE.finditer(log)}
 
-COREFILE = """.:1053 {
+
+# Two server blocks: CoreDNS runs its plugins in a fixed order (template before kubernetes), so
+# the catch-all NXDOMAIN lives in a block of its own for every zone that is not the cluster's; the
+# kubernetes plugin answers its reverse zones itself (no fallthrough: nothing after it).
+COREFILE = """%(domain)s:1053 in-addr.arpa:1053 ip6.arpa:1053 {
     errors
     log
     health :8080
     ready :8181
     kubernetes %(domain)s in-addr.arpa ip6.arpa {
         pods insecure
-        fallthrough in-addr.arpa ip6.arpa
         ttl 30
     }
+    cache 30
+}
+.:1053 {
+    errors
+    log
     template ANY ANY {
         rcode NXDOMAIN
     }
-    cache 30
 }
 """
 
