@@ -52,3 +52,60 @@ def closed_port(host: str = "127.0.0.1") -> str:
     port = s.getsockname()[1]
     s.close()
     return f"{host}:{port}"
+
+
+class ScriptedTCPUpstream:
+    """A TCP upstream that answers each connection's first query with ``reply(query)``: the bytes
+    it returns are sent length-prefixed as they are, so a test can script a short, foreign or
+    mismatched answer."""
+
+    def __init__(self, reply, host: str = "127.0.0.1") -> None:
+        self.reply = reply
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def upstream_arg(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    length = struct.unpack("!H", _read_exactly(conn, 2))[0]
+                    query = _read_exactly(conn, length)
+                except (OSError, EOFError):
+                    continue
+                self.received += 1
+                answer = self.reply(query)
+                try:
+                    conn.sendall(struct.pack("!H", len(answer)) + answer)
+                except OSError:
+                    continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the connection closed early")
+        data += chunk
+    return data

@@ -20,6 +20,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
+import dns.rrset
 from twisted.application import service
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
@@ -31,7 +32,7 @@ from kubedock_dns.options import Config
 from kubedock_dns.tap import build_server
 from testbed.upstream import Dnsmasq
 from tests.podfactory import network_id, record
-from tests.scripted_upstream import ScriptedUpstream, closed_port
+from tests.scripted_upstream import ScriptedTCPUpstream, ScriptedUpstream, closed_port
 
 NS = "ci"
 NET_A, NET_B, NET_C = network_id("run-a"), network_id("run-b"), network_id("run-c")
@@ -556,6 +557,40 @@ class FailoverTests(DNSServerTestCase):
         r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local")
         self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
         self.assertEqual((self.servfail.received, self.refused.received, self.silent.received), (1, 1, 1))
+
+
+class UnusableTCPAnswersTests(DNSServerTestCase):
+    """Over TCP an upstream's answer is checked as over UDP before it is relayed: one too short to
+    carry a header, one to another message ID and one to another question are each the next
+    upstream's turn, never the client's answer."""
+
+    def setUp(self):
+        def other_question(query: bytes) -> bytes:
+            other = dns.message.make_query("elsewhere.example", "A")
+            other.id = struct.unpack("!H", query[:2])[0]
+            answer = dns.message.make_response(other)
+            answer.answer.append(dns.rrset.from_text("elsewhere.example.", 30, "IN", "A", "203.0.113.9"))
+            return answer.to_wire()
+
+        def other_id(query: bytes) -> bytes:
+            answer = dns.message.make_response(dns.message.from_wire(query))
+            answer.id ^= 0x5A5A
+            answer.answer.append(dns.rrset.from_text(answer.question[0].name, 30, "IN", "A", "203.0.113.8"))
+            return answer.to_wire()
+
+        self.bad = [ScriptedTCPUpstream(lambda query: b"\x00"), ScriptedTCPUpstream(other_id),
+                    ScriptedTCPUpstream(other_question)]
+        for upstream in self.bad:
+            self.addCleanup(upstream.close)
+        self.upstream_extra = [upstream.upstream_arg for upstream in self.bad]
+        super().setUp()
+
+    @defer.inlineCallbacks
+    def test_short_foreign_and_mismatched_answers_move_on_to_the_next_upstream(self):
+        r = yield self.ask(A_SVC, "kubernetes.default.svc.cluster.local", tcp=True)
+        self.assertEqual(r.rcode(), dns.rcode.NOERROR)
+        self.assertEqual(addresses(r), [self.dnsmasq.kubernetes_ip])
+        self.assertEqual([upstream.received for upstream in self.bad], [1, 1, 1])
 
 
 class AllUpstreamsFailTests(DNSServerTestCase):

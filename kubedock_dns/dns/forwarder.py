@@ -182,6 +182,22 @@ class _TCPQuery(Int16StringReceiver):
             self.deferred.errback(reason)
 
 
+def _unusable_tcp_answer(query: bytes, answer: bytes) -> str | None:
+    """Why an upstream's TCP answer to ``query`` (sent with the client's ID) must not reach the
+    client, or None: the checks the UDP relay makes of every datagram, then :data:`OUTCOME`."""
+    if len(answer) < 12 or not answer[2] & 0x80:
+        return "a reply too short for a header, or not a response"
+    if answer[:2] != query[:2]:
+        return "an answer to another message ID"
+    question = question_section(query)
+    if answer[12 : 12 + len(question)].lower() != question:
+        return "an answer to another question"
+    rcode = answer[3] & 0x0F
+    if OUTCOME.get(rcode, RELAY) == NEXT:
+        return f"rcode {rcode}"
+    return None
+
+
 def _close_connection(proto: _TCPQuery | None) -> None:
     if proto is not None and proto.transport is not None:
         proto.transport.loseConnection()
@@ -266,11 +282,11 @@ class Forwarder:
                 except Exception as failure:  # timeout, refused connection, reset: try the next
                     outcomes.append(f"{upstream}: {failure}")
                     continue
-                rcode = answer[3] & 0x0F
-                if OUTCOME.get(rcode, RELAY) == NEXT:
-                    outcomes.append(f"{upstream}: rcode {rcode}")
+                unusable = _unusable_tcp_answer(query, answer)
+                if unusable:
+                    outcomes.append(f"{upstream}: {unusable}")
                     continue
-                return query[:2] + answer[2:]
+                return answer
         finally:
             self.in_flight -= 1
         self.failed += 1
