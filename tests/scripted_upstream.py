@@ -7,14 +7,15 @@ import struct
 import threading
 
 
-class ScriptedUpstream:
-    """Answers every query with ``rcode`` (e.g. SERVFAIL), or never answers when ``silent``."""
+class _LoopbackUpstream:
+    """A socket on a port the kernel picks, served by a thread until :meth:`close`; ``received``
+    counts the queries read."""
 
-    def __init__(self, rcode: int = 2, silent: bool = False, host: str = "127.0.0.1") -> None:
-        self.rcode = rcode
-        self.silent = silent
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, kind: int, host: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, kind)
         self.sock.bind((host, 0))
+        if kind == socket.SOCK_STREAM:
+            self.sock.listen(8)
         self.sock.settimeout(0.2)
         self.address = self.sock.getsockname()
         self.received = 0
@@ -25,6 +26,23 @@ class ScriptedUpstream:
     @property
     def upstream_arg(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+class ScriptedUpstream(_LoopbackUpstream):
+    """Answers every query with ``rcode`` (e.g. SERVFAIL), or never answers when ``silent``."""
+
+    def __init__(self, rcode: int = 2, silent: bool = False, host: str = "127.0.0.1") -> None:
+        self.rcode = rcode
+        self.silent = silent
+        super().__init__(socket.SOCK_DGRAM, host)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -39,11 +57,6 @@ class ScriptedUpstream:
             reply_flags = 0x8000 | (flags & 0x0100) | 0x0080 | self.rcode
             self.sock.sendto(struct.pack("!HHHHHH", qid, reply_flags, 1, 0, 0, 0) + data[12:], peer)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
 
 def closed_port(host: str = "127.0.0.1") -> str:
     """An address where nothing listens (ICMP port unreachable, or silence)."""
@@ -54,26 +67,14 @@ def closed_port(host: str = "127.0.0.1") -> str:
     return f"{host}:{port}"
 
 
-class ScriptedTCPUpstream:
+class ScriptedTCPUpstream(_LoopbackUpstream):
     """A TCP upstream that answers each connection's first query with ``reply(query)``: the bytes
     it returns are sent length-prefixed as they are, so a test can script a short, foreign or
     mismatched answer."""
 
     def __init__(self, reply, host: str = "127.0.0.1") -> None:
         self.reply = reply
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.address = self.sock.getsockname()
-        self.received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def upstream_arg(self) -> str:
-        return f"{self.address[0]}:{self.address[1]}"
+        super().__init__(socket.SOCK_STREAM, host)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -94,11 +95,6 @@ class ScriptedTCPUpstream:
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
                 except OSError:
                     continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def _read_exactly(conn: socket.socket, size: int) -> bytes:
