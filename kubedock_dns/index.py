@@ -51,6 +51,7 @@ from kubedock_dns.contract import (
 
 FAMILY_V4 = 4
 _EMPTY: dict = {}  # read-only stand-in for a network with no names
+_IMAGES_REMEMBERED = 1024  # whether an image is an sshd image, for at most this many images
 FAMILY_V6 = 6
 
 
@@ -134,6 +135,7 @@ class NetworkIndex:
         self.require_ready = require_ready
         self.unresolved_networks = tuple(n.lower() for n in unresolved_networks)
         self.sshd_images = tuple(sshd_images)
+        self._sshd_by_image: dict[str, bool] = {}  # image -> whether an sshd_images pattern matches it
         self.synced = False
         self._pods: dict[str, PodRecord] = {}
         # Members are tuples, not sets: nearly every one holds a single uid, and a one-element
@@ -252,7 +254,17 @@ class NetworkIndex:
     def _is_sshd(self, record: PodRecord) -> bool:
         """A Testcontainers session's sshd pod (answering or not): ``host.testcontainers.internal``
         for that session's containers once it answers."""
-        return bool(record.session) and any(pattern.matches(record.image) for pattern in self.sshd_images)
+        if not record.session:
+            return False
+        # Asked several times per change of every session's pod (footprints, add, remove); an
+        # image is parsed once, and a suite uses a handful of images.
+        image = record.image
+        known = self._sshd_by_image.get(image)
+        if known is None:
+            if len(self._sshd_by_image) >= _IMAGES_REMEMBERED:
+                self._sshd_by_image.clear()
+            known = self._sshd_by_image[image] = any(pattern.matches(image) for pattern in self.sshd_images)
+        return known
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)

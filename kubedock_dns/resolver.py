@@ -253,14 +253,14 @@ class Resolver:
                     self._shuffle(values)
                 return Answer(qtype, tuple(values), found.network)
             return Answer(qtype, (), found.network)
-        if base == HOST_ACCESS_NAME and index.answers_later(asker.networks, base) is None:
-            # No network of the asker has it as an alias, nor will soon (testcontainers-go gives
-            # its sshd that alias in the container's network): the asker's session's sshd.
-            return self._host_access(asker, source_ip, qtype, held, now, trace)
         # Not in the asker's networks.  Held only while something there can still change that:
         # a pod of one of them that will answer to this name soon, or a watch that lost changes.
         # Never because of what other networks hold: how long a miss takes would tell the asker.
         waiting = index.answers_later(asker.networks, base)
+        if waiting is None and base == HOST_ACCESS_NAME:
+            # No network of the asker has it as an alias, nor will soon (testcontainers-go gives
+            # its sshd that alias in the container's network): the asker's session's sshd.
+            return self._host_access(asker, source_ip, qtype, held, now, trace)
         if waiting is None and label:
             waiting = index.answers_later_in_network(asker.networks, label, head)
         # While the watch is behind, a container name (a single label) may be missing only here:
